@@ -1,0 +1,318 @@
+"""The two kinds of configuration file: the shared deployment and the private peer config.
+
+`deployment.yaml` is public and identical at every party: peers (endpoint, public keys),
+segments (owner peer, model, role), edges, training settings, limits and the policy file. Its
+canonical hash is agreed in the handshake. `peers/NAME.yaml` is private to one organisation:
+its secret key file, its data, checkpoint and audit folders. It is never hashed or shared.
+
+Both are validated when loaded; every problem is reported at once with file, key and line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from secure_split.canonical import digest_of
+from secure_split.errors import ConfigError, ConfigProblem
+from secure_split.yamlfile import KeyPath, YamlDocument, read_yaml
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PeerSpec(_Strict):
+    """One party: where it listens and its public keys."""
+
+    endpoint: str = Field(description="tcp://HOST:PORT this peer binds and others connect to")
+    sign_key: str = Field(description="Ed25519 public key, 64 hex characters")
+    transport_key: str = Field(description="Curve25519 public key, 40 Z85 characters")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not ENDPOINT_RE.match(v):
+            raise ValueError("expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:5601")
+        return v
+
+    @field_validator("sign_key")
+    @classmethod
+    def _sign_key(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("expected 64 lowercase hex characters (the Ed25519 public key)")
+        return v
+
+    @field_validator("transport_key")
+    @classmethod
+    def _transport_key(cls, v: str) -> str:
+        if len(v) != 40:
+            raise ValueError("expected 40 Z85 characters (the Curve25519 public key)")
+        return v
+
+
+class ProtectionSpec(_Strict):
+    """Privacy defences configured on an edge; the policy may require minimums."""
+
+    nopeek_alpha: float = Field(0.0, ge=0.0, description="weight of DCOR(raw, activations) in the owner's loss")
+    activation_noise_std: float = Field(0.0, ge=0.0, description="Gaussian noise on activations at the owner")
+    gradient_noise_std: float = Field(0.0, ge=0.0, description="Gaussian noise on returned gradients")
+    gradient_clip_norm: float | None = Field(None, gt=0.0, description="per-sample L2 clip of returned gradients")
+    label_defence: Literal["none", "max_norm", "marvell"] = "none"
+
+
+class SegmentSpec(_Strict):
+    """A torch module owned by exactly one peer."""
+
+    peer: str
+    model: list[dict[str, Any]] = Field(description="layer list, e.g. [{linear: {in: 64, out: 32}}, {relu: {}}]")
+    input: Literal["features"] | None = Field(
+        None, description="'features' if this segment reads its peer's raw features"
+    )
+    loss: Literal["cross_entropy"] | None = Field(None, description="loss computed here from the peer's labels")
+    labels: str = Field("labels", description="which label column of the peer's data file the loss uses")
+    merge: Literal["concat", "sum", "mean"] | None = Field(
+        None, description="how several incoming edges are combined"
+    )
+    he: bool = Field(False, description="aggregate a sum/mean merge under CKKS encryption")
+
+
+class EdgeSpec(_Strict):
+    """A cut between two segments: activations forward, gradients back."""
+
+    from_: str = Field(alias="from")
+    to: str
+    protections: ProtectionSpec = ProtectionSpec()
+
+    @property
+    def name(self) -> str:
+        """The edge id used in messages, policy and audit: 'from->to'."""
+        return f"{self.from_}->{self.to}"
+
+
+class OptimizerSpec(_Strict):
+    type: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(0.001, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class TrainingSpec(_Strict):
+    seed: int = 0
+    epochs: int = Field(3, ge=0, le=100_000)
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    micro_batches: int = Field(1, ge=1, le=64, description="pipeline each step in this many micro-batches")
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: Literal["sync", "sequential", "splitfed"] = "sync"
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (tests, quick runs)")
+
+
+class LimitsSpec(_Strict):
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=2**31)
+    handshake_timeout_s: float = Field(30.0, gt=0.0)
+    peer_timeout_s: float = Field(60.0, gt=0.0)
+    heartbeat_s: float = Field(1.0, gt=0.0)
+
+
+class DeploymentSpec(_Strict):
+    """The shared, public deployment file."""
+
+    version: Literal[1] = 1
+    name: str
+    coordinator: str
+    policy: str = Field(description="policy file, relative to the deployment file")
+    peers: dict[str, PeerSpec]
+    segments: dict[str, SegmentSpec]
+    edges: list[EdgeSpec]
+    training: TrainingSpec = TrainingSpec()
+    limits: LimitsSpec = LimitsSpec()
+
+
+class PeerConfigSpec(_Strict):
+    """One organisation's private peer config."""
+
+    peer: str
+    deployment: str = Field(description="the shared deployment file, relative to this file")
+    secret_key: str = Field(description="this peer's secret key file (mode 0600)")
+    data: str | None = Field(None, description="this peer's data file (safetensors: ids, features, labels)")
+    checkpoints: str = Field("checkpoints", description="folder for this peer's checkpoints")
+    audit: str = Field("audit", description="folder for this peer's audit log")
+    threads: int | Literal["auto"] = Field("auto", description="torch threads for this peer")
+
+
+def _pydantic_problems(doc: YamlDocument, exc: ValidationError) -> list[ConfigProblem]:
+    out = []
+    for err in exc.errors():
+        loc: KeyPath = tuple(x for x in err["loc"] if isinstance(x, str | int))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        out.append(doc.problem(loc, msg))
+    return out
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A validated deployment with its file location and canonical hash."""
+
+    spec: DeploymentSpec
+    path: Path
+    hash: str
+    raw: dict[str, Any]
+
+    @property
+    def policy_path(self) -> Path:
+        return (self.path.parent / self.spec.policy).resolve()
+
+    def edge(self, name: str) -> EdgeSpec:
+        for e in self.spec.edges:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    def segments_of(self, peer: str) -> list[str]:
+        return [s for s, seg in self.spec.segments.items() if seg.peer == peer]
+
+
+def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    peers = spec.peers
+    for name in peers:
+        if not NAME_RE.match(name):
+            problems.append(doc.problem(("peers", name), "peer names are lowercase letters, digits and _"))
+    if spec.coordinator not in peers:
+        problems.append(doc.problem(("coordinator",), f"'{spec.coordinator}' is not one of the peers {sorted(peers)}"))
+    endpoints: dict[str, str] = {}
+    for name, p in peers.items():
+        if p.endpoint in endpoints:
+            problems.append(doc.problem(("peers", name, "endpoint"), f"same endpoint as peer '{endpoints[p.endpoint]}'"))
+        endpoints[p.endpoint] = name
+    for sname, seg in spec.segments.items():
+        if not NAME_RE.match(sname):
+            problems.append(doc.problem(("segments", sname), "segment names are lowercase letters, digits and _"))
+        if seg.peer not in peers:
+            problems.append(doc.problem(("segments", sname, "peer"), f"'{seg.peer}' is not one of the peers {sorted(peers)}"))
+        if not seg.model:
+            problems.append(doc.problem(("segments", sname, "model"), "a segment needs at least one layer"))
+        if seg.he and seg.merge not in ("sum", "mean"):
+            problems.append(doc.problem(("segments", sname, "he"), "he: true needs merge: sum or mean"))
+    incoming: dict[str, int] = {s: 0 for s in spec.segments}
+    seen_edges: set[str] = set()
+    for i, e in enumerate(spec.edges):
+        for end, key in ((e.from_, "from"), (e.to, "to")):
+            if end not in spec.segments:
+                problems.append(doc.problem(("edges", i, key), f"'{end}' is not one of the segments {sorted(spec.segments)}"))
+        if e.name in seen_edges:
+            problems.append(doc.problem(("edges", i), f"edge {e.name} appears twice"))
+        seen_edges.add(e.name)
+        if e.to in incoming:
+            incoming[e.to] += 1
+    for sname, seg in spec.segments.items():
+        n_in = incoming.get(sname, 0)
+        if n_in > 1 and seg.merge is None:
+            problems.append(doc.problem(("segments", sname, "merge"), f"{n_in} edges enter this segment; set merge: concat, sum or mean"))
+        if n_in == 0 and seg.input != "features":
+            problems.append(doc.problem(("segments", sname, "input"), "no edge enters this segment; set input: features"))
+        if n_in > 0 and seg.input == "features":
+            problems.append(doc.problem(("segments", sname, "input"), "a segment fed by edges cannot also read raw features"))
+    if not any(seg.loss for seg in spec.segments.values()):
+        problems.append(doc.problem(("segments",), "no segment computes a loss; set loss: cross_entropy on the top segment"))
+    # cycles
+    adj: dict[str, list[str]] = {s: [] for s in spec.segments}
+    for e in spec.edges:
+        if e.from_ in adj and e.to in adj:
+            adj[e.from_].append(e.to)
+    state: dict[str, int] = {}
+
+    def visit(n: str) -> bool:
+        state[n] = 1
+        for m in adj[n]:
+            if state.get(m) == 1 or (m not in state and visit(m)):
+                return True
+        state[n] = 2
+        return False
+
+    if any(s not in state and visit(s) for s in adj):
+        problems.append(doc.problem(("edges",), "the edges form a cycle; the topology must be a DAG"))
+    return problems
+
+
+def load_deployment(path: str | Path) -> Deployment:
+    """Load and validate a deployment file.
+
+    Raises:
+        ConfigError: with every problem found (unknown keys, wrong types, broken references).
+    """
+    doc = read_yaml(path, "deployment")
+    try:
+        spec = DeploymentSpec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(doc, exc)) from None
+    problems = _cross_check(doc, spec)
+    if problems:
+        raise ConfigError(problems)
+    return Deployment(spec=spec, path=doc.path.resolve(), hash=digest_of(doc.data), raw=doc.data)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A validated peer config with every path resolved against the config file's folder."""
+
+    spec: PeerConfigSpec
+    path: Path
+    deployment_path: Path
+    secret_key_path: Path
+    data_path: Path | None
+    checkpoints_dir: Path
+    audit_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec.peer
+
+
+def load_peer_config(path: str | Path) -> PeerConfig:
+    """Load and validate a peer config; relative paths are resolved against its folder.
+
+    Raises:
+        ConfigError: with every problem found.
+    """
+    doc = read_yaml(path, "peer config")
+    try:
+        spec = PeerConfigSpec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(doc, exc)) from None
+    base = doc.path.resolve().parent
+    problems = []
+    if not NAME_RE.match(spec.peer):
+        problems.append(doc.problem(("peer",), "peer names are lowercase letters, digits and _"))
+    dep = (base / spec.deployment).resolve()
+    if not dep.is_file():
+        problems.append(doc.problem(("deployment",), f"deployment file {dep} not found"))
+    key = (base / spec.secret_key).resolve()
+    if not key.is_file():
+        problems.append(doc.problem(("secret_key",), f"secret key file {key} not found; create it with `secure-split keys new`"))
+    data = (base / spec.data).resolve() if spec.data else None
+    if data is not None and not data.is_file():
+        problems.append(doc.problem(("data",), f"data file {data} not found"))
+    if problems:
+        raise ConfigError(problems)
+    return PeerConfig(
+        spec=spec,
+        path=doc.path.resolve(),
+        deployment_path=dep,
+        secret_key_path=key,
+        data_path=data,
+        checkpoints_dir=(base / spec.checkpoints).resolve(),
+        audit_dir=(base / spec.audit).resolve(),
+    )
