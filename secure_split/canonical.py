@@ -61,3 +61,15 @@ def sha256_hex(data: bytes) -> str:
 def digest_of(obj: Any) -> str:
     """Hex SHA-256 of the canonical JSON of `obj`."""
     return sha256_hex(canonical_json(obj))
+
+
+def sha256_frames(frames: list[bytes | memoryview] | tuple[bytes | memoryview, ...]) -> str:
+    """Hex SHA-256 over the concatenation of message frames, without joining them.
+
+    Sender and receiver both compute it over the same encoded frames, so their audit entries for
+    one message carry the same digest.
+    """
+    h = hashlib.sha256()
+    for f in frames:
+        h.update(f)
+    return h.hexdigest()

@@ -316,3 +316,13 @@ def load_peer_config(path: str | Path) -> PeerConfig:
         checkpoints_dir=(base / spec.checkpoints).resolve(),
         audit_dir=(base / spec.audit).resolve(),
     )
+
+
+def peer_fingerprint(sign_key_hex: str, transport_key_z85: str) -> str:
+    """The short, stable fingerprint of a peer's public keys, as policies and logs name them.
+
+    'sha256:' + the first 32 hex digits of SHA-256(sign key bytes || transport key text).
+    """
+    from secure_split.canonical import sha256_hex
+
+    return "sha256:" + sha256_hex(bytes.fromhex(sign_key_hex) + transport_key_z85.encode("ascii"))[:32]

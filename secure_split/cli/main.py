@@ -1,0 +1,158 @@
+"""`secure-split`: keys, peers, demos, policies, audit verification.
+
+Every command maps errors to the exit codes in `secure_split.errors.ExitCode`; torch is
+imported only after the thread policy of a peer process is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from secure_split.cli.output import console, err_console, report_error
+from secure_split.errors import EXIT_CODE_HELP, ExitCode, SecureSplitError
+
+_EXIT_HELP = "\n".join(f"  {int(c)}  {EXIT_CODE_HELP[c]}" for c in ExitCode)
+
+app = typer.Typer(
+    name="secure-split",
+    help=f"Split learning across organisations: policy-gated, audited, encrypted peers.\n\nExit codes:\n{_EXIT_HELP}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="Create and inspect peer identities.", no_args_is_help=True)
+peer_app = typer.Typer(help="Run a peer process.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(peer_app, name="peer")
+
+
+def _mount_optional() -> None:
+    from secure_split.cli import audit as audit_cli
+    from secure_split.cli import policy as policy_cli
+
+    app.add_typer(policy_cli.app, name="policy")
+    app.add_typer(audit_cli.app, name="audit")
+
+
+_mount_optional()
+
+
+@keys_app.command("new")
+def keys_new(
+    name: Annotated[str, typer.Argument(help="peer name: lowercase letters, digits and _")],
+    dir: Annotated[Path, typer.Option("--dir", help="folder for NAME.key (0600) and NAME.pub")] = Path("keys"),
+) -> None:
+    """Write NAME's secret key file (mode 0600) and its public file."""
+    from secure_split.crypto.keys import generate_identity, write_key_files
+
+    try:
+        ident = generate_identity(name)
+    except ValueError as exc:
+        report_error(exc)
+        raise typer.Exit(int(ExitCode.BAD_CONFIG)) from None
+    secret, public = write_key_files(ident, dir)
+    console.print(f"secret key: {secret} (mode 0600; never share it)")
+    console.print(f"public key: {public}")
+    console.print(f"  sign_key: {ident.sign_key_hex}")
+    console.print(f"  transport_key: {ident.transport_public_z85}")
+    console.print(f"  fingerprint: {ident.public.fingerprint}")
+
+
+@keys_app.command("show")
+def keys_show(path: Annotated[Path, typer.Argument(help="a NAME.pub or NAME.key file")]) -> None:
+    """Print the public half of a key file, ready to paste into deployment.yaml."""
+    from secure_split.crypto.keys import load_identity, load_public
+
+    pub = load_identity(path).public if path.suffix == ".key" else load_public(path)
+    console.print(f"{pub.name}:\n  sign_key: {pub.sign_key_hex}\n  transport_key: \"{pub.transport_key_z85}\"")
+    console.print(f"  # fingerprint: {pub.fingerprint}")
+
+
+@peer_app.command("run")
+def peer_run(
+    config: Annotated[Path, typer.Argument(help="this organisation's peers/NAME.yaml")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint all peers share")] = False,
+    threads: Annotated[str, typer.Option(help="torch threads: a number, or 'auto' (cores / local peers)")] = "",
+    result: Annotated[Path | None, typer.Option(help="write this peer's result as JSON here")] = None,
+    progress: Annotated[str, typer.Option(help="progress output: 'rich', 'jsonl' (machine-readable) or 'none'")] = "rich",
+) -> None:
+    """Start one peer. When every peer is up, the coordinator runs training; each exits 0 when done."""
+    from secure_split.cli.threads import apply_thread_policy, choose_threads
+    from secure_split.config import load_deployment, load_peer_config
+
+    cfg = load_peer_config(config)
+    dep = load_deployment(cfg.deployment_path)
+    endpoints = [p.endpoint for p in dep.spec.peers.values()]
+    apply_thread_policy(choose_threads(threads or cfg.spec.threads, endpoints))
+
+    from secure_split.peer.runtime import PeerRuntime
+
+    runtime = PeerRuntime(config, resume=resume, progress=_progress_printer(progress))
+    res = runtime.run()
+    if result is not None:
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.write_text(json.dumps(res.to_json(), indent=1, sort_keys=True))
+    if res.status != "ok":
+        err_console.print(f"peer '{res.name}' failed: {res.error}", markup=False, soft_wrap=True)
+        raise typer.Exit(int(ExitCode.FAILED))
+    if progress != "jsonl":
+        err_console.print(f"peer '{res.name}' finished: sent {res.bytes_sent} B, received {res.bytes_received} B")
+
+
+def _progress_printer(mode: str) -> Any:
+    if mode == "jsonl":
+        def emit(event: dict[str, Any]) -> None:
+            sys.stdout.write(json.dumps(event, sort_keys=True) + "\n")
+            sys.stdout.flush()
+        return emit
+    if mode == "rich":
+        def show(event: dict[str, Any]) -> None:
+            if event.get("event") == "epoch":
+                vals = ", ".join(f"{k}={v:.4f}" for k, v in sorted(event.get("values", {}).items()))
+                err_console.print(f"epoch {event['epoch'] + 1}/{event['epochs']}: {vals}", markup=False)
+        return show
+    return None
+
+
+def _register_demo() -> None:
+    from secure_split.cli import demo as demo_cli
+
+    demo_cli.register(app)
+
+
+_register_demo()
+
+
+def main() -> None:
+    """Entry point: run the app, mapping our errors to exit codes with advice."""
+    try:
+        rc = app(standalone_mode=False)
+    except SecureSplitError as exc:
+        report_error(exc)
+        sys.exit(int(exc.exit_code))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(int(ExitCode.BAD_CONFIG))
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(int(ExitCode.INTERRUPTED))
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

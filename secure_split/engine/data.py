@@ -1,0 +1,273 @@
+"""One peer's own data: sample ids, raw features, label columns; its safetensors file; demo datasets.
+
+A peer's data file holds exactly the tensors "ids" (int64 [N], unique), optionally "features"
+(float32 [N, ...]) and any number of "labels.NAME" (int64 [N]). Each peer process opens only its
+own file; these tensors never leave the peer (the protocol has no message kind for them).
+
+The bundled datasets come from scikit-learn's bundled files: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from secure_split.errors import ConfigError, ConfigProblem, TrainingError
+
+__all__ = [
+    "DEFAULT_MAX_DATA_BYTES",
+    "PeerData",
+    "as_id_tensor",
+    "breast_cancer",
+    "digits",
+    "load_peer_data",
+    "write_peer_data",
+]
+
+DEFAULT_MAX_DATA_BYTES = 2 * 1024**3
+LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_LABEL_PREFIX = "labels."
+
+
+def as_id_tensor(ids: object) -> torch.Tensor:
+    """Turn sample ids (numpy array, tensor or sequence of ints) into a 1-D int64 CPU tensor.
+
+    Raises:
+        TypeError: if the ids are not integers or not one-dimensional.
+    """
+    if isinstance(ids, torch.Tensor):
+        t = ids.detach().to("cpu")
+    else:
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"sample ids must be integers, got dtype {arr.dtype}")
+        t = torch.from_numpy(arr.astype(np.int64, copy=False))
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"sample ids must be integers, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise TypeError(f"sample ids must be one-dimensional, got shape {list(t.shape)}")
+    return t.to(torch.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class PeerData:
+    """One peer's samples, checked when built.
+
+    Attributes:
+        ids: int64 [N], unique sample ids (the join key agreed between parties).
+        features: float32 [N, ...] raw features, or None for a peer that only holds labels.
+        labels: label column name -> int64 [N].
+
+    Raises:
+        ValueError: if dtypes, shapes or id uniqueness are wrong.
+    """
+
+    ids: torch.Tensor
+    features: torch.Tensor | None = None
+    labels: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # Sorted ids and their positions: rows() is a binary search, O(B log N) per batch.
+    _sorted_ids: torch.Tensor = field(init=False, repr=False)
+    _order: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        problems = _data_problems(self.ids, self.features, self.labels)
+        if problems:
+            raise ValueError("; ".join(problems))
+        order = torch.argsort(self.ids)
+        object.__setattr__(self, "_sorted_ids", self.ids[order].contiguous())
+        object.__setattr__(self, "_order", order)
+        object.__setattr__(self, "labels", dict(self.labels))
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def rows(self, ids: object) -> torch.Tensor:
+        """Positions in this data of the given sample ids.
+
+        Args:
+            ids: sample ids (numpy array, tensor or sequence of ints).
+
+        Returns:
+            int64 tensor of row indices, in the order of `ids`.
+
+        Raises:
+            TrainingError: if some ids are not in this peer's data (names up to five of them).
+        """
+        want = as_id_tensor(ids)
+        sorted_ids, order = self._sorted_ids, self._order
+        if len(sorted_ids) == 0:
+            pos = torch.zeros_like(want)
+            found = torch.zeros(want.shape, dtype=torch.bool)
+        else:
+            pos = torch.searchsorted(sorted_ids, want).clamp_(max=len(sorted_ids) - 1)
+            found = sorted_ids[pos] == want
+        if not bool(found.all()):
+            missing = want[~found]
+            shown = ", ".join(str(int(x)) for x in missing[:5])
+            raise TrainingError(
+                f"{len(missing)} sample id(s) are not in this peer's data (e.g. {shown}); "
+                "the coordinator's ids and this peer's data file disagree: align the ids (PSI) "
+                "or regenerate the data files"
+            )
+        return order[pos]
+
+
+def _data_problems(ids: object, features: object, labels: object) -> list[str]:
+    problems: list[str] = []
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+        return ["ids must be an int64 tensor with one dimension"]
+    n = int(ids.shape[0])
+    if torch.unique(ids).numel() != n:
+        problems.append("ids must be unique")
+    if features is not None:
+        if not isinstance(features, torch.Tensor) or features.dtype != torch.float32:
+            problems.append("features must be a float32 tensor")
+        elif features.dim() < 2 or features.shape[0] != n:
+            problems.append(f"features must have shape [N={n}, ...], got {list(features.shape)}")
+    if not isinstance(labels, Mapping):
+        problems.append("labels must be a mapping of column name -> int64 tensor")
+        return problems
+    for name, col in labels.items():
+        if not isinstance(name, str) or not LABEL_NAME_RE.match(name):
+            problems.append(f"label column name {name!r} must be 1-64 letters, digits or _")
+        if not isinstance(col, torch.Tensor) or col.dtype != torch.int64 or col.dim() != 1:
+            problems.append(f"labels {name!r} must be an int64 tensor with one dimension")
+        elif col.shape[0] != n:
+            problems.append(f"labels {name!r} has {col.shape[0]} rows, ids have {n}")
+        elif n and int(col.min()) < 0:
+            problems.append(f"labels {name!r} must be class indices >= 0")
+    return problems
+
+
+def write_peer_data(
+    path: str | Path,
+    *,
+    ids: object,
+    features: torch.Tensor | np.ndarray | None = None,
+    labels: Mapping[str, object] | None = None,
+) -> Path:
+    """Write one peer's data file (safetensors; keys "ids", "features", "labels.NAME").
+
+    Args:
+        path: the file to write (parent folders are created).
+        ids: unique integer sample ids [N].
+        features: float32-convertible features [N, ...], or None.
+        labels: column name -> integer class indices [N].
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: if the tensors are inconsistent (see `PeerData`).
+    """
+    id_t = as_id_tensor(ids).contiguous()
+    feat = None if features is None else torch.as_tensor(features).to(torch.float32).contiguous()
+    cols = {k: as_id_tensor(v).contiguous() for k, v in (labels or {}).items()}
+    PeerData(ids=id_t, features=feat, labels=cols)  # validates
+    tensors = {"ids": id_t}
+    if feat is not None:
+        tensors["features"] = feat
+    tensors.update({_LABEL_PREFIX + k: v for k, v in cols.items()})
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out))
+    return out
+
+
+def load_peer_data(path: str | Path, *, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> PeerData:
+    """Load one peer's data file, checking it fully.
+
+    The file size is checked before anything is read; the key names, dtypes and shapes are
+    checked from the header before any tensor is loaded.
+
+    Args:
+        path: the safetensors file.
+        max_bytes: refuse a larger file.
+
+    Returns:
+        The checked `PeerData`.
+
+    Raises:
+        ConfigError: if the file is missing, too big, not safetensors, has other keys, wrong
+            dtypes or shapes that do not agree (all problems at once where possible).
+    """
+    p = Path(path)
+
+    def fail(problems: Sequence[str]) -> ConfigError:
+        return ConfigError([ConfigProblem(file=str(p), key="data", message=m) for m in problems])
+
+    if not p.is_file():
+        raise fail([f"data file {p} not found"])
+    size = p.stat().st_size
+    if size > max_bytes:
+        raise fail([f"data file is {size} bytes, more than the limit of {max_bytes}"])
+    try:
+        with safe_open(str(p), framework="pt") as f:  # type: ignore[no-untyped-call]
+            keys = list(f.keys())
+            problems = [
+                f"unexpected tensor {k!r}; a data file holds only 'ids', 'features' and 'labels.NAME'"
+                for k in keys
+                if k not in ("ids", "features") and not k.startswith(_LABEL_PREFIX)
+            ]
+            if "ids" not in keys:
+                problems.append("the file has no 'ids' tensor")
+            want = {"ids": "I64", "features": "F32"}
+            for k in keys:
+                dtype = f.get_slice(k).get_dtype()
+                expect = want.get(k, "I64")
+                if dtype != expect:
+                    problems.append(f"tensor {k!r} has dtype {dtype}, expected {expect}")
+            if problems:
+                raise fail(problems)
+            tensors: dict[str, Any] = {k: f.get_tensor(k) for k in keys}
+    except ConfigError:
+        raise
+    except Exception as exc:  # safetensors raises its own errors for a malformed header
+        raise fail([f"not a readable safetensors file: {exc}"]) from None
+    labels = {k[len(_LABEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_LABEL_PREFIX)}
+    try:
+        return PeerData(ids=tensors["ids"], features=tensors.get("features"), labels=labels)
+    except ValueError as exc:
+        raise fail(str(exc).split("; ")) from None
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes).
+
+    Returns:
+        (ids int64 [1797] = 0..1796, X float32 [1797, 1, 8, 8] scaled to [0, 1], y int64 [1797]).
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    return torch.arange(len(y), dtype=torch.int64), x.contiguous(), y
+
+
+def breast_cancer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled Wisconsin breast cancer data (569 patients, 30 features, 2 classes).
+
+    Features are standardised with the mean and (population) standard deviation of all 569
+    rows: a demo convenience; a real deployment standardises on training rows at each owner.
+
+    Returns:
+        (ids int64 [569] = 0..568, X float32 [569, 30] standardised, y int64 [569]).
+    """
+    from sklearn.datasets import load_breast_cancer
+
+    bunch = load_breast_cancer()
+    x = np.asarray(bunch.data, dtype=np.float64)
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    return torch.arange(len(y), dtype=torch.int64), torch.from_numpy(x.astype(np.float32)), y

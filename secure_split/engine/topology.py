@@ -1,0 +1,170 @@
+"""The DAG of segments and edges of a deployment, and who owns what.
+
+`load_deployment` has already checked that every reference resolves and that there is no cycle;
+this module only derives views of it: a topological order, per-segment in/out edges (in the order
+the deployment lists them: that order is the concat order of a merge), per-peer segments and
+neighbours, and the task name of each loss segment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from secure_split.config import Deployment, EdgeSpec, SegmentSpec
+
+__all__ = ["Topology"]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A deployment's segments and edges, with derived views. Build with `from_deployment`.
+
+    Attributes:
+        order: every segment, in a topological order (ties broken by the deployment's order).
+        segments: segment name -> its spec.
+        edges: edge id ("FROM->TO") -> its spec.
+        in_edges: segment -> ids of the edges entering it, in deployment order.
+        out_edges: segment -> ids of the edges leaving it, in deployment order.
+        tasks: task name -> loss segment. The task name is the segment's `labels` column, or the
+            segment's name when several loss segments use the same column.
+    """
+
+    order: tuple[str, ...]
+    segments: Mapping[str, SegmentSpec]
+    edges: Mapping[str, EdgeSpec]
+    in_edges: Mapping[str, tuple[str, ...]]
+    out_edges: Mapping[str, tuple[str, ...]]
+    tasks: Mapping[str, str]
+
+    @classmethod
+    def from_deployment(cls, dep: Deployment) -> Topology:
+        """Derive the topology of a loaded (validated) deployment.
+
+        Raises:
+            ValueError: if the edges form a cycle (only possible for an unvalidated spec).
+        """
+        spec = dep.spec
+        names = list(spec.segments)
+        edges = {e.name: e for e in spec.edges}
+        ins: dict[str, list[str]] = {s: [] for s in names}
+        outs: dict[str, list[str]] = {s: [] for s in names}
+        for e in spec.edges:
+            outs[e.from_].append(e.name)
+            ins[e.to].append(e.name)
+        # Kahn's algorithm, always taking the first ready segment in deployment order, so the
+        # order is the same at every party.
+        pending = {s: len(ins[s]) for s in names}
+        order: list[str] = []
+        while len(order) < len(names):
+            ready = [s for s in names if pending[s] == 0 and s not in order]
+            if not ready:
+                raise ValueError("the edges form a cycle; the topology must be a DAG")
+            s = ready[0]
+            order.append(s)
+            for eid in outs[s]:
+                pending[edges[eid].to] -= 1
+        loss_segments = [s for s in order if spec.segments[s].loss is not None]
+        columns = [spec.segments[s].labels for s in loss_segments]
+        tasks = {
+            (spec.segments[s].labels if columns.count(spec.segments[s].labels) == 1 else s): s
+            for s in loss_segments
+        }
+        return cls(
+            order=tuple(order),
+            segments=dict(spec.segments),
+            edges=edges,
+            in_edges={s: tuple(v) for s, v in ins.items()},
+            out_edges={s: tuple(v) for s, v in outs.items()},
+            tasks=tasks,
+        )
+
+    # --- ownership -----------------------------------------------------------------------
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """Every peer that owns at least one segment, in order of first segment."""
+        return tuple(dict.fromkeys(self.segments[s].peer for s in self.order))
+
+    def peer_of(self, segment: str) -> str:
+        """The peer that owns `segment`. Raises KeyError for an unknown segment."""
+        return self.segments[segment].peer
+
+    def local_segments(self, peer: str) -> tuple[str, ...]:
+        """The segments `peer` owns, in topological order (empty for a peer with none)."""
+        return tuple(s for s in self.order if self.segments[s].peer == peer)
+
+    def endpoints(self, edge: str) -> tuple[str, str]:
+        """(from segment, to segment) of an edge. Raises KeyError for an unknown edge."""
+        e = self.edges[edge]
+        return e.from_, e.to
+
+    def is_remote(self, edge: str) -> bool:
+        """True when the two ends of `edge` belong to different peers (it crosses the wire)."""
+        a, b = self.endpoints(edge)
+        return self.peer_of(a) != self.peer_of(b)
+
+    def remote_peer(self, edge: str, side: Literal["from", "to"]) -> str:
+        """The peer at the other end of `edge` from `side`.
+
+        Args:
+            edge: the edge id.
+            side: the local end: "from" (we send activations on it) or "to" (we receive them).
+
+        Returns:
+            The owner of the `to` segment when side is "from", of the `from` segment when "to".
+
+        Raises:
+            KeyError: unknown edge. ValueError: side is not "from" or "to".
+        """
+        a, b = self.endpoints(edge)
+        if side == "from":
+            return self.peer_of(b)
+        if side == "to":
+            return self.peer_of(a)
+        raise ValueError(f"side must be 'from' or 'to', got {side!r}")
+
+    def neighbours(self, peer: str) -> set[str]:
+        """The other peers that share at least one edge with `peer`."""
+        out: set[str] = set()
+        for eid in self.edges:
+            a, b = (self.peer_of(s) for s in self.endpoints(eid))
+            if a == peer and b != peer:
+                out.add(b)
+            elif b == peer and a != peer:
+                out.add(a)
+        return out
+
+    def edges_between(self, a: str, b: str) -> list[str]:
+        """Edge ids with one end owned by peer `a` and the other by peer `b` (either direction)."""
+        found = []
+        for eid in self.edges:
+            pa, pb = (self.peer_of(s) for s in self.endpoints(eid))
+            if {pa, pb} == {a, b} and (pa != pb or a == b):
+                found.append(eid)
+        return found
+
+    # --- roles -------------------------------------------------------------------------------
+
+    @property
+    def loss_segments(self) -> tuple[str, ...]:
+        """Segments that compute a loss, in topological order."""
+        return tuple(s for s in self.order if self.segments[s].loss is not None)
+
+    @property
+    def input_segments(self) -> tuple[str, ...]:
+        """Segments that read their peer's raw features, in topological order."""
+        return tuple(s for s in self.order if self.segments[s].input == "features")
+
+    def task_of(self, segment: str) -> str:
+        """The task name of a loss segment. Raises KeyError if it computes no loss."""
+        for task, seg in self.tasks.items():
+            if seg == segment:
+                return task
+        raise KeyError(f"segment {segment!r} computes no loss")
+
+    @property
+    def output_segments(self) -> tuple[str, ...]:
+        """Segments with no out-edges (their outputs are the network's predictions)."""
+        return tuple(s for s in self.order if not self.out_edges[s])

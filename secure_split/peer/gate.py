@@ -1,0 +1,398 @@
+"""The gate: the one choke point every message of a peer passes, both ways.
+
+Outbound: policy decision → egress leakage guards → bind (session, seq) → encode → audit entry
+→ transport. Inbound: transport (sender authenticated by its CURVE key) → header decode (sizes
+bounded, nothing allocated yet) → sender check → session check (binding, replay) → policy
+decision → payload decode → audit entry.
+
+A refusal on either side is written to the audit log with its reason, answered with an `error`
+message to the counterparty where one can be sent, and raised to the caller; the gate itself
+keeps serving. Nothing else in a peer talks to the transport.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from secure_split.canonical import sha256_frames
+from secure_split.errors import (
+    CodecError,
+    HandshakeRefused,
+    PolicyDenied,
+    RemoteProtocolError,
+)
+from secure_split.policy import Flow, Policy, check_egress
+from secure_split.protocol import (
+    Header,
+    Kind,
+    Message,
+    PeerSession,
+    WireTensor,
+    decode_body,
+    decode_header,
+    encode,
+)
+
+# Kinds never answered with an `error` message: answering them could start a ping-pong.
+_NO_REPLY_KINDS = frozenset({Kind.ERROR, Kind.REFUSE})
+
+
+class AuditSink(Protocol):
+    """What the gate needs from the audit log."""
+
+    def record(self, event: str, **fields: Any) -> int: ...
+
+
+class FrameTransport(Protocol):
+    """What the gate needs from the transport."""
+
+    def send(self, peer: str, frames: Sequence[bytes | memoryview]) -> int: ...
+
+    def recv(self, timeout_s: float) -> tuple[str, list[memoryview]] | None: ...
+
+
+@dataclass
+class GateStats:
+    """Counters a peer reports at the end of a run."""
+
+    sent: int = 0
+    received: int = 0
+    refused_out: int = 0
+    refused_in: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+def _tensor_facts(tensors: Sequence[WireTensor]) -> tuple[str | None, tuple[int, ...] | None, int | None]:
+    if not tensors:
+        return None, None, None
+    t = tensors[0]
+    shape = tuple(int(x) for x in t.shape)
+    return t.dtype, shape, (shape[0] if shape else None)
+
+
+class Gate:
+    """Policy, audit and session checks around one peer's transport.
+
+    Args:
+        me: this peer's name.
+        deployment_hash: the agreed deployment hash (bound into every message).
+        policy: this peer's copy of the signed policy.
+        audit: the peer's audit log.
+        transport: the peer's transport.
+        sessions: one protocol session per remote peer this peer may talk to.
+        max_message_bytes: the deployment's bound on one message.
+    """
+
+    def __init__(
+        self,
+        *,
+        me: str,
+        deployment_hash: str,
+        policy: Policy,
+        audit: AuditSink,
+        transport: FrameTransport,
+        sessions: Mapping[str, PeerSession],
+        max_message_bytes: int,
+    ) -> None:
+        self.me = me
+        self.deployment_hash = deployment_hash
+        self.policy = policy
+        self.audit = audit
+        self.transport = transport
+        self.sessions = dict(sessions)
+        self.max_message_bytes = max_message_bytes
+        self.stats = GateStats()
+
+    # -- outbound ---------------------------------------------------------------------------
+
+    def send(
+        self,
+        to: str,
+        kind: Kind,
+        *,
+        step: int = 0,
+        edge: str = "",
+        meta: Mapping[str, Any] | None = None,
+        tensors: Sequence[WireTensor] = (),
+        blob: bytes = b"",
+        raw: np.ndarray | None = None,
+    ) -> Message:
+        """Send one message to `to` after the policy allowed it.
+
+        Args:
+            raw: the raw feature batch this tensor was computed from, at a data owner's egress;
+                the policy's leakage guards compare the outgoing tensor against it.
+
+        Raises:
+            PolicyDenied: the policy (or a leakage guard) refuses the flow; nothing was sent.
+            LocalProtocolError: the session to `to` is not established.
+        """
+        session = self._session(to)
+        dtype, shape, batch = _tensor_facts(tensors)
+        nbytes = sum(t.nbytes for t in tensors) + len(blob)
+        flow = Flow(
+            sender=self.me,
+            receiver=to,
+            kind=kind.value,
+            edge=edge or None,
+            direction="send",
+            nbytes=nbytes,
+            dtype=dtype,
+            shape=shape,
+            batch_size=batch,
+        )
+        decision = self.policy.decide(flow)
+        if decision.allowed and raw is not None and tensors:
+            t = tensors[0]
+            out = np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<")).reshape(t.shape) if t.dtype not in (
+                "bfloat16",
+            ) else None
+            if out is not None:
+                guard = check_egress(self.policy, flow, out, raw)
+                if guard is not None:
+                    decision = guard
+        if not decision.allowed:
+            self.stats.refused_out += 1
+            self.audit.record(
+                "policy_denied",
+                direction="send",
+                sender=self.me,
+                receiver=to,
+                kind=kind.value,
+                edge=edge,
+                step=step,
+                nbytes=nbytes,
+                decision_id=decision.decision_id,
+                rule_id=decision.rule_id,
+                reason=decision.reason,
+            )
+            raise PolicyDenied(decision.reason, decision)
+        msg = session.bind(kind, step=step, edge=edge, meta=dict(meta or {}), tensors=tuple(tensors), blob=blob)
+        frames = encode(msg)
+        digest = sha256_frames(frames)
+        self.audit.record(
+            "message_sent",
+            kind=kind.value,
+            edge=edge,
+            step=step,
+            seq=msg.binding.seq,
+            session=msg.binding.session.hex(),
+            sender=self.me,
+            receiver=to,
+            counterparty=to,
+            nbytes=nbytes,
+            dtype=dtype,
+            shape=list(shape) if shape is not None else None,
+            batch_size=batch,
+            digest=digest,
+            decision_id=decision.decision_id,
+            rule_id=decision.rule_id,
+        )
+        sent = self.transport.send(to, frames)
+        self.stats.sent += 1
+        self.stats.bytes_sent += sent
+        self.stats.by_kind[kind.value] = self.stats.by_kind.get(kind.value, 0) + 1
+        return msg
+
+    def send_hello(self, to: str) -> None:
+        """Send our handshake message to `to` (first message of the session)."""
+        session = self._session(to)
+        msg = session.hello()
+        self._send_prebound(to, msg)
+
+    def _send_prebound(self, to: str, msg: Message) -> None:
+        flow = Flow(self.me, to, msg.kind.value, None, "send", 0, None, None, None)
+        decision = self.policy.decide(flow)
+        if not decision.allowed:
+            self.audit.record(
+                "policy_denied",
+                direction="send",
+                sender=self.me,
+                receiver=to,
+                kind=msg.kind.value,
+                edge="",
+                step=msg.binding.step,
+                nbytes=0,
+                decision_id=decision.decision_id,
+                rule_id=decision.rule_id,
+                reason=decision.reason,
+            )
+            raise PolicyDenied(decision.reason, decision)
+        frames = encode(msg)
+        self.audit.record(
+            "message_sent",
+            kind=msg.kind.value,
+            edge=msg.edge,
+            step=msg.binding.step,
+            seq=msg.binding.seq,
+            session=msg.binding.session.hex(),
+            sender=self.me,
+            receiver=to,
+            counterparty=to,
+            nbytes=0,
+            dtype=None,
+            shape=None,
+            batch_size=None,
+            digest=sha256_frames(frames),
+            decision_id=decision.decision_id,
+            rule_id=decision.rule_id,
+        )
+        self.stats.bytes_sent += self.transport.send(to, frames)
+        self.stats.sent += 1
+
+    def refuse(self, to: str, reason: str, code: str, *, kind: Kind = Kind.ERROR) -> None:
+        """Tell `to` that we refused something it sent. Best effort: never raises."""
+        session = self.sessions.get(to)
+        if session is None:
+            return
+        try:
+            msg = session.bind(kind, meta={"reason": reason[:4000], "code": code})
+            self._send_prebound(to, msg)
+        except Exception as exc:  # noqa: BLE001 - a failed courtesy reply must not stop the peer
+            self.audit.record("error", reason=f"could not send {kind.value} to {to}: {exc}", error=type(exc).__name__)
+
+    # -- inbound ----------------------------------------------------------------------------
+
+    def receive(self, timeout_s: float) -> Message | None:
+        """Receive, check and decode the next inbound message.
+
+        Returns:
+            The message, or None when nothing arrived within `timeout_s`.
+
+        Raises:
+            RemoteProtocolError: the frames were malformed, spoofed, replayed or out of order
+                (already audited and answered; the gate keeps serving).
+            HandshakeRefused: the peer refused us or runs another deployment/policy.
+            PolicyDenied: our policy refuses the inbound flow (audited and answered).
+        """
+        item = self.transport.recv(timeout_s)
+        if item is None:
+            return None
+        sender, frames = item
+        nbytes_wire = sum(len(f) for f in frames)
+        self.stats.bytes_received += nbytes_wire
+        try:
+            if not frames:
+                raise CodecError("empty message")
+            header = decode_header(frames[0], max_message_bytes=self.max_message_bytes)
+        except CodecError as exc:
+            self._refuse_inbound(sender, None, exc, code="bad_frame")
+            raise
+        if header.binding.sender != sender or header.binding.receiver != self.me:
+            exc2 = RemoteProtocolError(
+                f"message claims to be from '{header.binding.sender}' to '{header.binding.receiver}' "
+                f"but arrived from authenticated peer '{sender}' at '{self.me}'"
+            )
+            self._refuse_inbound(sender, header, exc2, code="spoofed")
+            raise exc2
+        session = self.sessions.get(sender)
+        if session is None:
+            exc3 = RemoteProtocolError(f"peer '{sender}' is not a counterparty of '{self.me}' in this deployment")
+            self._refuse_inbound(sender, header, exc3, code="not_a_counterparty")
+            raise exc3
+        try:
+            session.receive(header)
+        except HandshakeRefused as exc:
+            self.audit.record(
+                "refused", direction="receive", counterparty=sender, reason=str(exc),
+                error=type(exc).__name__, kind=header.kind.value,
+            )
+            if header.kind not in _NO_REPLY_KINDS:
+                self.refuse(sender, str(exc), "handshake_refused", kind=Kind.REFUSE)
+            raise
+        except RemoteProtocolError as exc:
+            self._refuse_inbound(sender, header, exc, code="protocol")
+            raise
+        dtype = header.tensor_specs[0].dtype if header.tensor_specs else None
+        shape = tuple(header.tensor_specs[0].shape) if header.tensor_specs else None
+        batch = shape[0] if shape else None
+        nbytes = header.total_bytes
+        flow = Flow(
+            sender=sender,
+            receiver=self.me,
+            kind=header.kind.value,
+            edge=header.edge or None,
+            direction="receive",
+            nbytes=nbytes,
+            dtype=dtype,
+            shape=shape,
+            batch_size=batch,
+        )
+        decision = self.policy.decide(flow)
+        if not decision.allowed:
+            self.stats.refused_in += 1
+            self.audit.record(
+                "policy_denied",
+                direction="receive",
+                sender=sender,
+                receiver=self.me,
+                kind=header.kind.value,
+                edge=header.edge,
+                step=header.binding.step,
+                nbytes=nbytes,
+                decision_id=decision.decision_id,
+                rule_id=decision.rule_id,
+                reason=decision.reason,
+            )
+            if header.kind not in _NO_REPLY_KINDS:
+                self.refuse(sender, f"refused by {self.me}: {decision.reason}", "policy_denied")
+            raise PolicyDenied(decision.reason, decision)
+        try:
+            msg = decode_body(header, frames)
+        except CodecError as exc:
+            self._refuse_inbound(sender, header, exc, code="bad_frame")
+            raise
+        self.audit.record(
+            "message_received",
+            kind=header.kind.value,
+            edge=header.edge,
+            step=header.binding.step,
+            seq=header.binding.seq,
+            session=header.binding.session.hex(),
+            sender=sender,
+            receiver=self.me,
+            counterparty=sender,
+            nbytes=nbytes,
+            dtype=dtype,
+            shape=list(shape) if shape is not None else None,
+            batch_size=batch,
+            digest=sha256_frames(frames),
+            decision_id=decision.decision_id,
+            rule_id=decision.rule_id,
+        )
+        self.stats.received += 1
+        self.stats.by_kind[header.kind.value] = self.stats.by_kind.get(header.kind.value, 0) + 1
+        return msg
+
+    def _refuse_inbound(self, sender: str, header: Header | None, exc: Exception, *, code: str) -> None:
+        self.stats.refused_in += 1
+        self.audit.record(
+            "refused",
+            direction="receive",
+            counterparty=sender,
+            reason=str(exc)[:2000],
+            error=type(exc).__name__,
+            kind=header.kind.value if header is not None else None,
+        )
+        if header is None or header.kind not in _NO_REPLY_KINDS:
+            self.refuse(sender, f"refused by {self.me}: {exc}", code)
+
+    def _session(self, peer: str) -> PeerSession:
+        try:
+            return self.sessions[peer]
+        except KeyError:
+            raise RemoteProtocolError(
+                f"'{peer}' is not a counterparty of '{self.me}' in this deployment"
+            ) from None
+
+
+def monotonic() -> float:
+    """The gate's clock (monkeypatchable in tests)."""
+    return time.monotonic()

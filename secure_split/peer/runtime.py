@@ -1,0 +1,620 @@
+"""One peer process: load its files, shake hands, then train as coordinator or follower.
+
+The coordinator (named in the deployment, normally the label holder) drives the schedule: it
+starts each step by sending the batch's sample ids to every peer, and ends each epoch with a
+barrier at which every peer saves its checkpoint, signs its audit head and exchanges signed
+heads with its counterparties. Followers react to what arrives. Every message goes through the
+gate; the engine computes, the runtime only moves tensors between the two.
+
+Step ordering: a peer works on one step at a time. Messages for a later step (the coordinator's
+next `step_begin` can overtake the previous step's gradients on another link) wait in a queue
+until the current step is complete; a message for an earlier step is a protocol error.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import secure_split
+from secure_split.audit import AuditLog, SignedHead
+from secure_split.config import Deployment, PeerConfig, load_deployment, load_peer_config
+from secure_split.crypto.keys import Identity, load_identity
+from secure_split.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from secure_split.engine.data import PeerData, load_peer_data
+from secure_split.engine.executor import Outgoing, PeerExecutor
+from secure_split.engine.schedule import epoch_batches, eval_batches, split_train_test
+from secure_split.engine.tensors import from_wire, to_wire
+from secure_split.engine.topology import Topology
+from secure_split.errors import (
+    ConfigError,
+    ConfigProblem,
+    HandshakeRefused,
+    PeerTimeout,
+    PolicyDenied,
+    RemoteProtocolError,
+    SecureSplitError,
+    TrainingError,
+)
+from secure_split.peer.gate import Gate
+from secure_split.policy import Policy, check_startup, load_policy
+from secure_split.protocol import Kind, Message, PeerSession, WireTensor
+from secure_split.transport import Transport, TransportPeer
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+# How long a disconnected counterparty may stay away before we name it as lost.
+_RECONNECT_GRACE_S = 3.0
+
+
+@dataclass
+class PeerResult:
+    """What a peer reports when it exits (the demo's table and summary read these)."""
+
+    name: str
+    pid: int
+    status: str = "failed"
+    error: str | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    refused: int = 0
+    epochs_done: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _EpochMetrics:
+    """Running sums for one epoch, per task."""
+
+    train_loss_sum: dict[str, float] = field(default_factory=dict)
+    train_count: dict[str, int] = field(default_factory=dict)
+    eval_correct: dict[str, int] = field(default_factory=dict)
+    eval_count: dict[str, int] = field(default_factory=dict)
+    eval_loss_sum: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, step_metrics: Any) -> None:
+        for task, m in step_metrics.tasks.items():
+            if phase == "train":
+                self.train_loss_sum[task] = self.train_loss_sum.get(task, 0.0) + float(m.loss_sum)
+                self.train_count[task] = self.train_count.get(task, 0) + int(m.count)
+            elif phase == "eval":
+                self.eval_correct[task] = self.eval_correct.get(task, 0) + int(m.correct)
+                self.eval_count[task] = self.eval_count.get(task, 0) + int(m.count)
+                self.eval_loss_sum[task] = self.eval_loss_sum.get(task, 0.0) + float(m.loss_sum)
+
+    def values(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for task, s in self.train_loss_sum.items():
+            out[f"train_loss/{task}"] = s / max(1, self.train_count.get(task, 0))
+        for task, c in self.eval_correct.items():
+            n = max(1, self.eval_count.get(task, 0))
+            out[f"accuracy/{task}"] = c / n
+            out[f"eval_loss/{task}"] = self.eval_loss_sum.get(task, 0.0) / n
+        return out
+
+
+def _counterparties(deployment: Deployment, topology: Topology, me: str) -> list[str]:
+    coordinator = deployment.spec.coordinator
+    if me == coordinator:
+        peers = set(deployment.spec.peers) - {me}
+    else:
+        peers = set(topology.neighbours(me)) | {coordinator}
+        peers.discard(me)
+    return sorted(peers)
+
+
+class PeerRuntime:
+    """Runs one peer from its private peer config to a clean exit.
+
+    Args:
+        config_path: `peers/NAME.yaml`.
+        resume: continue from the last checkpoint all peers share, and continue the audit chain.
+        progress: called with progress events (coordinator only).
+    """
+
+    def __init__(self, config_path: str | Path, *, resume: bool = False, progress: ProgressFn | None = None) -> None:
+        self.started = time.monotonic()
+        self.resume = resume
+        self.progress = progress or (lambda event: None)
+        self.cfg: PeerConfig = load_peer_config(config_path)
+        self.deployment: Deployment = load_deployment(self.cfg.deployment_path)
+        self.me = self.cfg.name
+        spec = self.deployment.spec
+        problems: list[ConfigProblem] = []
+        if self.me not in spec.peers:
+            raise ConfigError(ConfigProblem(str(self.cfg.path), "peer", f"'{self.me}' is not a peer of deployment {self.deployment.path}"))
+        self.identity: Identity = load_identity(self.cfg.secret_key_path)
+        mine = spec.peers[self.me]
+        if self.identity.sign_key_hex != mine.sign_key or self.identity.transport_public_z85 != mine.transport_key:
+            problems.append(
+                ConfigProblem(
+                    str(self.cfg.secret_key_path), "-",
+                    f"this secret key does not match the public keys of peer '{self.me}' in {self.deployment.path}; "
+                    "use the key file generated for this peer or update the deployment",
+                )
+            )
+        if self.identity.name != self.me:
+            problems.append(ConfigProblem(str(self.cfg.secret_key_path), "peer", f"key file is for '{self.identity.name}', not '{self.me}'"))
+        if problems:
+            raise ConfigError(problems)
+        self.policy: Policy = load_policy(self.deployment.policy_path)
+        check_startup(self.policy, self.deployment)
+        self.topology = Topology.from_deployment(self.deployment)
+        self.data: PeerData | None = load_peer_data(self.cfg.data_path) if self.cfg.data_path else None
+        self.executor = PeerExecutor(self.deployment, self.me, self.data)
+        self.counterparties = _counterparties(self.deployment, self.topology, self.me)
+        self.is_coordinator = spec.coordinator == self.me
+        self.result = PeerResult(name=self.me, pid=os.getpid())
+        self.checkpoint_dir = self.cfg.checkpoints_dir
+        self.available_checkpoints = list_checkpoints(self.checkpoint_dir) if resume else []
+        # Mutable run state
+        self.queue: deque[Message] = deque()
+        self.current_step: int | None = None
+        self.current_phase: str = "train"
+        self.shutdown_status: str | None = None
+        self.shutdown_reason: str = ""
+        self.last_heard: dict[str, float] = {}
+        self.lost_since: dict[str, float] = {}
+        self.receipts: dict[int, set[str]] = {}
+        self.acks: dict[int, dict[str, dict[str, float]]] = {}
+        self.epoch_metrics = _EpochMetrics()
+        self.history: list[dict[str, Any]] = []
+
+    # -- setup and teardown ---------------------------------------------------------------
+
+    def _open(self) -> None:
+        spec = self.deployment.spec
+        self.cfg.audit_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog.open(
+            self.cfg.audit_dir / f"{self.me}.jsonl",
+            peer=self.me,
+            identity=self.identity,
+            deployment_hash=self.deployment.hash,
+            policy_hash=self.policy.hash,
+            resume=self.resume,
+        )
+        self.audit.record(
+            "run_start",
+            deployment_hash=self.deployment.hash,
+            policy_hash=self.policy.hash,
+            versions={"secure_split": secure_split.__version__, "protocol": secure_split.PROTOCOL_VERSION},
+            resumed=self.resume,
+            resume_epoch=None,
+        )
+        peers = {
+            name: TransportPeer(name=name, endpoint=p.endpoint, transport_key=p.transport_key)
+            for name, p in spec.peers.items()
+            if name in self.counterparties
+        }
+        self.transport = Transport(
+            self.me,
+            spec.peers[self.me].endpoint,
+            self.identity.transport_secret_z85,
+            self.identity.transport_public_z85,
+            peers,
+            max_message_bytes=spec.limits.max_message_bytes,
+            heartbeat_s=spec.limits.heartbeat_s,
+            handshake_timeout_s=spec.limits.handshake_timeout_s,
+        )
+        self.transport.start()
+        sessions = {
+            name: PeerSession(
+                self.me,
+                name,
+                self.deployment.hash,
+                self.policy.hash,
+                hello_meta={"checkpoints": self.available_checkpoints, "software": secure_split.__version__},
+            )
+            for name in self.counterparties
+        }
+        self.gate = Gate(
+            me=self.me,
+            deployment_hash=self.deployment.hash,
+            policy=self.policy,
+            audit=self.audit,
+            transport=self.transport,
+            sessions=sessions,
+            max_message_bytes=spec.limits.max_message_bytes,
+        )
+
+    def run(self) -> PeerResult:
+        """Run the peer to completion. Never raises for expected failures: see `result.status`.
+
+        Raises:
+            ConfigError: only from the constructor; `run` reports other failures in the result.
+        """
+        self._open()
+        status, reason = "failed", ""
+        try:
+            self._handshake()
+            if self.is_coordinator:
+                self._coordinate()
+                status = "ok"
+            else:
+                self._follow()
+                status = self.shutdown_status or "failed"
+                reason = self.shutdown_reason
+            self.result.error = None if status == "ok" else (reason or "coordinator ended the run as failed")
+        except SecureSplitError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.result.error = reason
+            self.audit.record("error", reason=reason[:3000], error=type(exc).__name__)
+            if self.is_coordinator:
+                self._broadcast_shutdown("failed", reason)
+            else:
+                self._notify_coordinator_of_failure(reason)
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            self.result.error = reason
+            self.audit.record("error", reason=reason, error="KeyboardInterrupt")
+        finally:
+            self.result.status = status
+            self.result.bytes_sent = self.gate.stats.bytes_sent
+            self.result.bytes_received = self.gate.stats.bytes_received
+            self.result.messages_sent = self.gate.stats.sent
+            self.result.messages_received = self.gate.stats.received
+            self.result.refused = self.gate.stats.refused_in + self.gate.stats.refused_out
+            self.result.wall_s = time.monotonic() - self.started
+            self.audit.close(status, reason[:3000], metrics=self._scalar_metrics())
+            # Linger briefly so our last messages leave before the sockets close.
+            self.transport.close()
+        return self.result
+
+    def _scalar_metrics(self) -> dict[str, float]:
+        last = self.history[-1]["values"] if self.history else {}
+        return {k: float(v) for k, v in last.items()}
+
+    # -- messaging ---------------------------------------------------------------------------
+
+    def _send_outgoing(self, outs: list[Outgoing]) -> None:
+        for o in outs:
+            kind = Kind.ACTIVATION if o.kind == "activation" else Kind.GRADIENT
+            raw = o.raw.detach().reshape(o.raw.shape[0], -1).numpy() if o.raw is not None else None
+            self.gate.send(
+                o.to_peer,
+                kind,
+                step=o.step,
+                edge=o.edge,
+                meta={"phase": o.phase},
+                tensors=(to_wire(o.tensor),),
+                raw=raw,
+            )
+
+    def _poll_events(self) -> None:
+        now = time.monotonic()
+        for ev in self.transport.events():
+            if ev.peer is None or ev.peer not in self.counterparties:
+                continue
+            if ev.kind == "disconnected":
+                if ev.peer not in self.lost_since:
+                    self.lost_since[ev.peer] = now
+            elif ev.kind == "connected":
+                if ev.peer in self.lost_since:
+                    del self.lost_since[ev.peer]
+                    self.audit.record("peer_joined", counterparty=ev.peer, reason="reconnected")
+            elif ev.kind == "handshake_failed":
+                self.audit.record("error", reason=f"transport handshake with '{ev.peer}' failed: {ev.detail}", error="TransportError")
+        grace = max(_RECONNECT_GRACE_S, 3 * self.deployment.spec.limits.heartbeat_s)
+        for peer, since in list(self.lost_since.items()):
+            if now - since > grace:
+                self.audit.record("peer_lost", counterparty=peer, reason="connection lost (heartbeat timeout)")
+                raise PeerTimeout(peer, now - since, "the connection dropped (stalled or stopped peer)")
+
+    def _receive_one(self, timeout_s: float) -> Message | None:
+        """One gated receive. Refusals are audited by the gate; we keep serving."""
+        try:
+            msg = self.gate.receive(timeout_s)
+        except HandshakeRefused:
+            raise
+        except PolicyDenied:
+            # Our policy refused an inbound flow: the run cannot proceed past it.
+            raise
+        except RemoteProtocolError:
+            return None
+        if msg is not None:
+            self.last_heard[msg.binding.sender] = time.monotonic()
+        return msg
+
+    def _wait(self, done: Callable[[], bool], what: Callable[[], str], waiting_on: Callable[[], list[str]]) -> None:
+        """Serve messages until `done()`; time out naming the peers we wait on."""
+        limit = self.deployment.spec.limits.peer_timeout_s
+        last_progress = time.monotonic()
+        while not done():
+            self._drain_queue()
+            if done():
+                return
+            self._poll_events()
+            msg = self._receive_one(0.2)
+            if msg is None:
+                if time.monotonic() - last_progress > limit:
+                    names = waiting_on() or ["(unknown)"]
+                    for n in names:
+                        self.audit.record("peer_lost", counterparty=n, reason=f"no answer within {limit:.0f} s while {what()}")
+                    raise PeerTimeout(", ".join(names), limit, what())
+                continue
+            last_progress = time.monotonic()
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: Message) -> None:
+        kind = msg.kind
+        sender = msg.binding.sender
+        if kind in (Kind.ERROR, Kind.REFUSE):
+            reason = str(msg.meta.get("reason", ""))
+            code = str(msg.meta.get("code", ""))
+            raise TrainingError(f"peer '{sender}' reported {code or 'an error'}: {reason}")
+        if kind == Kind.AUDIT_RECEIPT:
+            head = SignedHead.from_meta(dict(msg.meta))
+            if head.peer != sender:
+                raise RemoteProtocolError(f"'{sender}' sent an audit receipt for '{head.peer}'")
+            self.audit.record_counterparty_head(head, self.deployment.spec.peers[sender].sign_key)
+            epoch = int(msg.binding.step)
+            self.receipts.setdefault(epoch, set()).add(sender)
+            return
+        if kind == Kind.BARRIER_ACK and self.is_coordinator:
+            epoch = int(msg.meta.get("epoch", -1))
+            values = msg.meta.get("values") or {}
+            self.acks.setdefault(epoch, {})[sender] = {str(k): float(v) for k, v in dict(values).items()}
+            return
+        if kind == Kind.HEARTBEAT:
+            return
+        # Everything else belongs to the schedule and is processed in order.
+        self.queue.append(msg)
+
+    def _drain_queue(self) -> None:
+        """Process queued schedule messages that can be processed now, in arrival order."""
+        progressed = True
+        while progressed and self.queue:
+            progressed = False
+            for _ in range(len(self.queue)):
+                msg = self.queue.popleft()
+                if self._try_process(msg):
+                    progressed = True
+                    break
+                self.queue.append(msg)
+
+    def _try_process(self, msg: Message) -> bool:
+        kind = msg.kind
+        step = msg.binding.step
+        if kind == Kind.STEP_BEGIN:
+            if self.current_step is not None:
+                return False
+            ids = _ids_from_wire(msg.tensors[0])
+            phase = str(msg.meta.get("phase", "train"))
+            self._begin(step, phase, ids)
+            return True
+        if kind in (Kind.ACTIVATION, Kind.GRADIENT):
+            if self.current_step is None or step > self.current_step:
+                return False
+            if step < self.current_step:
+                raise RemoteProtocolError(f"'{msg.binding.sender}' sent {kind.value} for finished step {step}")
+            tensor = from_wire(msg.tensors[0])
+            if kind == Kind.ACTIVATION:
+                outs = self.executor.on_activation(msg.edge, tensor)
+            else:
+                outs = self.executor.on_gradient(msg.edge, tensor)
+            self._send_outgoing(outs)
+            self._maybe_finish_step()
+            return True
+        if kind == Kind.BARRIER:
+            if self.current_step is not None:
+                return False
+            self._on_barrier(msg)
+            return True
+        if kind == Kind.SHUTDOWN:
+            if self.current_step is not None and msg.meta.get("status") == "ok":
+                return False
+            self.shutdown_status = str(msg.meta.get("status", "failed"))
+            self.shutdown_reason = str(msg.meta.get("reason", ""))
+            return True
+        raise RemoteProtocolError(f"'{msg.binding.sender}' sent {kind.value}, which '{self.me}' does not expect")
+
+    def _begin(self, step: int, phase: str, ids: Any) -> None:
+        self.current_step = step
+        self.current_phase = phase
+        outs = self.executor.begin_step(step, phase, ids)  # type: ignore[arg-type]
+        self._send_outgoing(outs)
+        self._maybe_finish_step()
+
+    def _maybe_finish_step(self) -> None:
+        if self.current_step is not None and self.executor.step_complete():
+            metrics = self.executor.finish_step()
+            self.epoch_metrics.add(self.current_phase, metrics)
+            self.last_step_metrics = metrics
+            self.current_step = None
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def _handshake(self) -> None:
+        limits = self.deployment.spec.limits
+        for peer in self.counterparties:
+            self.gate.send_hello(peer)
+        deadline = time.monotonic() + limits.handshake_timeout_s
+        while True:
+            pending = [p for p in self.counterparties if self.gate.sessions[p].state.name != "ESTABLISHED"]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                for p in pending:
+                    self.audit.record("peer_lost", counterparty=p, reason="no handshake within the deadline")
+                raise PeerTimeout(", ".join(pending), limits.handshake_timeout_s, "waiting for the handshake")
+            msg = self._receive_one(0.2)
+            if msg is not None and msg.kind != Kind.HELLO:
+                self._dispatch(msg)
+        for p in self.counterparties:
+            self.audit.record("peer_joined", counterparty=p, reason="handshake complete")
+            self.last_heard[p] = time.monotonic()
+
+    # -- coordinator ----------------------------------------------------------------------------
+
+    def _broadcast(self, kind: Kind, *, step: int = 0, meta: dict[str, Any] | None = None,
+                   tensors: tuple[WireTensor, ...] = ()) -> None:
+        for peer in self.counterparties:
+            self.gate.send(peer, kind, step=step, meta=meta, tensors=tensors)
+
+    def _broadcast_shutdown(self, status: str, reason: str) -> None:
+        for peer in self.counterparties:
+            try:
+                self.gate.send(peer, Kind.SHUTDOWN, meta={"status": status, "reason": reason[:3000]})
+            except SecureSplitError as exc:
+                self.audit.record("error", reason=f"could not tell '{peer}' to shut down: {exc}", error=type(exc).__name__)
+
+    def _notify_coordinator_of_failure(self, reason: str) -> None:
+        coordinator = self.deployment.spec.coordinator
+        session = self.gate.sessions.get(coordinator)
+        if session is not None and session.state.name == "ESTABLISHED":
+            self.gate.refuse(coordinator, f"'{self.me}' stopped: {reason}", "peer_failed")
+
+    def _run_step(self, step: int, phase: str, ids: np.ndarray, epoch: int) -> None:
+        ids_wire = _ids_wire(ids)
+        self._broadcast(Kind.STEP_BEGIN, step=step, meta={"epoch": epoch, "phase": phase}, tensors=(ids_wire,))
+        self._begin(step, phase, ids)
+        self._wait(
+            lambda: self.current_step is None,
+            lambda: f"running {phase} step {step}",
+            lambda: self.counterparties,
+        )
+
+    def _coordinate(self) -> None:
+        spec = self.deployment.spec
+        training = spec.training
+        if self.data is None:
+            raise ConfigError(ConfigProblem(str(self.cfg.path), "data", "the coordinator needs a data file with the sample ids"))
+        ids = self.data.ids.numpy() if hasattr(self.data.ids, "numpy") else np.asarray(self.data.ids)
+        train_ids, test_ids = split_train_test(ids, training.test_fraction, training.seed)
+        # Resume from the newest checkpoint every peer has.
+        start_epoch = 0
+        resume_epoch = -1
+        if self.resume:
+            common = set(self.available_checkpoints)
+            for p in self.counterparties:
+                common &= set(int(x) for x in (self.gate.sessions[p].remote_hello_meta.get("checkpoints") or []))
+            resume_epoch = max(common) if common else -1
+            start_epoch = resume_epoch + 1
+        self._barrier(resume_epoch, "start")
+        step = 0
+        n_epochs = training.epochs
+        for epoch in range(start_epoch, n_epochs):
+            self.epoch_metrics = _EpochMetrics()
+            batches = epoch_batches(train_ids, training.batch_size, training.seed, epoch, training.max_steps_per_epoch)
+            step = max(step, epoch * 1_000_000)  # steps are unique across epochs and resumes
+            for i, batch in enumerate(batches):
+                step += 1
+                self._run_step(step, "train", batch, epoch)
+                tasks = getattr(self.last_step_metrics, "tasks", {})
+                loss = next(iter(tasks.values())).loss_sum / max(1, next(iter(tasks.values())).count) if tasks else None
+                self.progress({"event": "step", "epoch": epoch, "epochs": n_epochs, "step": i + 1,
+                               "steps": len(batches), "loss": loss})
+            for batch in eval_batches(test_ids, training.batch_size):
+                step += 1
+                self._run_step(step, "eval", batch, epoch)
+            values = self._barrier(epoch, "epoch_end")
+            self.history.append({"epoch": epoch, "values": values})
+            self.result.epochs_done = epoch + 1
+            self.progress({"event": "epoch", "epoch": epoch, "epochs": n_epochs, "values": values})
+        self.result.metrics = {"history": self.history, "final": self._scalar_metrics()}
+        self._broadcast_shutdown("ok", "training finished")
+
+    def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
+        """Coordinator side of a barrier. Returns the merged metrics of every peer."""
+        self._broadcast(Kind.BARRIER, step=epoch + 1, meta={"epoch": epoch, "reason": reason})
+        own = self._barrier_local(epoch, reason)
+        self._wait(
+            lambda: len(self.acks.get(epoch, {})) == len(self.counterparties),
+            lambda: f"waiting for every peer at the {reason} barrier of epoch {epoch}",
+            lambda: sorted(set(self.counterparties) - set(self.acks.get(epoch, {}))),
+        )
+        merged = dict(own)
+        for values in self.acks.get(epoch, {}).values():
+            merged.update(values)
+        return merged
+
+    # -- both roles ---------------------------------------------------------------------------
+
+    def _barrier_local(self, epoch: int, reason: str) -> dict[str, float]:
+        """What every peer does at a barrier: checkpoint, sign, exchange heads, report metrics."""
+        if reason == "start":
+            if epoch >= 0:
+                load_checkpoint(self.checkpoint_dir, epoch, self.executor)
+                self.audit.record("checkpoint_resumed", epoch=epoch, digest=_checkpoint_digest(self.checkpoint_dir, epoch))
+        elif reason == "epoch_end":
+            path = save_checkpoint(
+                self.checkpoint_dir, epoch=epoch, executor=self.executor,
+                meta={"deployment": self.deployment.hash, "peer": self.me, "policy": self.policy.hash},
+            )
+            self.audit.record("checkpoint_saved", epoch=epoch, digest=_checkpoint_digest(self.checkpoint_dir, epoch))
+            del path
+        head = self.audit.checkpoint(f"{reason} barrier, epoch {epoch}")
+        meta = head.to_meta()
+        # Receipts are keyed by barrier id (= epoch + 1; the start barrier of a fresh run is 0).
+        key = epoch + 1
+        for peer in self.counterparties:
+            self.gate.send(peer, Kind.AUDIT_RECEIPT, step=key, meta=meta)
+        self._wait(
+            lambda: self.receipts.get(key, set()) >= set(self.counterparties),
+            lambda: f"exchanging signed audit heads at epoch {epoch}",
+            lambda: sorted(set(self.counterparties) - self.receipts.get(key, set())),
+        )
+        values = self.epoch_metrics.values() if reason == "epoch_end" else {}
+        return values
+
+    def _on_barrier(self, msg: Message) -> None:
+        epoch = int(msg.meta.get("epoch", -1))
+        reason = str(msg.meta.get("reason", "epoch_end"))
+        values = self._barrier_local(epoch, reason)
+        if reason == "epoch_end":
+            self.history.append({"epoch": epoch, "values": values})
+            self.result.epochs_done = epoch + 1
+            self.epoch_metrics = _EpochMetrics()
+        self.gate.send(
+            self.deployment.spec.coordinator, Kind.BARRIER_ACK, step=epoch + 1,
+            meta={"epoch": epoch, "values": values},
+        )
+
+    # -- follower ----------------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        coordinator = self.deployment.spec.coordinator
+        self._wait(
+            lambda: self.shutdown_status is not None,
+            lambda: "waiting for the coordinator's schedule",
+            lambda: [coordinator] if self.current_step is None else self.counterparties,
+        )
+        self.result.metrics = {"history": self.history, "final": self._scalar_metrics()}
+
+
+def _ids_wire(ids: Any) -> WireTensor:
+    """Sample ids travel as a 1-D little-endian int64 tensor."""
+    arr = np.ascontiguousarray(np.asarray(ids), dtype="<i8")
+    return WireTensor("int64", (int(arr.shape[0]),), arr.tobytes())
+
+
+def _ids_from_wire(w: WireTensor) -> np.ndarray:
+    if w.dtype != "int64" or len(w.shape) != 1:
+        raise RemoteProtocolError(f"step_begin ids must be a 1-D int64 tensor, got {w.dtype}{list(w.shape)}")
+    return np.frombuffer(w.data, dtype="<i8").copy()
+
+
+def _checkpoint_digest(directory: Path, epoch: int) -> str:
+    """Digest of a checkpoint's metadata file (which itself pins the weights' SHA-256)."""
+    from secure_split.canonical import sha256_hex
+
+    meta = directory / f"epoch-{epoch:04d}.json"
+    return sha256_hex(meta.read_bytes()) if meta.is_file() else ""
+
+
+def run_peer(config_path: str | Path, *, resume: bool = False, progress: ProgressFn | None = None) -> PeerResult:
+    """Load a peer config and run the peer. See PeerRuntime."""
+    return PeerRuntime(config_path, resume=resume, progress=progress).run()

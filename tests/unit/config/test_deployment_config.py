@@ -1,0 +1,110 @@
+"""Deployment and peer config: valid files load, bad ones report every problem with file and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from secure_split.config import load_deployment, load_peer_config, peer_fingerprint
+from secure_split.errors import ConfigError, ExitCode
+
+KEY_A = "a" * 64
+KEY_B = "b" * 64
+TK = "x" * 40
+
+GOOD = f"""
+version: 1
+name: t
+coordinator: lh
+policy: policy.yaml
+peers:
+  owner: {{endpoint: "tcp://127.0.0.1:5601", sign_key: "{KEY_A}", transport_key: "{TK}"}}
+  lh: {{endpoint: "tcp://127.0.0.1:5602", sign_key: "{KEY_B}", transport_key: "{TK}"}}
+segments:
+  bottom: {{peer: owner, input: features, model: [{{linear: {{in: 4, out: 3}}}}]}}
+  top: {{peer: lh, loss: cross_entropy, model: [{{linear: {{in: 3, out: 2}}}}]}}
+edges:
+  - {{from: bottom, to: top}}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "deployment.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_valid_deployment_loads_with_stable_hash(tmp_path: Path) -> None:
+    a = load_deployment(write(tmp_path, GOOD))
+    b = load_deployment(write(tmp_path, "# a comment changes nothing\n" + GOOD, "other.yaml"))
+    assert a.hash == b.hash
+    assert len(a.hash) == 64
+    assert [e.name for e in a.spec.edges] == ["bottom->top"]
+    assert a.segments_of("owner") == ["bottom"]
+
+
+def test_changed_deployment_changes_hash(tmp_path: Path) -> None:
+    a = load_deployment(write(tmp_path, GOOD))
+    b = load_deployment(write(tmp_path, GOOD.replace("out: 3", "out: 5").replace("in: 3", "in: 5"), "b.yaml"))
+    assert a.hash != b.hash
+
+
+def test_all_problems_reported_at_once_with_lines(tmp_path: Path) -> None:
+    bad = GOOD.replace("coordinator: lh", "coordinator: nobody").replace("peer: lh,", "peer: ghost,").replace(
+        "- {from: bottom, to: top}", "- {from: bottom, to: nowhere, colour: red}"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_deployment(write(tmp_path, bad))
+    text = str(info.value)
+    assert info.value.exit_code == ExitCode.BAD_CONFIG
+    # unknown key is caught by the schema before the cross checks run
+    assert "colour" in text and "unknown key" in text
+    assert all(p.line is not None for p in info.value.problems)
+
+
+def test_cross_reference_problems_are_all_listed(tmp_path: Path) -> None:
+    bad = GOOD.replace("coordinator: lh", "coordinator: nobody").replace("peer: lh,", "peer: ghost,").replace(
+        "to: top", "to: nowhere"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_deployment(write(tmp_path, bad))
+    keys = {p.key for p in info.value.problems}
+    assert {"coordinator", "segments.top.peer", "edges.0.to"} <= keys
+    assert len(info.value.problems) >= 3
+
+
+def test_cycle_is_refused(tmp_path: Path) -> None:
+    bad = GOOD.replace("input: features, ", "") + "  - {from: top, to: bottom}\n"
+    with pytest.raises(ConfigError, match="cycle"):
+        load_deployment(write(tmp_path, bad))
+
+
+def test_not_yaml_reports_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_deployment(write(tmp_path, "peers: [unclosed\n  x: y"))
+    assert "not valid YAML" in str(info.value)
+
+
+def test_yaml_tags_cannot_build_objects(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_deployment(write(tmp_path, "!!python/object/apply:os.system ['true']\n"))
+
+
+def test_peer_config_resolves_relative_paths_and_names_missing_files(tmp_path: Path) -> None:
+    write(tmp_path, GOOD)
+    (tmp_path / "peers").mkdir()
+    cfg = write(tmp_path / "peers", "peer: owner\ndeployment: ../deployment.yaml\nsecret_key: ../keys/owner.key\n", "owner.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_peer_config(cfg)
+    assert "secret_key" in str(info.value) and "keys new" in str(info.value)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "owner.key").write_text("{}")
+    loaded = load_peer_config(cfg)
+    assert loaded.deployment_path == (tmp_path / "deployment.yaml").resolve()
+    assert loaded.audit_dir == (tmp_path / "peers" / "audit").resolve()
+
+
+def test_fingerprint_depends_on_both_keys() -> None:
+    assert peer_fingerprint(KEY_A, TK) != peer_fingerprint(KEY_B, TK)
+    assert peer_fingerprint(KEY_A, TK).startswith("sha256:")
