@@ -68,8 +68,10 @@ def _digits() -> tuple[Any, Any, Any]:
 
 
 def _training(epochs: int) -> dict[str, Any]:
+    from secure_split.engine import zoo
+
     return {"seed": 7, "epochs": epochs, "batch_size": 64, "test_fraction": 0.2,
-            "optimizer": {"type": "adam", "lr": 0.003}}
+            "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}}
 
 
 def scenario_vanilla(epochs: int, **_: Any) -> ScenarioPlan:
@@ -101,7 +103,7 @@ def scenario_u_shaped(epochs: int, **_: Any) -> ScenarioPlan:
     ids, x, y = _digits()
     return ScenarioPlan(
         name="u-shaped",
-        peers=[PeerPlan("owner", ids, features=x, labels={"labels": y}), PeerPlan("server", ids)],
+        peers=[PeerPlan("owner", ids, features=x, labels={"labels": y}), PeerPlan("server", None)],
         coordinator="owner",
         segments={
             "head": {"peer": "owner", "input": "features", "model": zoo.DIGITS_U_HEAD},
@@ -131,7 +133,7 @@ def scenario_multi_hop(epochs: int, hops: int = 2, **_: Any) -> ScenarioPlan:
     edges = []
     prev = "bottom"
     for k in range(1, hops + 1):
-        peers.append(PeerPlan(f"hop{k}", ids))
+        peers.append(PeerPlan(f"hop{k}", None))
         seg = f"mid{k}"
         segments[seg] = {"peer": f"hop{k}", "model": zoo.DIGITS_HOP}
         edges.append({"from": prev, "to": seg})
@@ -209,6 +211,8 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
         write_key_files(ident, workdir / "keys")
     ports = free_ports(len(plan.peers))
     for p in plan.peers:
+        if p.ids is None:
+            continue  # a peer that only computes (a server, a hop) holds no data at all
         write_peer_data(workdir / "data" / f"{p.name}.safetensors", ids=p.ids, features=p.features,
                         labels=p.labels or None)
     deployment = {
@@ -250,7 +254,7 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
             "peer": p.name,
             "deployment": "../deployment.yaml",
             "secret_key": f"../keys/{p.name}.key",
-            "data": f"../data/{p.name}.safetensors",
+            **({"data": f"../data/{p.name}.safetensors"} if p.ids is not None else {}),
             "checkpoints": f"../checkpoints/{p.name}",
             "audit": "../audit",
             "threads": 1,
@@ -373,7 +377,7 @@ def run_demo(
     if scenario not in SCENARIOS:
         raise ConfigError(ConfigProblem("SCENARIO", "scenario", f"unknown scenario '{scenario}'; choose one of {sorted(SCENARIOS)}"))
     started = time.monotonic()
-    plan = SCENARIOS[scenario](epochs if epochs is not None else 3, **options)
+    plan = SCENARIOS[scenario](epochs if epochs is not None else 5, **options)
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     gen = generate(plan, workdir)
@@ -461,7 +465,7 @@ def _verify_audit(gen: GeneratedDeployment) -> tuple[bool, dict[str, Any]]:
     dep = load_deployment(gen.deployment)
     report = verify_logs(gen.workdir / "audit", dep, load_policy(gen.policy))
     return bool(report.clean), {"clean": bool(report.clean), "findings": len(report.findings),
-                                "report": report.to_json()}
+                                "report": report.to_dict()}
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -503,7 +507,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         scenario: Annotated[str, typer.Argument(help=f"one of: {', '.join(SCENARIOS)}")],
         workdir: Annotated[Path | None, typer.Option(help="where to generate everything (default demo-work/SCENARIO)")] = None,
-        epochs: Annotated[int | None, typer.Option(help="training epochs (default 3)")] = None,
+        epochs: Annotated[int | None, typer.Option(help="training epochs (default 5)")] = None,
         summary: Annotated[Path | None, typer.Option(help="write the summary as JSON here")] = None,
         hops: Annotated[int, typer.Option(help="multi-hop: number of intermediate peers K >= 1")] = 2,
         quiet: Annotated[bool, typer.Option(help="no progress display or tables")] = False,

@@ -212,7 +212,7 @@ def load_peer_data(path: str | Path, *, max_bytes: int = DEFAULT_MAX_DATA_BYTES)
     if size > max_bytes:
         raise fail([f"data file is {size} bytes, more than the limit of {max_bytes}"])
     try:
-        with safe_open(str(p), framework="pt") as f:  # type: ignore[no-untyped-call]
+        with safe_open(str(p), framework="pt") as f:
             keys = list(f.keys())
             problems = [
                 f"unexpected tensor {k!r}; a data file holds only 'ids', 'features' and 'labels.NAME'"

@@ -99,7 +99,11 @@ _POOL: Mapping[str, _Param] = {
 
 LAYER_TYPES: Mapping[str, _LayerType] = {
     "linear": _LayerType(
-        {"in": _Param("int", required=True), "out": _Param("int", required=True), "bias": _Param("bool", default=True)},
+        {
+            "in": _Param("int", required=True),
+            "out": _Param("int", required=True),
+            "bias": _Param("bool", default=True),
+        },
         lambda p: nn.Linear(p["in"], p["out"], bias=p["bias"]),
         lambda p: int(p["in"]) * int(p["out"]) + int(p["out"]),
     ),
@@ -166,11 +170,13 @@ def _is_int(v: object) -> bool:
 def _param_problem(kind: ParamKind, v: object, spec: _Param) -> str | None:
     """Why `v` is not a valid value of this kind, or None."""
     if kind == "int":
-        return None if _is_int(v) and 0 < v <= MAX_INT else f"expected an integer in 1..{MAX_INT}"  # type: ignore[operator]
+        ok = isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_INT
+        return None if ok else f"expected an integer in 1..{MAX_INT}"
     if kind in ("size", "padding"):
         low = 1 if kind == "size" else 0
         items = [v] if _is_int(v) else v if isinstance(v, list) and len(v) == 2 else None
-        if items is None or not all(_is_int(x) and low <= x <= MAX_INT for x in items):
+        if items is None or not all(isinstance(x, int) and not isinstance(x, bool) and low <= x <= MAX_INT
+                                    for x in items):
             return f"expected an integer >= {low} or a list of two"
         return None
     if kind == "prob":
@@ -185,7 +191,8 @@ def _param_problem(kind: ParamKind, v: object, spec: _Param) -> str | None:
         return None if v in spec.choices else f"expected one of {', '.join(spec.choices)}"
     if kind == "dims":
         items = [v] if _is_int(v) else v if isinstance(v, list) and v else None
-        if items is None or not all(_is_int(x) and 0 < x <= MAX_INT for x in items):
+        if items is None or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_INT
+                                    for x in items):
             return "expected a positive integer or a list of them"
         return None
     # shape: per-sample target shape, one -1 allowed
@@ -254,7 +261,9 @@ def validate_layers(layers: object) -> list[str]:
         if checked is not None:
             total += LAYER_TYPES[checked[0]].size(checked[1])
     if total > MAX_SEGMENT_PARAMETERS:
-        problems.append(f"the segment has about {total} parameters, more than {MAX_SEGMENT_PARAMETERS} allowed")
+        problems.append(
+            f"the segment has about {total} parameters, more than {MAX_SEGMENT_PARAMETERS} allowed"
+        )
     return problems
 
 
@@ -291,7 +300,8 @@ def build_segment(layers: Sequence[Mapping[str, Any]], *, seed: int, name: str =
     """
     problems = validate_layers(layers)
     if problems:
-        raise ConfigError([ConfigProblem(file="-", key=f"segments.{name}.model", message=p) for p in problems])
+        key = f"segments.{name}.model"
+        raise ConfigError([ConfigProblem(file="-", key=key, message=p) for p in problems])
     modules: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -30,7 +30,8 @@ __all__ = [
 def _centred_distances(z: torch.Tensor) -> torch.Tensor:
     """Double-centred pairwise Euclidean distance matrix of the rows of z [n, p]."""
     # cdist's backward gives 0 (not NaN) on the zero diagonal, so this stays differentiable.
-    d = torch.cdist(z, z, p=2.0)
+    # The direct (not matmul) mode is exact: no cancellation error for near-equal rows.
+    d = torch.cdist(z, z, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
     return d - d.mean(dim=0, keepdim=True) - d.mean(dim=1, keepdim=True) + d.mean()
 
 
@@ -47,16 +48,15 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Returns:
         A scalar tensor in [0, 1], with gradient to both inputs; 0 when either input is constant
-        over the batch (dCor is undefined there, and 0 is what NoPeek needs: nothing to hide).
+        over the batch or n < 2 (dCor is undefined there, and 0 is what NoPeek needs: a penalty
+        with no gradient).
 
     Raises:
-        ValueError: if the batch sizes differ or n < 2.
+        ValueError: if the batch sizes differ.
     """
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"distance_correlation needs the same batch size, got {x.shape[0]} and {y.shape[0]}")
     n = x.shape[0]
-    if n < 2:
-        raise ValueError("distance_correlation needs at least 2 samples")
     dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
     a = _centred_distances(x.reshape(n, -1).to(dtype))
     b = _centred_distances(y.reshape(n, -1).to(dtype))
@@ -65,12 +65,11 @@ def distance_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dcov_yy = (b * b).mean()
     denom = torch.sqrt(dcov_xx * dcov_yy)
     tiny = torch.finfo(dtype).tiny
-    if float(denom) <= tiny:
+    if float(denom.detach()) <= tiny:
         return (dcov_xy * 0.0).reshape(())
-    # Rounding can make dCov² a hair below 0 for independent data; sqrt would return NaN.
-    return torch.sqrt(torch.clamp(dcov_xy / denom, min=0.0) + tiny) if False else torch.sqrt(
-        torch.clamp(dcov_xy / denom, min=tiny)
-    )
+    # Rounding can make dCov² a hair below 0 for independent data, where sqrt would give NaN;
+    # clamping at `tiny` (not 0) also keeps sqrt's derivative finite.
+    return torch.sqrt(torch.clamp(dcov_xy / denom, min=tiny))
 
 
 def clip_per_sample(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -121,12 +120,31 @@ LABEL_DEFENCES: dict[str, LabelDefence] = {"none": _no_defence}
 (Li et al. 2022, norm-matching noise) and "marvell" here; the executor looks them up by name."""
 
 
+def _register_shipped_defences() -> None:
+    """Add the defences of `label_defences` (max_norm, marvell) if that module is present."""
+    try:
+        from secure_split.engine import label_defences
+    except ImportError:
+        return
+    for name, hook in getattr(label_defences, "LABEL_DEFENCE_HOOKS", {}).items():
+        LABEL_DEFENCES.setdefault(name, hook)
+
+
 def label_defence(name: str, *, edge: str = "") -> LabelDefence:
-    """Look up a label defence by name.
+    """Look up a label defence by name (registering the shipped ones on first need).
+
+    Args:
+        name: `ProtectionSpec.label_defence`.
+        edge: the edge id, for the error message.
+
+    Returns:
+        The `LabelDefence` to call.
 
     Raises:
         NotImplementedError: for a name the schema allows but no one has implemented yet.
     """
+    if name not in LABEL_DEFENCES:
+        _register_shipped_defences()
     try:
         return LABEL_DEFENCES[name]
     except KeyError:

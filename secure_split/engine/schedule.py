@@ -45,9 +45,11 @@ def split_train_test(ids: object, test_fraction: float, seed: int) -> tuple[np.n
     n = len(arr)
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"training.test_fraction must be in (0, 1), got {test_fraction}")
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     if n < 2 or not 0 < n_test < n:
-        raise ConfigError(f"cannot split {n} samples with test_fraction {test_fraction} into two non-empty sets")
+        raise ConfigError(
+            f"cannot split {n} samples with test_fraction {test_fraction} into two non-empty sets"
+        )
     perm = np.random.default_rng([int(seed), _SPLIT_STREAM]).permutation(n)
     return np.sort(arr[perm[n_test:]]), np.sort(arr[perm[:n_test]])
 

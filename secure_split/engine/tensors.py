@@ -96,7 +96,7 @@ def to_wire(t: torch.Tensor) -> WireTensor:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     # Viewing as uint8 gives one code path for every dtype, bfloat16 and bool included (numpy
     # has no bfloat16); the numpy array holds a reference to the tensor, so the memory lives on.
-    data = memoryview(flat.view(torch.uint8).numpy())
+    data = memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer
     return WireTensor(dtype=name, shape=tuple(t.shape), data=data)
 
 

@@ -313,7 +313,8 @@ class Gate:
         dtype = header.tensor_specs[0].dtype if header.tensor_specs else None
         shape = tuple(header.tensor_specs[0].shape) if header.tensor_specs else None
         batch = shape[0] if shape else None
-        nbytes = header.total_bytes
+        # Payload bytes, as the sender computed them (the header is not counted on either side).
+        nbytes = sum(spec.nbytes for spec in header.tensor_specs) + header.blob_len
         flow = Flow(
             sender=sender,
             receiver=self.me,

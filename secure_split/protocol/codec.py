@@ -39,6 +39,7 @@ from secure_split.protocol.messages import (
     Message,
     MetaValue,
     WireTensor,
+    brief,
     message_problems,
 )
 
@@ -224,7 +225,7 @@ def _exact_keys(obj: object, keys: frozenset[str] | tuple[str, ...], what: str) 
 
 def _int_field(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        _bad(f"{what} must be a non-negative int, got {value!r}")
+        _bad(f"{what} must be a non-negative int, got {brief(value)}")
     return value
 
 
@@ -320,9 +321,9 @@ def _tensor_specs(raw: object) -> tuple[TensorSpec, ...]:
         spec = _exact_keys(item, _TENSOR_KEYS, f"tensor {index}")
         dtype, shape = spec["dtype"], spec["shape"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            _bad(f"tensor {index} dtype {dtype!r} is not one of {sorted(DTYPE_SIZES)}")
+            _bad(f"tensor {index} dtype {brief(dtype)} is not one of {sorted(DTYPE_SIZES)}")
         if not isinstance(shape, list) or len(shape) > MAX_NDIM:
-            _bad(f"tensor {index} shape must be a list of at most {MAX_NDIM} ints, got {shape!r}")
+            _bad(f"tensor {index} shape must be a list of at most {MAX_NDIM} ints, got {brief(shape)}")
         dims = tuple(_int_field(d, f"tensor {index} dimension") for d in shape)
         # Python ints do not overflow: this product is exact even for absurd shapes, and costs nothing.
         nbytes = math.prod(dims) * DTYPE_SIZES[dtype]

@@ -33,7 +33,7 @@ step_begin             epoch, phase (train|eval|infer); micro_batches           
 activation, gradient,  -; phase, micro                                             1        yes     no
 aggregate_gradient
 prediction             any plain values                                            1        opt     no
-metrics, barrier,      epoch; phase, values (str -> number), reason                0        no      no
+metrics, barrier,      epoch (>= -1); phase, values (str -> number), reason        0        no      no
 barrier_ack
 audit_receipt          peer, seq, head, signature                                  0        no      no
 he_context,            any keys with str / int / bytes values                      0        opt     yes
@@ -42,8 +42,10 @@ masked_aggregate,
 encrypted_weights, psi
 =====================  ==========================================================  =======  ======  ====
 
-The tensor of step_begin is the batch's sample ids: int64, one dimension. Meta keys not listed
-for a kind are refused, except where the table says "any".
+The tensor of step_begin is the batch's sample ids: int64, one dimension. Epoch -1 in the
+barrier kinds is the start barrier, before any epoch; other counts (epoch of step_begin, micro,
+ref_seq, seq) are >= 0 and micro_batches >= 1. Meta keys not listed for a kind are refused, except
+where the table says "any".
 """
 
 from __future__ import annotations
@@ -143,10 +145,14 @@ MAX_NDIM = 8
 MAX_META_DEPTH = 4
 MAX_KEY_CHARS = 256
 
-MetaValue: TypeAlias = (
-    bool | int | float | str | bytes | list["MetaValue"] | dict[str, "MetaValue"] | None
-)
+MetaValue: TypeAlias = bool | int | float | str | bytes | list["MetaValue"] | dict[str, "MetaValue"] | None
 """A value allowed in `Message.meta`: plain data only, nothing a decoder would have to execute."""
+
+
+def brief(value: object) -> str:
+    """repr() of a value for an error message, cut to 80 characters: peers control these values."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -161,7 +167,7 @@ def _problem_in_plain_value(value: object, depth: int, where: str) -> str | None
     if _is_int(value):
         return None if _INT_MIN <= value <= _INT_MAX else f"{where}: int {value} does not fit in 64 bits"
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"{where}: float must be finite, got {value!r}"
+        return None if math.isfinite(value) else f"{where}: float must be finite, got {brief(value)}"
     if isinstance(value, str):
         return _problem_in_str(value, where)
     if isinstance(value, list | tuple | dict):
@@ -252,9 +258,9 @@ class MetaField:
             if len(value) > self.max_len:
                 return f"{where} must have at most {self.max_len} characters, got {len(value)}"
             if self.choices is not None and value not in self.choices:
-                return f"{where} must be one of {sorted(self.choices)}, got {value!r}"
+                return f"{where} must be one of {sorted(self.choices)}, got {brief(value)}"
             if self.pattern is not None and not self.pattern.fullmatch(value):
-                return f"{where} must match {self.pattern.pattern}, got {value!r}"
+                return f"{where} must match {self.pattern.pattern}, got {brief(value)}"
             return _problem_in_str(value, where)
         if self.type == "bytes":
             if not isinstance(value, bytes):
@@ -271,7 +277,7 @@ class MetaField:
                 return f"{where} must have at most {self.max_len} items, got {len(value)}"
             for index, item in enumerate(value):
                 if not _is_int(item) or not 0 <= item <= _INT_MAX:
-                    return f"{where}[{index}] must be an int in [0, 2**63), got {item!r}"
+                    return f"{where}[{index}] must be an int in [0, 2**63), got {brief(item)}"
             return None
         if self.type == "number_map":
             if not isinstance(value, dict):
@@ -380,7 +386,7 @@ class KindRule:
         if self.edge is Presence.REQUIRED and not edge:
             found.append(f"{kind}: an edge is required")
         if self.edge is Presence.FORBIDDEN and edge:
-            found.append(f"{kind}: carries no edge, got {edge!r}")
+            found.append(f"{kind}: carries no edge, got {brief(edge)}")
         if self.blob is Presence.REQUIRED and blob_len == 0:
             found.append(f"{kind}: a non-empty blob is required")
         if self.blob is Presence.FORBIDDEN and blob_len:
@@ -394,11 +400,9 @@ _REASON = MetaField("str", max_len=4000)
 _SHORT = MetaField("str", max_len=64)
 _HASH = MetaField("str", max_len=128)  # compared by the session, which names both in its refusal
 _PHASE = MetaField("str", choices=_PHASES)
-_TENSOR_KIND = KindRule(
-    optional={"phase": _PHASE, "micro": _COUNT}, tensors=(1, 1), edge=Presence.REQUIRED
-)
+_TENSOR_KIND = KindRule(optional={"phase": _PHASE, "micro": _COUNT}, tensors=(1, 1), edge=Presence.REQUIRED)
 _SYNC_KIND = KindRule(
-    required={"epoch": _COUNT},
+    required={"epoch": MetaField("int", min_value=-1)},  # -1: the start barrier, before any epoch
     optional={"phase": _SHORT, "values": MetaField("number_map", max_len=1024), "reason": _REASON},
 )
 _SEALED_KIND = KindRule(
@@ -451,13 +455,14 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
 )
 """The per-kind rules, checked when a `Message` is built and when one is decoded."""
 
+
 def _fail(what: str) -> LocalProtocolError:
     return LocalProtocolError(what)
 
 
 def _check_name(value: object, what: str) -> None:
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise _fail(f"{what} must be a peer name matching {NAME_PATTERN.pattern}, got {value!r}")
+        raise _fail(f"{what} must be a peer name matching {NAME_PATTERN.pattern}, got {brief(value)}")
 
 
 def _edge_problem(value: object) -> str | None:
@@ -467,7 +472,7 @@ def _edge_problem(value: object) -> str | None:
         return None
     parts = value.split("->")
     if len(parts) != 2 or not all(NAME_PATTERN.fullmatch(p) for p in parts):
-        return f"edge must be '' or 'FROM->TO' (segment names matching {NAME_PATTERN.pattern}), got {value!r}"
+        return f"edge must be '' or 'FROM->TO' (segment names: {NAME_PATTERN.pattern}), got {brief(value)}"
     return None
 
 
@@ -531,13 +536,13 @@ class Binding:
 
     def __post_init__(self) -> None:
         if not isinstance(self.deployment, str) or not _HEX64.fullmatch(self.deployment):
-            raise _fail(f"binding.deployment must be 64 lowercase hex digits, got {self.deployment!r}")
+            raise _fail(f"binding.deployment must be 64 lowercase hex digits, got {brief(self.deployment)}")
         if not isinstance(self.session, bytes) or len(self.session) != 16:
-            raise _fail(f"binding.session must be exactly 16 bytes, got {self.session!r}")
+            raise _fail(f"binding.session must be exactly 16 bytes, got {brief(self.session)}")
         for name in ("step", "seq"):
             value = getattr(self, name)
             if not _is_int(value) or not 0 <= value < _SEQ_LIMIT:
-                raise _fail(f"binding.{name} must be an int in [0, 2**63), got {value!r}")
+                raise _fail(f"binding.{name} must be an int in [0, 2**63), got {brief(value)}")
         _check_name(self.sender, "binding.sender")
         _check_name(self.receiver, "binding.receiver")
 
@@ -576,22 +581,20 @@ class WireTensor:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_SIZES:
-            raise _fail(f"tensor dtype must be one of {sorted(DTYPE_SIZES)}, got {self.dtype!r}")
+            raise _fail(f"tensor dtype must be one of {sorted(DTYPE_SIZES)}, got {brief(self.dtype)}")
         if not isinstance(self.shape, tuple | list):
             raise _fail(f"tensor shape must be a tuple of ints, got {type(self.shape).__name__}")
         shape = tuple(self.shape)
         if len(shape) > MAX_NDIM:
             raise _fail(f"tensor shape has {len(shape)} dimensions, at most {MAX_NDIM} are allowed")
         if not all(_is_int(d) and 0 <= d < _SEQ_LIMIT for d in shape):
-            raise _fail(f"tensor shape must hold ints in [0, 2**63), got {shape!r}")
+            raise _fail(f"tensor shape must hold ints in [0, 2**63), got {brief(shape)}")
         object.__setattr__(self, "shape", shape)
         data = _as_byte_view(self.data)
         object.__setattr__(self, "data", data)
         expected = math.prod(shape) * DTYPE_SIZES[self.dtype]
         if len(data) != expected:
-            raise _fail(
-                f"tensor {self.dtype}{list(shape)} needs {expected} bytes, data has {len(data)}"
-            )
+            raise _fail(f"tensor {self.dtype}{list(shape)} needs {expected} bytes, data has {len(data)}")
 
     @property
     def nbytes(self) -> int:

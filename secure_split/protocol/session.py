@@ -316,8 +316,13 @@ class PeerSession:
             LocalProtocolError: if our HELLO was already sent or the session was refused.
         """
         if Kind.HELLO not in SENDABLE[self._state]:
+            why = (
+                "the session was refused"
+                if self._state is SessionState.REFUSED
+                else "it goes out once, first"
+            )
             raise LocalProtocolError(
-                f"cannot send HELLO to '{self._remote}' in state {self._state.name}: it goes out once, first"
+                f"cannot send HELLO to '{self._remote}' in state {self._state.name}: {why}"
             )
         self._fire(SessionEvent.SEND_HELLO)
         return self._hello

@@ -15,13 +15,13 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-# pyzmq logs a debug line per handshake and an error per malformed ZAP request. The outcomes that
-# matter are recorded as TransportEvents; keep pyzmq's chatter off the console unless the
-# application explicitly lowers this logger's level.
+# pyzmq logs a debug line per handshake. The outcomes that matter are recorded as TransportEvents,
+# so keep that chatter out even of a DEBUG-level application log (an application may lower this
+# logger's level on purpose). Its rare warnings/errors still reach the application's handlers;
+# the NullHandler keeps them off the console when the application configured no logging at all.
 _zap_log = logging.getLogger("secure_split.transport.zap")
 _zap_log.addHandler(logging.NullHandler())
 _zap_log.setLevel(logging.WARNING)
-_zap_log.propagate = False
 
 
 def key_prefix(key_z85: str | bytes) -> str:

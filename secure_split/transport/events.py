@@ -1,4 +1,5 @@
-"""What the transport reports about its connections: `TransportPeer`, `TransportEvent`, `EventLog`.
+"""The transport's value types: `TransportPeer` (whom we talk to), `TransportEvent` (what happened
+to a connection), and `EventLog` (where events wait until the peer layer drains them).
 
 Connection trouble (a peer went away, a key was refused) is not an exception: the transport keeps
 serving and records a `TransportEvent`; the peer layer drains them with `Transport.events()` and
@@ -10,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,9 +73,21 @@ class EventLog:
     """A bounded, thread-safe queue of `TransportEvent`s that folds rapid repeats.
 
     The ZAP handler records from its own thread, the transport from the caller's; hence the lock.
+
+    Args:
+        repeat_window_s: repeats of one (peer, kind, detail) within this window are only counted.
+        maxlen: events kept until drained; the oldest are dropped first.
+        clock: monotonic seconds (replaceable in tests).
     """
 
-    def __init__(self, *, repeat_window_s: float = REPEAT_WINDOW_S, maxlen: int = MAX_QUEUED_EVENTS) -> None:
+    def __init__(
+        self,
+        *,
+        repeat_window_s: float = REPEAT_WINDOW_S,
+        maxlen: int = MAX_QUEUED_EVENTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._queue: deque[TransportEvent] = deque(maxlen=maxlen)
         self._window = repeat_window_s
@@ -89,7 +103,7 @@ class EventLog:
             detail: operator-facing sentence. Must never contain a secret.
             fold_repeats: False for state changes (connected/disconnected), which always count.
         """
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if fold_repeats:
                 key = (peer, kind, detail)

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Literal, cast
 
 import zmq
 from zmq.utils import z85
@@ -38,6 +38,8 @@ HEADER_ALLOWANCE_BYTES = 64 * 1024
 # keeps a few tensors in flight per edge; a deeper queue only hides a stalled peer and pins memory
 # (up to this many times max_message_bytes per peer).
 QUEUE_MESSAGES = 16
+# How stale connection state may get between two send/recv calls (see _pump_monitors_now_and_then).
+MONITOR_PUMP_INTERVAL_S = 0.05
 # First reconnect after 100 ms (zmq's default), backing off to this while a peer stays unreachable.
 RECONNECT_IVL_MAX_MS = 2000
 
@@ -64,6 +66,11 @@ def _key_problem(key_z85: str) -> str | None:
     except (UnicodeEncodeError, ValueError, KeyError, IndexError):
         pass
     return "not valid Z85 text"
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """Whether a message is waiting, without building a poller (much cheaper than sock.poll(0))."""
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 class Transport:
@@ -129,12 +136,16 @@ class Transport:
         self._state: _State = "new"
         self._events = EventLog()
         self._connected: set[str] = set()
+        # Peers whose allowlist refused our key. libzmq does not retry such a connection, so
+        # sends to them fail at once instead of waiting for send_timeout_s.
+        self._refused_by: set[str] = set()
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._allowlist: PeerAllowlist | None = None
         self._router: zmq.Socket[bytes] | None = None
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
         # monitor PAIR socket -> peer name (None for our ROUTER)
         self._monitors: dict[zmq.Socket[bytes], str | None] = {}
+        self._last_pump_s = 0.0
         self._bytes_sent = 0
         self._bytes_received = 0
         self._messages_sent = 0
@@ -217,9 +228,10 @@ class Transport:
         queues what we send meanwhile. Use `wait_connected` to wait for them.
 
         Raises:
-            TransportError: already started or closed, or the bind failed (its ``__cause__`` is the
-                `zmq.ZMQError`; ``errno`` EADDRINUSE when the port is taken). The transport is
-                closed after a failed start.
+            TransportError: already started or closed, the bind failed (its ``__cause__`` is the
+                `zmq.ZMQError`; ``errno`` EADDRINUSE when the port is taken), or a peer endpoint
+                cannot be used (e.g. its host does not resolve). The transport is closed after a
+                failed start.
         """
         if self._state != "new":
             raise TransportError(f"transport '{self._name}' is {self._state}; start() runs once")
@@ -228,10 +240,7 @@ class Transport:
             self._start_sockets()
         except zmq.ZMQError as error:
             self.close()
-            raise TransportError(
-                f"transport '{self._name}' could not bind {self._bind_endpoint}: {error.strerror}; "
-                f"check that no other process uses this endpoint and the host is local"
-            ) from error
+            raise TransportError(f"transport '{self._name}' could not start: {error.strerror}") from error
         except BaseException:
             self.close()
             raise
@@ -252,7 +261,7 @@ class Transport:
         # The allowlist must answer before the first client can arrive, so it starts before bind.
         self._allowlist.start()
 
-        router = self._new_socket(zmq.ROUTER, peer=None)
+        router = self._router = self._new_socket(zmq.ROUTER, peer=None)
         router.setsockopt(zmq.CURVE_SERVER, 1)
         router.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key)
         router.setsockopt(zmq.CURVE_PUBLICKEY, self._public_key)
@@ -262,11 +271,16 @@ class Transport:
         router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         router.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES)
         router.setsockopt(zmq.SNDHWM, 1)  # the ROUTER never sends
-        router.bind(self._bind_endpoint)
-        self._router = router
+        try:
+            router.bind(self._bind_endpoint)
+        except zmq.ZMQError as error:
+            raise TransportError(
+                f"transport '{self._name}' could not bind {self._bind_endpoint}: {error.strerror}; "
+                f"check that no other process uses this endpoint and that the host is this machine's"
+            ) from error
 
         for name, peer in self._peers.items():
-            dealer = self._new_socket(zmq.DEALER, peer=name)
+            dealer = self._dealers[name] = self._new_socket(zmq.DEALER, peer=name)
             dealer.setsockopt(zmq.CURVE_SERVERKEY, peer.transport_key.encode("ascii"))
             dealer.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key)
             dealer.setsockopt(zmq.CURVE_PUBLICKEY, self._public_key)
@@ -276,8 +290,13 @@ class Transport:
             dealer.setsockopt(zmq.SNDTIMEO, max(1, round(self._send_timeout_s * 1000)))
             # IMMEDIATE stays 0: messages queue until the peer is reachable (bounded by SNDHWM).
             dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
-            dealer.connect(peer.endpoint)
-            self._dealers[name] = dealer
+            try:
+                dealer.connect(peer.endpoint)
+            except zmq.ZMQError as error:
+                raise TransportError(
+                    f"transport '{self._name}' cannot connect to '{name}' at {peer.endpoint}: "
+                    f"{error.strerror}; check the endpoint of '{name}' in the deployment"
+                ) from error
 
     def _new_socket(self, socket_type: int, *, peer: str | None) -> zmq.Socket[bytes]:
         assert self._context is not None
@@ -323,7 +342,9 @@ class Transport:
             self._allowlist.stop()
             self._allowlist = None
         if self._context is not None:
-            self._context.term()
+            # destroy, not term: it also closes any socket a failed start left behind, where term
+            # would wait for it forever.
+            self._context.destroy(linger=self._linger_ms)
             self._context = None
 
     def __enter__(self) -> Transport:
@@ -349,8 +370,11 @@ class Transport:
     def send(self, peer: str, frames: Sequence[bytes | memoryview]) -> int:
         """Queue one multipart message for `peer`, without copying the frames.
 
-        zmq reads the buffers later, from its I/O thread: do not modify them after this call
-        (hand over a copy if you must).
+        Returns as soon as the message is queued, also while `peer` is not (yet) connected: the
+        queue holds up to 16 messages per peer and zmq delivers them once the channel is up.
+        Messages in flight when a connection drops can be lost (zmq does not retransmit); the
+        protocol's sequence numbers tell the receiver. zmq reads the buffers later, from its I/O
+        thread: do not modify them after this call (hand over a copy if you must).
 
         Args:
             peer: a remote peer's name.
@@ -361,7 +385,8 @@ class Transport:
 
         Raises:
             TransportError: unknown peer, transport not started or closed, no frames, a
-                non-contiguous buffer, or a payload above ``max_message_bytes`` plus header allowance.
+                non-contiguous buffer, a payload above ``max_message_bytes`` plus header allowance,
+                or the peer refused our key (zmq does not retry a refused connection).
             PeerTimeout: the peer's queue stayed full for ``send_timeout_s`` (peer stalled or gone).
         """
         self._require_started("send")
@@ -384,6 +409,12 @@ class Transport:
                 f"message of {total} bytes for '{peer}' exceeds max_message_bytes "
                 f"({self._max_message_bytes}) plus {HEADER_ALLOWANCE_BYTES} header bytes; "
                 f"'{peer}' would drop it"
+            )
+        self._pump_monitors_now_and_then()
+        if peer in self._refused_by:
+            raise TransportError(
+                f"'{peer}' refused this peer's transport key, so nothing can be sent to it: its deployment "
+                f"does not list '{self._name}' with this key; restart after the deployments agree"
             )
         try:
             dealer.send_multipart(frames, copy=False)
@@ -414,15 +445,17 @@ class Transport:
         deadline = time.monotonic() + max(0.0, timeout_s)
         try:
             while True:
-                remaining_ms = max(0, round((deadline - time.monotonic()) * 1000))
-                if not router.poll(remaining_ms, zmq.POLLIN):
-                    return None
+                # EVENTS is a cheap check; poll() builds a poller, so only call it to actually wait.
+                if not _readable(router):
+                    remaining_ms = max(0, round((deadline - time.monotonic()) * 1000))
+                    if not router.poll(remaining_ms, zmq.POLLIN):
+                        return None
                 delivered = self._take_message(router)
                 if delivered is not None:
                     return delivered
         finally:
             # Keep connection state fresh even if the caller never asks for events.
-            self._pump_monitors()
+            self._pump_monitors_now_and_then()
 
     def _take_message(self, router: zmq.Socket[bytes]) -> tuple[str, list[memoryview]] | None:
         parts = router.recv_multipart(copy=False)
@@ -477,6 +510,7 @@ class Transport:
 
         Returns:
             The peers that did NOT connect in time (empty when all did), so the caller can name them.
+            Returns early when every missing peer has refused our key (see `events()`).
 
         Raises:
             TransportError: transport not started or closed, or an unknown peer name.
@@ -497,13 +531,23 @@ class Transport:
             self._pump_monitors()
             missing = wanted - self._connected
             remaining_ms = round((deadline - time.monotonic()) * 1000)
-            if not missing or remaining_ms <= 0:
+            # A peer that refused our key will not connect however long we wait.
+            if not (missing - self._refused_by) or remaining_ms <= 0:
                 return missing
             poller.poll(remaining_ms)
 
+    def _pump_monitors_now_and_then(self) -> None:
+        # send/recv run per message; reading N+1 monitor sockets each time cost ~10 µs per call.
+        # State seen through send/recv may lag by this interval; events(), connected_peers() and
+        # wait_connected() always read everything.
+        now = time.monotonic()
+        if now - self._last_pump_s >= MONITOR_PUMP_INTERVAL_S:
+            self._pump_monitors()
+
     def _pump_monitors(self) -> None:
+        self._last_pump_s = time.monotonic()
         for mon, peer in self._monitors.items():
-            while True:
+            while _readable(mon):
                 try:
                     message = recv_monitor_message(mon, zmq.NOBLOCK)
                 except zmq.Again:
@@ -531,6 +575,8 @@ class Transport:
                     fold_repeats=False,
                 )
         elif event & monitor.HANDSHAKE_FAILURES:
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._refused_by.add(peer)
             self._events.record(peer, "handshake_failed", monitor.outbound_failure(peer, event, value))
 
     def _on_inbound_event(self, event: int, value: int) -> None:

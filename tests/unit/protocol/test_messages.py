@@ -60,7 +60,8 @@ def test_kind_set_is_closed_and_has_no_kind_for_raw_features_or_labels() -> None
 
 def test_control_kinds_are_the_kinds_that_steer_the_run() -> None:
     assert {k.value for k in CONTROL_KINDS} == {
-        "hello", "refuse", "error", "heartbeat", "step_begin", "metrics", "barrier", "barrier_ack", "shutdown",
+        "hello", "refuse", "error", "heartbeat", "step_begin",
+        "metrics", "barrier", "barrier_ack", "shutdown",
     }  # fmt: skip
 
 
@@ -172,9 +173,21 @@ def test_message_meta_is_a_read_only_copy() -> None:
 @pytest.mark.parametrize(
     ("kind", "changes", "needle"),
     [
-        (Kind.HELLO, {"meta": {"protocol": 1, "deployment": "d", "policy": "p"}}, r"meta\['nonce'\] is required"),
-        (Kind.HELLO, {"meta": {"protocol": 1, "deployment": "d", "policy": "p", "nonce": bytes(15)}}, "16 bytes"),
-        (Kind.HELLO, {"meta": {"protocol": True, "deployment": "d", "policy": "p", "nonce": bytes(16)}}, "int"),
+        (
+            Kind.HELLO,
+            {"meta": {"protocol": 1, "deployment": "d", "policy": "p"}},
+            r"meta\['nonce'\] is required",
+        ),
+        (
+            Kind.HELLO,
+            {"meta": {"protocol": 1, "deployment": "d", "policy": "p", "nonce": bytes(15)}},
+            "16 bytes",
+        ),
+        (
+            Kind.HELLO,
+            {"meta": {"protocol": True, "deployment": "d", "policy": "p", "nonce": bytes(16)}},
+            "int",
+        ),
         (Kind.HEARTBEAT, {"meta": {"x": 1}}, "meta key 'x' is not allowed"),
         (Kind.HEARTBEAT, {"edge": "a->b"}, "carries no edge"),
         (Kind.REFUSE, {"meta": {"reason": "r" * 4001, "code": "c"}}, "at most 4000"),
@@ -188,7 +201,11 @@ def test_message_meta_is_a_read_only_copy() -> None:
         (Kind.ACTIVATION, {"edge": "a->b", "tensors": (F32,), "blob": b"x"}, "carries no blob"),
         (Kind.METRICS, {"meta": {"epoch": 0, "values": {"loss": "low"}}}, "must be a number"),
         (Kind.METRICS, {"meta": {"epoch": 0, "values": {"loss": float("nan")}}}, "finite"),
-        (Kind.AUDIT_RECEIPT, {"meta": {"peer": "Bank", "seq": 1, "head": "h", "signature": "s"}}, "must match"),
+        (
+            Kind.AUDIT_RECEIPT,
+            {"meta": {"peer": "Bank", "seq": 1, "head": "h", "signature": "s"}},
+            "must match",
+        ),
         (Kind.PSI, {}, "non-empty blob is required"),
         (Kind.PSI, {"blob": b"x", "meta": {"f": 1.5}}, "str, int or bytes"),
         (Kind.PREDICTION, {"tensors": (F32,), "meta": {"deep": [[[[[1]]]]]}}, "deeper than 4"),
@@ -197,7 +214,9 @@ def test_message_meta_is_a_read_only_copy() -> None:
         (Kind.PREDICTION, {"tensors": (F32,), "meta": {"s": "\ud800"}}, "UTF-8"),
     ],
 )
-def test_message_refuses_what_the_kind_rule_forbids(kind: Kind, changes: dict[str, object], needle: str) -> None:
+def test_message_refuses_what_the_kind_rule_forbids(
+    kind: Kind, changes: dict[str, object], needle: str
+) -> None:
     with pytest.raises(LocalProtocolError, match=needle):
         Message(kind=kind, binding=BINDING, **changes)  # type: ignore[arg-type]
 

@@ -84,7 +84,9 @@ class TransportKit:
         self._opened.append(transport)
         return transport
 
-    def start(self, endpoint_count: int, build: Callable[[Sequence[str]], Sequence[Transport]]) -> list[Transport]:
+    def start(
+        self, endpoint_count: int, build: Callable[[Sequence[str]], Sequence[Transport]]
+    ) -> list[Transport]:
         """Call ``build(endpoints)`` and start every transport it returns, retrying on EADDRINUSE."""
         for attempt in range(START_ATTEMPTS):
             built = list(build(self.endpoints(endpoint_count)))

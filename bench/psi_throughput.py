@@ -1,0 +1,104 @@
+"""PSI throughput: hashing, blinding and full two- and three-party runs, printed as a table.
+
+Every party runs in this one process, one after another, so a full run's time is the total
+compute of all parties on one core (on separate hosts the parties blind in parallel and the
+wall time is about that divided by the number of parties, plus the network). Usage:
+
+    .venv/bin/python bench/psi_throughput.py               # 10k and 100k ids per party (~2 min)
+    .venv/bin/python bench/psi_throughput.py --sizes 10000  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+
+from secure_split.crypto.psi import (
+    MultiPartyPsi,
+    PsiParty,
+    PsiStep,
+    blind_points,
+    decode_points,
+    hash_ids,
+    new_scalar,
+    run_in_memory,
+)
+
+SALT = os.urandom(16)
+
+
+def _sets(n: int, parties: int, seed: int) -> list[list[int]]:
+    """`parties` sets of n ids; about half of each set is shared by all of them."""
+    rng = random.Random(seed)
+    shared = rng.sample(range(10**12), n // 2)
+    return [shared + rng.sample(range(10**12, 2 * 10**12), n - n // 2) for _ in range(parties)]
+
+
+def _row(label: str, n: int, seconds: float, ids: int, wire: int | None = None) -> None:
+    mb = f"{wire / 1e6:9.1f}" if wire is not None else f"{'-':>9}"
+    print(f"{label:<34} {n:>8,} {seconds:>9.2f} {ids / seconds:>11,.0f} {mb}")
+
+
+def primitives(n: int) -> None:
+    ids = list(range(n))
+    t = time.perf_counter()
+    points = hash_ids(ids, salt=SALT)
+    _row("hash ids to ristretto255", n, time.perf_counter() - t, n)
+    scalar = new_scalar()
+    for workers in (1, 2):
+        t = time.perf_counter()
+        blinded = blind_points(scalar, points, workers=workers)
+        _row(f"blind (scalarmult), {workers} thread(s)", n, time.perf_counter() - t, n)
+    wire = b"".join(blinded)
+    t = time.perf_counter()
+    decode_points(wire, what="bench", max_points=n)
+    _row("decode + validate received points", n, time.perf_counter() - t, n)
+
+
+def two_party(n: int) -> None:
+    ids_a, ids_b = _sets(n, 2, seed=n)
+    t = time.perf_counter()
+    a, b = PsiParty(ids_a, salt=SALT), PsiParty(ids_b, salt=SALT)
+    a1 = a.blinded_own()
+    b1, b2 = b.blinded_own(), b.blind_other(a1)
+    reveal = a.intersect(b1, b2)
+    b.accept_reveal(reveal)
+    seconds = time.perf_counter() - t
+    assert a.intersection() == b.intersection() == sorted(set(ids_a) & set(ids_b))
+    _row("2-party PsiParty (3 messages)", n, seconds, 2 * n, len(a1) + len(b1) + len(b2) + len(reveal))
+
+
+def ring(n: int, parties: int) -> None:
+    sets = _sets(n, parties, seed=n + parties)
+    names = ["label_holder"] + [f"owner_{i}" for i in range(1, parties)]
+    t = time.perf_counter()
+    members = [MultiPartyPsi(name, names, ids, salt=SALT) for name, ids in zip(names, sets, strict=True)]
+    steps: list[PsiStep] = []
+    results = run_in_memory(members, observe=steps.append)
+    seconds = time.perf_counter() - t
+    expected = sorted(set.intersection(*(set(s) for s in sets)))
+    assert all(r.ids == expected for r in results.values())
+    wire = sum(len(s.payload) for s in steps)
+    _row(f"{parties}-party ring MultiPartyPsi", n, seconds, parties * n, wire)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="10000,100000", help="ids per party, comma-separated")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    print(f"cores: {os.cpu_count()}; all parties in one process, one after another")
+    print(f"{'step':<34} {'ids/party':>8} {'seconds':>9} {'ids/s':>11} {'wire MB':>9}")
+    primitives(min(sizes))
+    for n in sizes:
+        two_party(n)
+        ring(n, 2)
+        ring(n, 3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Policy compliance of logged flows: every message was allowed by the policy in force.
+
+Each distinct flow (direction, sender, receiver, kind, edge, byte length, dtype, shape, batch
+size) is decided once by the policy engine and the verdict applies to every entry that logged
+it. An entry logged under another policy hash is reported, not decided. A message kind outside
+the protocol's closed set is reported as `raw_data`: raw features and labels have no message
+kind, so such an entry can only mean something left an owner that never should have.
+
+The policy package is imported here only, lazily, so the rest of the verifier works without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from secure_split.audit.crosscheck import LogFacts
+from secure_split.audit.report import Finding, to_ranges
+
+
+def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Finding], dict[str, int], list[str]]:
+    """Decide every logged flow with `policy`.
+
+    Args:
+        logs: peer -> its facts.
+        policy: a loaded policy (`secure_split.policy.Policy`: `.hash`, `.decide(Flow)`).
+
+    Returns:
+        (findings, counts of what was checked, reasons the check could not be completed).
+    """
+    try:
+        from secure_split.policy import Flow
+        from secure_split.policy.kinds import KIND_SET
+    except ImportError as exc:
+        return [], {}, [f"policy compliance not checked: the policy engine cannot be imported ({exc})"]
+    findings: list[Finding] = []
+    problems: list[str] = []
+    decided: dict[tuple[Any, ...], Any] = {}
+    flows_checked = 0
+    for facts in logs.values():
+        mismatch = [s for h, seqs in facts.policies.items() if h != policy.hash for s in seqs]
+        skip = set(mismatch)
+        raw: dict[str, list[int]] = {}
+        denied: dict[str, list[int]] = {}
+        sides = [("send", d, facts.sent_seq[peer]) for peer, d in facts.sent.items()]
+        sides += [("receive", d, facts.received_seq[peer]) for peer, d in facts.received.items()]
+        for direction, by_key, seq_of in sides:
+            # Group this side's messages by flow; each distinct flow is decided once.
+            groups: dict[tuple[Any, ...], list[int]] = {}
+            for key, (kind, edge, _step, nbytes, dtype, shape, batch, _digest) in by_key.items():
+                seq = seq_of[key]
+                if seq in skip:
+                    continue
+                flow_key = (direction, key[0], key[1], kind, edge, nbytes, dtype,
+                            tuple(shape) if isinstance(shape, list) else shape, batch)
+                g = groups.get(flow_key)
+                if g is None:
+                    groups[flow_key] = [seq]
+                else:
+                    g.append(seq)
+            for flow_key, seqs in groups.items():
+                _, sender, receiver, kind, edge, nbytes, dtype, shape, batch = flow_key
+                if kind not in KIND_SET:
+                    raw.setdefault(str(kind), []).extend(seqs)
+                    continue
+                decision = decided.get(flow_key)
+                if decision is None:
+                    flow = Flow(sender=sender, receiver=receiver, kind=kind, edge=edge or None,
+                                direction=direction, nbytes=nbytes, dtype=dtype, shape=shape, batch_size=batch)
+                    try:
+                        decision = policy.decide(flow)
+                    except Exception as exc:  # noqa: BLE001 - an engine failure must not hide other findings
+                        problems.append(f"the policy engine failed on {sender} -> {receiver} {kind}: {exc}")
+                        decision = False
+                    decided[flow_key] = decision
+                flows_checked += len(seqs)
+                if decision is not False and not decision.allowed:
+                    denied.setdefault(f"{sender} -> {receiver}: {kind} on {edge or '-'} ({direction}): "
+                                      f"{decision.reason}", []).extend(seqs)
+        if mismatch:
+            findings.append(Finding(
+                "policy_mismatch", facts.peer, facts.file, to_ranges(mismatch),
+                f"{len(mismatch)} message entr{'y was' if len(mismatch) == 1 else 'ies were'} logged under a "
+                f"different policy hash than the policy checked ({policy.hash[:16]}...)"))
+        for kind, seqs in raw.items():
+            findings.append(Finding(
+                "raw_data", facts.peer, facts.file, to_ranges(seqs),
+                f"message kind {kind!r} is not a protocol kind: raw features and labels have no kind, so these "
+                "entries show data leaving its owner outside the protocol"))
+        for reason, seqs in denied.items():
+            findings.append(Finding(
+                "policy_violation", facts.peer, facts.file, to_ranges(seqs),
+                f"{len(seqs)} logged flow(s) are not allowed by the policy: {reason}"))
+    return findings, {"flows_checked": flows_checked, "distinct_flows": len(decided)}, problems

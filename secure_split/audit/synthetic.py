@@ -1,0 +1,228 @@
+"""A synthetic three-peer run's audit logs, written by the real `AuditLog`: for tests and benchmarks.
+
+The run imitates what the gate and the runtime write for a vertical split (two hospitals'
+bottom segments feed a lab's top segment): handshakes, a `step_begin` / `activation` /
+`gradient` exchange per step, a barrier every `steps_per_barrier` steps at which every peer
+saves a checkpoint, signs its head and exchanges it with its counterparties (`audit_receipt`),
+and a clean shutdown. Every message is logged by sender and receiver with the same digest.
+
+No torch, no sockets: only the writer, so the logs are exactly what a real run would produce
+in format, and the verifier can be tested on them at any size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from secure_split.audit.writer import AuditLog
+from secure_split.canonical import digest_of
+
+PEERS: tuple[str, ...] = ("hospital_a", "hospital_b", "lab")
+"""The synthetic run's peers: two feature owners and the label holder (coordinator)."""
+
+_START_NS = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
+_BATCH = 64
+_WIDTH = 16
+
+
+@dataclass(frozen=True)
+class SyntheticRun:
+    """Where a synthetic run's files are, and what it wrote.
+
+    Attributes:
+        directory: the run folder (deployment.yaml, audit/).
+        log_dir: the folder of the logs (`audit/`).
+        deployment_path: the public deployment file with the peers' public keys.
+        deployment_hash: its hash.
+        policy_hash: the policy hash every entry carries.
+        entries: entries written, per peer.
+        identities: peer -> the identity that signed its log (secret: for tests only).
+    """
+
+    directory: Path
+    log_dir: Path
+    deployment_path: Path
+    deployment_hash: str
+    policy_hash: str
+    entries: dict[str, int]
+    identities: dict[str, Any]
+
+    @property
+    def total_entries(self) -> int:
+        """Entries across all peers."""
+        return sum(self.entries.values())
+
+
+def write_deployment(directory: Path, identities: dict[str, Any], *, policy_file: str = "policy.yaml") -> Path:
+    """Write the synthetic run's public deployment.yaml (three peers, vertical split).
+
+    Args:
+        directory: where to write it.
+        identities: peer -> `Identity` (public halves go into the file).
+        policy_file: the policy file the deployment names (need not exist).
+
+    Returns:
+        The deployment file's path.
+    """
+    dep = {
+        "version": 1,
+        "name": "synthetic-audit",
+        "coordinator": "lab",
+        "policy": policy_file,
+        "peers": {
+            name: {
+                "endpoint": f"tcp://127.0.0.1:{5701 + i}",
+                "sign_key": identities[name].sign_key_hex,
+                "transport_key": identities[name].transport_public_z85,
+            }
+            for i, name in enumerate(PEERS)
+        },
+        "segments": {
+            "bottom_a": {"peer": "hospital_a", "input": "features", "model": [{"linear": {"in": 15, "out": _WIDTH}}]},
+            "bottom_b": {"peer": "hospital_b", "input": "features", "model": [{"linear": {"in": 15, "out": _WIDTH}}]},
+            "top": {"peer": "lab", "merge": "concat", "loss": "cross_entropy",
+                    "model": [{"linear": {"in": 2 * _WIDTH, "out": 2}}]},
+        },
+        "edges": [{"from": "bottom_a", "to": "top"}, {"from": "bottom_b", "to": "top"}],
+    }
+    path = directory / "deployment.yaml"
+    path.write_text("# Synthetic deployment for the audit log tests and benchmark (public keys only).\n"
+                    + yaml.safe_dump(dep, sort_keys=False))
+    return path
+
+
+class _Run:
+    """The simulated peers: their logs, sessions and protocol counters."""
+
+    def __init__(self, logs: dict[str, AuditLog], seed: int, keys: dict[str, str]) -> None:
+        self.logs = logs
+        self.keys = keys
+        self.seed = seed
+        self.pseq: dict[tuple[str, str], int] = {}
+        self.sessions: dict[frozenset[str], str] = {}
+
+    def session(self, a: str, b: str) -> str:
+        key = frozenset((a, b))
+        if key not in self.sessions:
+            self.sessions[key] = hashlib.sha256(f"{self.seed}:{sorted(key)}".encode()).hexdigest()[:32]
+        return self.sessions[key]
+
+    def message(self, sender: str, receiver: str, kind: str, step: int, *, edge: str = "",
+                shape: list[int] | None = None, dtype: str | None = None) -> None:
+        n = self.pseq.get((sender, receiver), 0)
+        self.pseq[(sender, receiver)] = n + 1
+        itemsize = {"float32": 4, "int64": 8}.get(dtype or "", 0)
+        nbytes = itemsize
+        for d in shape or []:
+            nbytes *= d
+        digest = hashlib.sha256(f"{self.seed}:{sender}:{receiver}:{n}:{kind}".encode()).hexdigest()
+        fields = {
+            "kind": kind, "edge": edge, "step": step, "seq": n, "session": self.session(sender, receiver),
+            "sender": sender, "receiver": receiver, "nbytes": nbytes, "dtype": dtype, "shape": shape,
+            "batch_size": shape[0] if shape else None, "digest": digest,
+            "decision_id": digest[:16], "rule_id": f"allow-{kind}",
+        }
+        self.logs[sender].record("message_sent", counterparty=receiver, **fields)
+        self.logs[receiver].record("message_received", counterparty=sender, **fields)
+
+    def barrier(self, epoch: int, step: int) -> None:
+        for p in ("hospital_a", "hospital_b"):
+            self.message("lab", p, "barrier", step)
+        heads = {}
+        for p, log in self.logs.items():
+            log.record("checkpoint_saved", epoch=epoch,
+                       digest=hashlib.sha256(f"{self.seed}:{p}:ckpt:{epoch}".encode()).hexdigest())
+            heads[p] = log.checkpoint(f"epoch_end barrier, epoch {epoch}")
+        for p, q in (("hospital_a", "lab"), ("hospital_b", "lab"), ("lab", "hospital_a"), ("lab", "hospital_b")):
+            self.message(p, q, "audit_receipt", step)
+            self.logs[q].record_counterparty_head(heads[p], self.keys[p])
+        for p in ("hospital_a", "hospital_b"):
+            self.message(p, "lab", "barrier_ack", step)
+
+
+def generate_logs(
+    directory: str | Path,
+    *,
+    entries: int = 10_000,
+    steps_per_barrier: int = 20,
+    seed: int = 0,
+    policy_hash: str | None = None,
+    identities: dict[str, Any] | None = None,
+    clock: Callable[[], int] | None = None,
+) -> SyntheticRun:
+    """Write a synthetic run's deployment and three peers' audit logs.
+
+    Args:
+        directory: the run folder (created); logs go to `directory/audit/PEER.jsonl`.
+        entries: at least this many entries in total across the three peers.
+        steps_per_barrier: steps between signed checkpoints (20 gives one checkpoint per ~70-130
+            entries per peer, like a step barrier).
+        seed: makes digests and sessions reproducible (keys are fresh unless `identities` given).
+        policy_hash: the policy hash entries carry (default: a synthetic one).
+        identities: peer -> `Identity` to sign with (default: freshly generated).
+        clock: nanosecond clock for entry times (default: a fixed start, +250 µs per entry).
+
+    Returns:
+        Where everything is and how many entries each peer wrote.
+    """
+    from secure_split.config import load_deployment
+    from secure_split.crypto.keys import generate_identity
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    ids = identities or {p: generate_identity(p) for p in PEERS}
+    dep_path = write_deployment(root, ids)
+    dep = load_deployment(dep_path)
+    pol = policy_hash or digest_of({"synthetic_policy": seed})
+    tick = [_START_NS]
+
+    def fixed_clock() -> int:
+        tick[0] += 250_000
+        return tick[0]
+
+    clk = clock or fixed_clock
+    log_dir = root / "audit"
+    logs = {p: AuditLog.open(log_dir / f"{p}.jsonl", peer=p, identity=ids[p], deployment_hash=dep.hash,
+                             policy_hash=pol, clock=clk) for p in PEERS}
+    run = _Run(logs, seed, {p: ids[p].sign_key_hex for p in PEERS})
+    versions = {"secure_split": "0.1.0", "protocol": 1}
+    for p, log in logs.items():
+        log.record("run_start", deployment_hash=dep.hash, policy_hash=pol, versions=versions, resumed=False,
+                   resume_epoch=None)
+    for p in ("hospital_a", "hospital_b"):
+        logs["lab"].record("peer_joined", counterparty=p, reason="handshake complete")
+        logs[p].record("peer_joined", counterparty="lab", reason="handshake complete")
+        run.message("lab", p, "hello", 0)
+        run.message(p, "lab", "hello", 0)
+    run.barrier(-1, 0)
+
+    def total() -> int:
+        return sum(log.seq + 1 for log in logs.values())
+
+    closing = 60  # the last barrier, shutdown and close
+    step = 0
+    epoch = 0
+    while total() < entries - closing or step == 0:
+        step += 1
+        for p in ("hospital_a", "hospital_b"):
+            run.message("lab", p, "step_begin", step, shape=[_BATCH], dtype="int64")
+        for p, seg in (("hospital_a", "bottom_a"), ("hospital_b", "bottom_b")):
+            run.message(p, "lab", "activation", step, edge=f"{seg}->top", shape=[_BATCH, _WIDTH], dtype="float32")
+        for p, seg in (("hospital_a", "bottom_a"), ("hospital_b", "bottom_b")):
+            run.message("lab", p, "gradient", step, edge=f"{seg}->top", shape=[_BATCH, _WIDTH], dtype="float32")
+        if step % steps_per_barrier == 0:
+            run.barrier(epoch, step)
+            epoch += 1
+    run.barrier(epoch, step + 1)
+    for p in ("hospital_a", "hospital_b"):
+        run.message("lab", p, "shutdown", step + 1)
+    for p, log in logs.items():
+        log.close("ok", metrics={"steps": step, "accuracy": 0.93, "loss": 0.2})
+    counts = {p: log.seq + 1 for p, log in logs.items()}
+    return SyntheticRun(root, log_dir, dep_path, dep.hash, pol, counts, ids)

@@ -1,0 +1,190 @@
+"""`verify_logs`: the auditor's verdict on a folder of audit logs, offline and from the logs alone.
+
+Three passes:
+
+1. per file (`chain.verify_lines`): hash chain, seq order, checkpoint signatures, format, ending;
+   files are verified in parallel processes when there is enough work and more than one core;
+2. across peers (`crosscheck.cross_check`): every message on both sides with the same facts and
+   digest, countersigned heads agree with the logs they name, no equivocation;
+3. policy (`compliance.check_compliance`, only when a policy is given): every logged flow allowed.
+
+Works without torch or tenseal: it needs the standard library, pyyaml and pydantic (to read the
+deployment), PyNaCl (signatures), rich (the table), and the policy package only for pass 3.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from secure_split.audit.chain import VerifyContext, parse_line, read_log, verify_lines
+from secure_split.audit.compliance import check_compliance
+from secure_split.audit.crosscheck import LogFacts, cross_check, extract_facts
+from secure_split.audit.format import genesis_hash
+from secure_split.audit.report import AuditReport, FileReport, Finding
+from secure_split.errors import AuditError, SecureSplitError
+
+# Below this much log data, starting worker processes costs more than it saves.
+_PARALLEL_MIN_BYTES = 8 * 1024 * 1024
+
+
+def _foreign_deployment(lines: list[bytes], peer: str, context: VerifyContext) -> str | None:
+    """The deployment hash a log names when it provably belongs to another deployment, else None."""
+    if not lines:
+        return None
+    first = parse_line(lines[0], peer)
+    if first.event != "run_start" or first.facts is None:
+        return None
+    named = first.facts[0]
+    if isinstance(named, str) and named != context.deployment_hash and first.prev == genesis_hash(peer, named):
+        return named
+    return None
+
+
+def _verify_one(path: str, peer: str, context: VerifyContext) -> tuple[FileReport | None, LogFacts | None, str | None]:
+    """Verify one file; return its slim report and facts, or why it cannot be verified."""
+    try:
+        lines, torn = read_log(path)
+    except AuditError as exc:
+        return None, None, str(exc)
+    foreign = _foreign_deployment(lines, peer, context)
+    if foreign is not None:
+        return None, None, (f"{Path(path).name} belongs to deployment {foreign[:16]}... (its run_start and "
+                            f"genesis), not to the deployment given ({context.deployment_hash[:16]}...)")
+    report = verify_lines(lines, peer=peer, context=context, torn=torn, file=Path(path).name)
+    facts = extract_facts(report)
+    report.infos = []
+    report.excluded = frozenset()
+    return report, facts, None
+
+
+def _verify_job(args: tuple[str, str, str, dict[str, str]]) -> tuple[FileReport | None, LogFacts | None, str | None]:
+    path, peer, deployment_hash, keys = args
+    return _verify_one(path, peer, VerifyContext(deployment_hash=deployment_hash, keys=keys))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _load_deployment(deployment: Any) -> Any:
+    if isinstance(deployment, str | Path):
+        from secure_split.config import load_deployment
+
+        return load_deployment(deployment)
+    return deployment
+
+
+def _load_policy(policy: Any) -> Any:
+    if isinstance(policy, str | Path):
+        from secure_split.policy import load_policy
+
+        return load_policy(policy)
+    return policy
+
+
+def verify_logs(
+    log_dir: str | Path,
+    deployment: Any,
+    policy: Any = None,
+    *,
+    workers: int | None = None,
+) -> AuditReport:
+    """Verify every peer's audit log in `log_dir` against the deployment (and the policy).
+
+    Args:
+        log_dir: the folder holding one `PEER.jsonl` per peer of the deployment.
+        deployment: a loaded `Deployment` or the path of `deployment.yaml` (public keys, hash).
+        policy: a loaded `Policy`, the path of the policy file, or None to skip policy compliance.
+        workers: processes for the per-file pass (default: one per core when the logs are large,
+            else 1).
+
+    Returns:
+        The report: `clean`, `findings`, `unverifiable`, `exit_code` (0 clean, 1 a problem found,
+        2 cannot verify), `to_json()`, `render_table()`.
+    """
+    try:
+        dep = _load_deployment(deployment)
+    except SecureSplitError as exc:
+        return AuditReport(files=[], findings=[], unverifiable=[f"cannot read the deployment: {exc}"])
+    context = VerifyContext.from_deployment(dep)
+    unverifiable: list[str] = []
+    pol = None
+    if policy is not None:
+        try:
+            pol = _load_policy(policy)
+        except (SecureSplitError, ImportError, OSError) as exc:
+            unverifiable.append(f"cannot read the policy: {exc}")
+    directory = Path(log_dir)
+    if not directory.is_dir():
+        return AuditReport(files=[], findings=[], unverifiable=[*unverifiable, f"{directory} is not a folder"],
+                           deployment_hash=dep.hash)
+    findings: list[Finding] = []
+    jobs: list[tuple[str, str]] = []
+    for peer in sorted(dep.spec.peers):
+        path = directory / f"{peer}.jsonl"
+        if path.is_file():
+            jobs.append((str(path), peer))
+        else:
+            unverifiable.append(f"no audit log for peer '{peer}' (expected {path})")
+    for path in sorted(directory.glob("*.jsonl")):
+        if path.stem not in dep.spec.peers:
+            findings.append(Finding("unknown_key", path.stem, path.name, (),
+                                    f"{path.name} is the log of '{path.stem}', which is not a peer of the deployment"))
+    total_bytes = sum(os.path.getsize(p) for p, _ in jobs)
+    if workers is None:
+        workers = min(_cpus(), len(jobs)) if total_bytes >= _PARALLEL_MIN_BYTES else 1
+    results: list[tuple[FileReport | None, LogFacts | None, str | None]]
+    if workers > 1 and len(jobs) > 1:
+        results = _run_parallel(jobs, context, workers)
+    else:
+        results = [_verify_one(p, peer, context) for p, peer in jobs]
+    files: list[FileReport] = []
+    logs: dict[str, LogFacts] = {}
+    for report, facts, why in results:
+        if why is not None:
+            unverifiable.append(why)
+            continue
+        assert report is not None and facts is not None
+        files.append(report)
+        findings.extend(report.findings)
+        logs[report.peer] = facts
+    checks: dict[str, int] = {
+        "files": len(files),
+        "entries": sum(f.entries for f in files),
+        "checkpoints_verified": sum(f.checkpoints for f in files),
+    }
+    cross, counts = cross_check(logs, context)
+    findings.extend(cross)
+    checks.update(counts)
+    if pol is not None:
+        pfind, pcounts, pproblems = check_compliance(logs, pol)
+        findings.extend(pfind)
+        checks.update(pcounts)
+        unverifiable.extend(pproblems)
+    return AuditReport(files=files, findings=findings, unverifiable=unverifiable, checks=checks,
+                       policy_hash=pol.hash if pol is not None else None, deployment_hash=dep.hash)
+
+
+def _run_parallel(
+    jobs: list[tuple[str, str]], context: VerifyContext, workers: int
+) -> list[tuple[FileReport | None, LogFacts | None, str | None]]:
+    """The per-file pass in worker processes (fork where available, else sequential)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return [_verify_one(p, peer, context) for p, peer in jobs]
+    # Largest files first so the longest job starts at once.
+    order = sorted(range(len(jobs)), key=lambda i: -os.path.getsize(jobs[i][0]))
+    args = [(jobs[i][0], jobs[i][1], context.deployment_hash, dict(context.keys)) for i in order]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        done = list(pool.map(_verify_job, args))
+    results: list[Any] = [None] * len(jobs)
+    for i, res in zip(order, done, strict=True):
+        results[i] = res
+    return results

@@ -1,0 +1,1044 @@
+"""The leakage report: how much a curious peer learns, and what each defence costs in accuracy.
+
+`leakage_report(target, out_dir=...)` trains the target's topology locally, many times, once per
+setting of a sweep, and measures on held-out data what an honest-but-curious peer learns.
+
+How a run is simulated: one `PeerExecutor` per peer, the very executor a peer process runs,
+driven in this process by a small router that hands each `Outgoing` tensor to its recipient (no
+sockets, no policy, no audit: none of them changes a tensor). The schedule, split, seeds and
+protections are those of the deployment, so the numbers are what the deployed system computes.
+
+What is measured, per setting:
+- input reconstruction, across the **first cut edge from the data owner** (the edge leaving the
+  segment that reads raw features): the receiving peer is the attacker. It holds an auxiliary
+  set of (input, activation) pairs (`AUX_FRACTION` of all samples, drawn from the training ids,
+  disjoint from the test ids), trains a decoder (`attacks.train_decoder`) and reconstructs the
+  test images from their activations. Activations are taken from the trained model with the
+  edge's activation noise added, i.e. as they cross the wire in a training step (the executor
+  adds noise only in training; eval and inference traffic is noise-free, see docs/privacy.md).
+  Reported: MSE per pixel and SSIM (`attacks.reconstruction_metrics`).
+- distance correlation DCOR(raw test inputs, their activations as sent), over the whole test set.
+- accuracy on the test set (eval phase: no noise, as the executor does it).
+- label leakage, on an imbalanced binary version of the task (digits: "is it a 0", about 10 %
+  positives; the loss segment's last linear layer gets 2 outputs): the peer that receives the
+  gradients the label holder returns on its remote in-edge runs the norm and cosine attacks of
+  Li et al. 2022 on every training batch; reported as the mean AUC over batches, per defence.
+
+Which targets: a demo scenario name ("vanilla", "u-shaped", "multi-hop"; the digits CNN of the
+zoo) or a deployment file whose raw features are digits-shaped. Supported deployments: one segment
+reads raw features, its input fits a digits image (1×8×8) or a flat 64-vector, it sends on at least
+one edge to another peer (the first such edge is measured), and exactly one segment computes a
+loss; the bundled digits data stands in for the owner's data (a deployment names no data files;
+peer configs do, privately). Vertical (several owners) and multi-task deployments are refused with
+a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from secure_split.canonical import digest_of
+from secure_split.config import Deployment, DeploymentSpec, ProtectionSpec, load_deployment
+from secure_split.engine.attacks import (
+    cosine_attack_auc,
+    mean_batch_auc,
+    norm_attack_auc,
+    reconstruction_metrics,
+    train_decoder,
+)
+from secure_split.engine.data import PeerData, digits
+from secure_split.engine.executor import Outgoing, PeerExecutor
+from secure_split.engine.label_defences import (
+    MARVELL_DEFAULT_POWER,
+    marvell_defence,
+    max_norm_defence,
+)
+from secure_split.engine.metrics import StepMetrics, TaskMetrics, evaluate, sum_task_metrics
+from secure_split.engine.models import derive_seed, input_shape
+from secure_split.engine.privacy import distance_correlation
+from secure_split.engine.schedule import epoch_batches, split_train_test
+from secure_split.engine.topology import Topology
+from secure_split.errors import ConfigError, ConfigProblem
+
+__all__ = [
+    "AUX_FRACTION",
+    "DEMO_TARGETS",
+    "FULL_ALPHAS",
+    "FULL_NOISE_LEVELS",
+    "QUICK_ALPHAS",
+    "QUICK_NOISE_LEVELS",
+    "LabelSetting",
+    "LeakageTarget",
+    "LocalRun",
+    "PrivacySetting",
+    "binary_target",
+    "dcor_cost",
+    "demo_target",
+    "label_settings",
+    "leakage_report",
+    "load_target",
+    "measure_label_leakage",
+    "measure_reconstruction",
+    "with_protections",
+]
+
+DEMO_TARGETS = ("vanilla", "u-shaped", "multi-hop")
+"""The demo scenarios the report accepts by name."""
+
+AUX_FRACTION = 0.2
+"""Share of all samples the reconstruction attacker holds as (input, activation) pairs."""
+
+FULL_ALPHAS: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
+"""NoPeek α swept at σ = 0. Above about 6 the digits CNN's bottom collapses (all activations 0)."""
+FULL_NOISE_LEVELS: tuple[float, ...] = (1.0, 3.0, 10.0)
+"""Activation noise σ swept at α = 0 (the cut activation's RMS is about 5 without noise)."""
+FULL_COMBINED: tuple[tuple[float, float], ...] = ((2.0, 3.0), (2.0, 10.0))
+"""(α, σ) pairs: NoPeek and noise together."""
+QUICK_ALPHAS: tuple[float, ...] = (0.0, 2.0)
+QUICK_NOISE_LEVELS: tuple[float, ...] = (3.0,)
+
+FULL_EPOCHS = 20
+QUICK_EPOCHS = 10
+FULL_LABEL_EPOCHS = 5
+QUICK_LABEL_EPOCHS = 3
+FULL_DECODER_EPOCHS = 150
+QUICK_DECODER_EPOCHS = 60
+GRID_IMAGES = 10
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeakageTarget:
+    """A deployment to measure, with the data each peer would hold and the edges under attack.
+
+    Attributes:
+        name: demo name or deployment file name.
+        deployment: the (validated) deployment.
+        data: peer -> its `PeerData` (only its own part).
+        ids, features, labels: the whole dataset (for the measurements; never given to a peer).
+        recon_edge: the first cut edge from the data owner (leaves the input segment, remote).
+        label_edge: the remote edge on which the label holder returns gradients.
+    """
+
+    name: str
+    deployment: Deployment
+    data: Mapping[str, PeerData]
+    ids: torch.Tensor
+    features: torch.Tensor
+    labels: torch.Tensor
+    recon_edge: str
+    label_edge: str
+
+    @property
+    def topology(self) -> Topology:
+        """The target's topology."""
+        return Topology.from_deployment(self.deployment)
+
+
+def _dummy_peer(i: int) -> dict[str, str]:
+    # Keys are never used: nothing is sent. Valid-looking values pass the schema.
+    return {"endpoint": f"tcp://127.0.0.1:{47000 + i}", "sign_key": f"{i:064x}", "transport_key": "0" * 40}
+
+
+def _deployment_from_dict(raw: dict[str, Any], path: Path) -> Deployment:
+    spec = DeploymentSpec.model_validate(raw)
+    return Deployment(spec=spec, path=path, hash=digest_of(raw), raw=raw)
+
+
+def demo_target(name: str, *, epochs: int = FULL_EPOCHS) -> LeakageTarget:
+    """The deployment of a demo scenario (as `secure-split demo` builds it), on digits.
+
+    Args:
+        name: "vanilla", "u-shaped" or "multi-hop" (two hops).
+        epochs: training epochs written into the deployment.
+
+    Returns:
+        The target.
+
+    Raises:
+        ConfigError: for an unknown name.
+    """
+    from secure_split.engine import zoo
+
+    if name == "vanilla":
+        peers = ["owner", "label_holder"]
+        segments: dict[str, dict[str, Any]] = {
+            "bottom": {"peer": "owner", "input": "features", "model": zoo.DIGITS_CNN_BOTTOM},
+            "top": {"peer": "label_holder", "loss": "cross_entropy", "model": zoo.DIGITS_CNN_TOP},
+        }
+        edges = [("bottom", "top")]
+    elif name == "u-shaped":
+        peers = ["owner", "server"]
+        segments = {
+            "head": {"peer": "owner", "input": "features", "model": zoo.DIGITS_U_HEAD},
+            "middle": {"peer": "server", "model": zoo.DIGITS_U_MIDDLE},
+            "tail": {"peer": "owner", "loss": "cross_entropy", "model": zoo.DIGITS_U_TAIL},
+        }
+        edges = [("head", "middle"), ("middle", "tail")]
+    elif name == "multi-hop":
+        peers = ["owner", "hop1", "hop2", "label_holder"]
+        segments = {
+            "bottom": {"peer": "owner", "input": "features", "model": zoo.DIGITS_CNN_BOTTOM},
+            "mid1": {"peer": "hop1", "model": zoo.DIGITS_HOP},
+            "mid2": {"peer": "hop2", "model": zoo.DIGITS_HOP},
+            "top": {"peer": "label_holder", "loss": "cross_entropy", "model": zoo.DIGITS_CNN_TOP},
+        }
+        edges = [("bottom", "mid1"), ("mid1", "mid2"), ("mid2", "top")]
+    else:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "TARGET",
+                    "target",
+                    f"unknown demo {name!r}; give a deployment file or one of {', '.join(DEMO_TARGETS)}",
+                )
+            ]
+        )
+    loss_peer = next(s["peer"] for s in segments.values() if "loss" in s)
+    raw: dict[str, Any] = {
+        "version": 1,
+        "name": f"leakage-{name}",
+        "coordinator": loss_peer,
+        "policy": "policy.yaml",
+        "peers": {p: _dummy_peer(i) for i, p in enumerate(peers)},
+        "segments": copy.deepcopy(segments),
+        "edges": [{"from": a, "to": b} for a, b in edges],
+        # As the demo: seed 7, batch 64, Adam at the zoo's learning rate.
+        "training": {
+            "seed": 7,
+            "epochs": epochs,
+            "batch_size": 64,
+            "test_fraction": 0.2,
+            "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR},
+        },
+    }
+    return _target_from(name, _deployment_from_dict(raw, Path(f"<demo {name}>")))
+
+
+def load_target(target: str | Path, *, epochs: int | None = None) -> LeakageTarget:
+    """Resolve the report's TARGET: a demo name or a deployment file.
+
+    Args:
+        target: "vanilla", "u-shaped", "multi-hop", or a path to a deployment.yaml.
+        epochs: override the training epochs (None: the demo default or the deployment's).
+
+    Returns:
+        The target.
+
+    Raises:
+        ConfigError: unknown demo, unreadable deployment, or a topology the report cannot measure.
+    """
+    if str(target) in DEMO_TARGETS:
+        return demo_target(str(target), epochs=FULL_EPOCHS if epochs is None else epochs)
+    path = Path(target)
+    if not path.is_file():
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    str(target), "target", f"neither a demo ({', '.join(DEMO_TARGETS)}) nor a deployment file"
+                )
+            ]
+        )
+    dep = load_deployment(path)
+    if epochs is not None:
+        dep = _with_training(dep, epochs=epochs)
+    return _target_from(path.name, dep)
+
+
+def _with_training(dep: Deployment, **changes: Any) -> Deployment:
+    training = dep.spec.training.model_copy(update=changes)
+    return dataclasses.replace(dep, spec=dep.spec.model_copy(update={"training": training}))
+
+
+def _target_from(name: str, dep: Deployment) -> LeakageTarget:
+    topo = Topology.from_deployment(dep)
+    file = str(dep.path)
+    problems: list[ConfigProblem] = []
+    if len(topo.input_segments) != 1:
+        problems.append(
+            ConfigProblem(
+                file,
+                "segments",
+                (
+                    f"the leakage report measures deployments with one segment reading raw features; found "
+                    f"{list(topo.input_segments)} (vertical deployments are not supported yet)"
+                ),
+            )
+        )
+    if len(topo.loss_segments) != 1:
+        problems.append(
+            ConfigProblem(
+                file,
+                "segments",
+                (
+                    "the leakage report measures deployments with one loss segment; "
+                    f"found {list(topo.loss_segments)}"
+                ),
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+    source = topo.input_segments[0]
+    loss_seg = topo.loss_segments[0]
+    ids, x, y = digits()
+    need = input_shape(topo.segments[source].model)
+    if need.problem(tuple(x.shape[1:])) is None:
+        features = x
+    elif need.problem((64,)) is None:
+        features = x.reshape(len(x), 64)
+    else:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    file,
+                    f"segments.{source}.model",
+                    (
+                        "the leakage report runs on the bundled digits (1×8×8 images in [0, 1], or 64 flat "
+                        f"values); this segment's input does not fit: {need.problem(tuple(x.shape[1:]))}"
+                    ),
+                )
+            ]
+        )
+    remote_out = [e for e in topo.out_edges[source] if topo.is_remote(e)]
+    if not remote_out:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    file,
+                    f"segments.{source}",
+                    (
+                        "the segment reading raw features sends on no edge to another peer; "
+                        "the report measures the first cut edge leaving it"
+                    ),
+                )
+            ]
+        )
+    label_peer = topo.peer_of(loss_seg)
+    into_label_peer = _remote_edges_into(topo, label_peer)
+    if not into_label_peer:
+        raise ConfigError([ConfigProblem(file, "edges", "no edge from another peer enters the label holder")])
+    column = topo.segments[loss_seg].labels
+    data = {}
+    for peer in topo.peers:
+        owns = topo.local_segments(peer)
+        data[peer] = PeerData(
+            ids=ids,
+            features=features if source in owns else None,
+            labels={column: y} if loss_seg in owns else {},
+        )
+    return LeakageTarget(
+        name=name,
+        deployment=dep,
+        data=data,
+        ids=ids,
+        features=features,
+        labels=y,
+        recon_edge=remote_out[0],
+        label_edge=into_label_peer[-1],
+    )
+
+
+def _remote_edges_into(topo: Topology, peer: str) -> list[str]:
+    """Remote edges whose receiving segment `peer` owns, in topological order of that segment."""
+    out = []
+    for seg in topo.order:
+        for e in topo.in_edges[seg]:
+            if topo.is_remote(e) and topo.peer_of(seg) == peer:
+                out.append(e)
+    return out
+
+
+def binary_target(target: LeakageTarget, positive_class: int = 0) -> LeakageTarget:
+    """The imbalanced binary version of a digits target: label 1 = "is it `positive_class`".
+
+    The loss segment's last linear layer gets 2 outputs; everything else is unchanged.
+
+    Raises:
+        ConfigError: if the loss segment has no linear layer to resize.
+    """
+    dep = target.deployment
+    topo = target.topology
+    loss_seg = topo.loss_segments[0]
+    layers = copy.deepcopy(list(topo.segments[loss_seg].model))
+    last = [i for i, layer in enumerate(layers) if "linear" in layer]
+    if not last:
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    str(dep.path),
+                    f"segments.{loss_seg}.model",
+                    "the binary label task needs a linear last layer to resize",
+                )
+            ]
+        )
+    layers[last[-1]] = {"linear": {**layers[last[-1]]["linear"], "out": 2}}
+    seg = dep.spec.segments[loss_seg].model_copy(update={"model": layers})
+    spec = dep.spec.model_copy(update={"segments": {**dep.spec.segments, loss_seg: seg}})
+    binary = (target.labels == positive_class).to(torch.int64)
+    column = seg.labels
+    data = {
+        peer: PeerData(ids=d.ids, features=d.features, labels={column: binary} if d.labels else {})
+        for peer, d in target.data.items()
+    }
+    return dataclasses.replace(
+        target,
+        name=f"{target.name} (binary: is it a {positive_class})",
+        deployment=dataclasses.replace(dep, spec=spec),
+        data=data,
+        labels=binary,
+    )
+
+
+def with_protections(dep: Deployment, edge: str, **protections: Any) -> Deployment:
+    """A copy of `dep` whose `edge` has the given protections (the others keep theirs).
+
+    Args:
+        dep: the deployment.
+        edge: edge id "FROM->TO".
+        **protections: `ProtectionSpec` fields, e.g. nopeek_alpha=1.0, activation_noise_std=0.5.
+
+    Returns:
+        The modified deployment (validated by pydantic).
+    """
+    edges = []
+    for e in dep.spec.edges:
+        if e.name == edge:
+            prot = ProtectionSpec.model_validate({**e.protections.model_dump(), **protections})
+            e = e.model_copy(update={"protections": prot})
+        edges.append(e)
+    return dataclasses.replace(dep, spec=dep.spec.model_copy(update={"edges": edges}))
+
+
+# --- a local run of the real executors -------------------------------------------------------
+
+
+Intercept = Callable[[Outgoing, np.ndarray], Outgoing]
+"""Sees (and may replace) every tensor before it is delivered: (outgoing, the step's ids)."""
+
+
+@dataclass
+class LocalRun:
+    """Every peer's `PeerExecutor` in one process, with a router in place of the network.
+
+    Attributes:
+        target: what is trained.
+        executors: peer -> its executor.
+        train_ids, test_ids: the deployment's split (`schedule.split_train_test`).
+    """
+
+    target: LeakageTarget
+    deployment: Deployment
+    executors: dict[str, PeerExecutor] = field(default_factory=dict)
+    train_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    test_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    step_no: int = 0
+
+    @classmethod
+    def start(cls, target: LeakageTarget, deployment: Deployment | None = None) -> LocalRun:
+        """Build one executor per peer (noise seeds derived from the training seed)."""
+        dep = deployment or target.deployment
+        seed = dep.spec.training.seed
+        run = cls(target=target, deployment=dep)
+        topo = Topology.from_deployment(dep)
+        for peer in topo.peers:
+            run.executors[peer] = PeerExecutor(
+                dep, peer, target.data.get(peer), noise_seed=derive_seed(seed, f"noise:{peer}")
+            )
+        run.train_ids, run.test_ids = split_train_test(
+            target.ids.numpy(), dep.spec.training.test_fraction, seed
+        )
+        return run
+
+    def step(self, phase: str, ids: np.ndarray, intercept: Intercept | None = None) -> list[StepMetrics]:
+        """Run one step across every executor, routing tensors until each is complete."""
+        step = self.step_no
+        self.step_no += 1
+        queue: list[Outgoing] = []
+        for ex in self.executors.values():
+            queue.extend(ex.begin_step(step, phase, ids))  # type: ignore[arg-type]
+        while queue:
+            out = queue.pop(0)
+            if intercept is not None:
+                out = intercept(out, ids)
+            dst = self.executors[out.to_peer]
+            if out.kind == "activation":
+                queue.extend(dst.on_activation(out.edge, out.tensor, step=step))
+            else:
+                queue.extend(dst.on_gradient(out.edge, out.tensor, step=step))
+        return [ex.finish_step() for ex in self.executors.values()]
+
+    def train(self, epochs: int | None = None, intercept: Intercept | None = None) -> list[StepMetrics]:
+        """Train for `epochs` (default: the deployment's) on the deployment's schedule."""
+        metrics: list[StepMetrics] = []
+        for epoch in range(self.deployment.spec.training.epochs if epochs is None else epochs):
+            metrics.extend(self.train_epoch(epoch, intercept))
+        return metrics
+
+    def train_epoch(self, epoch: int, intercept: Intercept | None = None) -> list[StepMetrics]:
+        """Train one epoch (number `epoch`, 0-based) on the deployment's schedule."""
+        spec = self.deployment.spec.training
+        metrics: list[StepMetrics] = []
+        for batch in epoch_batches(
+            self.train_ids, spec.batch_size, spec.seed, epoch, spec.max_steps_per_epoch
+        ):
+            metrics.extend(self.step("train", batch, intercept))
+        return metrics
+
+    def accuracy(self) -> float:
+        """Test accuracy of the (single) task, in the eval phase."""
+        spec = self.deployment.spec.training
+
+        def run_batch(ids: np.ndarray) -> dict[str, TaskMetrics]:
+            return sum_task_metrics(self.step("eval", ids))
+
+        tasks = evaluate(run_batch, self.test_ids, spec.batch_size)
+        return next(iter(tasks.values())).accuracy
+
+    def edge_activations(self, edge: str, ids: np.ndarray) -> torch.Tensor:
+        """What the sender of `edge` sends on it for `ids` with the current weights (eval mode, no noise)."""
+        topo = Topology.from_deployment(self.deployment)
+        sender = self.executors[topo.peer_of(topo.endpoints(edge)[0])]
+        chunks: list[torch.Tensor] = []
+        for i in range(0, len(ids), 256):
+            outs = sender.begin_step(self.step_no, "eval", ids[i : i + 256])
+            self.step_no += 1
+            sender.abort_step()
+            chunks.extend(o.tensor.clone() for o in outs if o.edge == edge)
+        return torch.cat(chunks)
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrivacySetting:
+    """One point of the input-side sweep on the first cut edge."""
+
+    alpha: float = 0.0
+    noise_std: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and plots."""
+        parts = [f"α={self.alpha:g}"] if self.alpha or not self.noise_std else []
+        if self.noise_std:
+            parts.append(f"σ={self.noise_std:g}")
+        return " ".join(parts)
+
+
+def _rows_of(target: LeakageTarget, ids: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.searchsorted(target.ids.numpy(), ids))
+
+
+def measure_reconstruction(
+    target: LeakageTarget,
+    setting: PrivacySetting,
+    *,
+    epochs: int,
+    decoder_epochs: int,
+    seed: int = 0,
+    grid_images: int = GRID_IMAGES,
+) -> dict[str, Any]:
+    """Train `target` with `setting` on its first cut edge and attack that edge.
+
+    Args:
+        target: from `load_target`.
+        setting: NoPeek α and activation noise σ for the first cut edge.
+        epochs: training epochs.
+        decoder_epochs: the attacker's decoder epochs.
+        seed: seeds the attacker (auxiliary split, decoder, measurement noise).
+        grid_images: how many test reconstructions to keep for the PNG grid.
+
+    Returns:
+        {"alpha", "noise_std", "accuracy", "dcor", "mse", "ssim", "activation_rms",
+         "train_dcor" (mean over steps of the executor's NoPeek term; None at α=0),
+         "seconds", "recon" (first `grid_images` test reconstructions, a tensor; not JSON)}.
+    """
+    started = time.perf_counter()
+    dep = with_protections(
+        target.deployment,
+        target.recon_edge,
+        nopeek_alpha=setting.alpha,
+        activation_noise_std=setting.noise_std,
+    )
+    run = LocalRun.start(target, dep)
+    metrics = run.train(epochs)
+    dcors = [m.dcor[target.recon_edge] for m in metrics if target.recon_edge in m.dcor]
+    accuracy = run.accuracy()
+    rng = np.random.default_rng([seed, 1])
+    n_aux = round(AUX_FRACTION * len(target.ids))
+    aux_ids = np.sort(rng.choice(run.train_ids, size=min(n_aux, len(run.train_ids)), replace=False))
+    test_ids = run.test_ids
+    gen = torch.Generator().manual_seed(seed)
+
+    def as_sent(ids: np.ndarray) -> torch.Tensor:
+        act = run.edge_activations(target.recon_edge, ids)
+        if setting.noise_std > 0:
+            act = act + setting.noise_std * torch.randn(act.shape, generator=gen)
+        return act
+
+    aux_act, test_act = as_sent(aux_ids), as_sent(test_ids)
+    x_aux = target.features[_rows_of(target, aux_ids)]
+    x_test = target.features[_rows_of(target, test_ids)]
+    with torch.no_grad():
+        dcor = float(distance_correlation(x_test, test_act))
+    decoder = train_decoder(aux_act, x_aux, epochs=decoder_epochs, seed=seed)
+    scores = reconstruction_metrics(
+        decoder, test_act, x_test.reshape(len(x_test), 1, 8, 8) if x_test.dim() == 2 else x_test
+    )
+    with torch.no_grad():
+        recon = decoder(test_act[:grid_images]).reshape(-1, 8, 8)
+    return {
+        "alpha": setting.alpha,
+        "noise_std": setting.noise_std,
+        "label": setting.label,
+        "accuracy": accuracy,
+        "dcor": dcor,
+        "mse": scores["mse"],
+        "ssim": scores["ssim"],
+        "activation_rms": float(test_act.pow(2).mean().sqrt()),
+        "train_dcor": float(np.mean(dcors)) if dcors else None,
+        "seconds": round(time.perf_counter() - started, 2),
+        "recon": recon,
+    }
+
+
+@dataclass(frozen=True)
+class LabelSetting:
+    """One gradient-side defence at the label holder.
+
+    Attributes:
+        name: "none", "clip_noise", "max_norm" or "marvell".
+        clip_norm, noise_std: for "clip_noise" (absolute, in the gradient's units).
+        power: Marvell's budget multiple s.
+    """
+
+    name: str
+    clip_norm: float | None = None
+    noise_std: float = 0.0
+    power: float = MARVELL_DEFAULT_POWER
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and plots."""
+        if self.name == "clip_noise":
+            noise = f"noise σ={self.noise_std:.2g}"
+            return noise if self.clip_norm is None else f"clip {self.clip_norm:.2g} + {noise}"
+        if self.name == "marvell":
+            return f"marvell s={self.power:g}"
+        return self.name
+
+
+def measure_label_leakage(
+    target: LeakageTarget, setting: LabelSetting, *, epochs: int, seed: int = 0
+) -> dict[str, Any]:
+    """Train the binary `target` with a label defence and run the norm and cosine attacks.
+
+    clip_noise is configured on the edge (`gradient_clip_norm`, `gradient_noise_std`) and applied
+    by the executor; max_norm and marvell are applied to the gradient the label holder returns, at
+    the point where the executor calls its label defence (its other protections are off here).
+
+    Args:
+        target: from `binary_target`.
+        setting: the defence.
+        epochs: training epochs.
+        seed: seeds the defence's noise.
+
+    Returns:
+        {"defence", "label", "accuracy", "norm_auc", "cosine_auc", "grad_norm_median",
+         "positives", "seconds", parameters of the defence}.
+    """
+    started = time.perf_counter()
+    dep = target.deployment
+    if setting.name == "clip_noise":
+        dep = with_protections(
+            dep, target.label_edge, gradient_clip_norm=setting.clip_norm, gradient_noise_std=setting.noise_std
+        )
+    run = LocalRun.start(target, dep)
+    gen = torch.Generator().manual_seed(seed)
+    seen: list[torch.Tensor] = []
+    seen_labels: list[torch.Tensor] = []
+
+    def intercept(out: Outgoing, ids: np.ndarray) -> Outgoing:
+        if out.kind != "gradient" or out.edge != target.label_edge:
+            return out
+        labels = target.labels[_rows_of(target, ids)]
+        g = out.tensor
+        if setting.name == "max_norm":
+            g = max_norm_defence(g, gen)
+        elif setting.name == "marvell":
+            g = marvell_defence(g, labels, power=setting.power, generator=gen)
+        seen.append(g.detach().clone())
+        seen_labels.append(labels)
+        return dataclasses.replace(out, tensor=g.contiguous())
+
+    per_epoch = []
+    for epoch in range(epochs):
+        first = len(seen)
+        run.train_epoch(epoch, intercept)
+        per_epoch.append(float(torch.cat([g.reshape(len(g), -1).norm(dim=1) for g in seen[first:]]).median()))
+    accuracy = run.accuracy()
+    return {
+        "defence": setting.name,
+        "label": setting.label,
+        "clip_norm": setting.clip_norm,
+        "noise_std": setting.noise_std,
+        "power": setting.power if setting.name == "marvell" else None,
+        "accuracy": accuracy,
+        "norm_auc": mean_batch_auc(norm_attack_auc, seen, seen_labels),
+        "cosine_auc": mean_batch_auc(cosine_attack_auc, seen, seen_labels),
+        "grad_norm_median_by_epoch": per_epoch,
+        "grad_dim": int(seen[0][0].numel()),
+        "positives": float(target.labels.float().mean()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def dcor_cost(
+    batch_sizes: Sequence[int] = (64, 256, 1024), *, dims: tuple[int, int] = (64, 64), repeats: int = 3
+) -> list[dict[str, float]]:
+    """Measure exact DCOR's cost (forward + backward, one thread as set by the caller) per batch size.
+
+    Args:
+        batch_sizes: B values.
+        dims: feature widths of the two inputs (raw digits: 64; the CNN's cut activation: 64).
+        repeats: timing repetitions (the best is kept).
+
+    Returns:
+        Per B: {"batch", "ms" (best forward + backward time), "matrix_mib" (one B×B float32
+        matrix), "saved_mib" (memory autograd keeps for the backward pass, measured with
+        saved-tensor hooks: the B×B matrices dominate it)}.
+    """
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for b in batch_sizes:
+        x = torch.rand(b, dims[0], generator=gen)
+        y = torch.rand(b, dims[1], generator=gen, requires_grad=True)
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.autograd.backward([distance_correlation(x, y)])
+            best = min(best, time.perf_counter() - t0)
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            distance_correlation(x, y)
+        out.append(
+            {
+                "batch": b,
+                "ms": round(best * 1e3, 3),
+                "matrix_mib": round(4 * b * b / 2**20, 3),
+                "saved_mib": round(sum(storages.values()) / 2**20, 3),
+            }
+        )
+    return out
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
+    if not enabled:
+        yield lambda _desc: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as prog:
+        task = prog.add_task("leakage sweep", total=total)
+        first = True
+
+        def advance(desc: str) -> None:
+            nonlocal first
+            if not first:
+                prog.advance(task)
+            first = False
+            prog.update(task, description=desc)
+
+        yield advance
+        prog.update(task, completed=total, description="leakage sweep done")
+
+
+def label_settings(quick: bool, first_epoch_median: float, width: int) -> list[LabelSetting]:
+    """The label-side defences of the sweep, scaled from the undefended run.
+
+    Gradient noise and clipping need absolute numbers; they are set from the median per-sample
+    gradient norm m of the first epoch of the undefended run (per-entry noise σ = k·m/√width gives
+    a noise vector of norm about k·m), and reported as numbers.
+
+    Args:
+        quick: the short list.
+        first_epoch_median: m.
+        width: entries per sample of the cut-layer gradient.
+
+    Returns:
+        The settings after "none" (which is always run first).
+    """
+    unit = first_epoch_median / math.sqrt(width)
+    m, sigma = float(f"{first_epoch_median:.2g}"), float(f"{unit:.2g}")
+    settings = [LabelSetting("clip_noise", noise_std=sigma)]
+    if not quick:
+        settings.append(LabelSetting("clip_noise", noise_std=float(f"{8 * unit:.2g}")))
+    settings += [LabelSetting("clip_noise", clip_norm=m, noise_std=sigma), LabelSetting("max_norm")]
+    if not quick:
+        settings.append(LabelSetting("marvell", power=1.0))
+    settings.append(LabelSetting("marvell", power=MARVELL_DEFAULT_POWER))
+    return settings
+
+
+def leakage_report(
+    deployment_or_demo: str | Path,
+    *,
+    out_dir: str | Path,
+    alphas: Sequence[float] | None = None,
+    noise_levels: Sequence[float] | None = None,
+    combined: Sequence[tuple[float, float]] | None = None,
+    quick: bool = False,
+    epochs: int | None = None,
+    label_leakage: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the sweep; write `leakage.json`, `reconstruction_grid.png`, `tradeoff.png`, `label_leakage.png`.
+
+    Args:
+        deployment_or_demo: a demo name ("vanilla", "u-shaped", "multi-hop") or a deployment file.
+        out_dir: where to write (created).
+        alphas: NoPeek α values swept at σ = 0 (default `FULL_ALPHAS`, or `QUICK_ALPHAS` when quick).
+        noise_levels: activation noise σ values swept at α = 0 (default `FULL_NOISE_LEVELS` /
+            `QUICK_NOISE_LEVELS`).
+        combined: (α, σ) pairs run as well (default `FULL_COMBINED`; none when quick).
+        quick: fewer epochs, decoder epochs and settings (tests, a first look).
+        epochs: training epochs per input-side setting (default 20, quick 10).
+        label_leakage: also run the label-leakage part (binary "is it a 0" task; 5 epochs, quick 3).
+        progress: show a rich progress bar on stderr.
+        seed: seeds the attacker and the label defences' noise (training uses the deployment's seed).
+
+    Returns:
+        Everything written to leakage.json (a JSON-able dict), with "files" naming the outputs.
+
+    Raises:
+        ConfigError: see `load_target`.
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = epochs if epochs is not None else (QUICK_EPOCHS if quick else FULL_EPOCHS)
+    label_epochs = QUICK_LABEL_EPOCHS if quick else FULL_LABEL_EPOCHS
+    decoder_epochs = QUICK_DECODER_EPOCHS if quick else FULL_DECODER_EPOCHS
+    alphas = tuple(alphas) if alphas is not None else (QUICK_ALPHAS if quick else FULL_ALPHAS)
+    noise_levels = (
+        tuple(noise_levels)
+        if noise_levels is not None
+        else (QUICK_NOISE_LEVELS if quick else FULL_NOISE_LEVELS)
+    )
+    combined = tuple(combined) if combined is not None else (() if quick else FULL_COMBINED)
+    target = load_target(deployment_or_demo, epochs=epochs)
+    settings = [PrivacySetting(alpha=a) for a in alphas]
+    settings += [PrivacySetting(noise_std=s) for s in noise_levels if s > 0]
+    settings += [PrivacySetting(alpha=a, noise_std=s) for a, s in combined]
+    configured = target.deployment.edge(target.recon_edge).protections
+    if (configured.nopeek_alpha or configured.activation_noise_std) and not any(
+        s.alpha == configured.nopeek_alpha and s.noise_std == configured.activation_noise_std
+        for s in settings
+    ):
+        settings.append(PrivacySetting(configured.nopeek_alpha, configured.activation_noise_std))
+    n_label = 1 + len(label_settings(quick, 1.0, 1)) if label_leakage else 0
+
+    rows: list[dict[str, Any]] = []
+    label_rows: list[dict[str, Any]] = []
+    with _progress(progress, len(settings) + n_label + 1) as advance:
+        for s in settings:
+            advance(f"train + attack {s.label}")
+            rows.append(
+                measure_reconstruction(target, s, epochs=epochs, decoder_epochs=decoder_epochs, seed=seed)
+            )
+        if label_leakage:
+            binary = binary_target(target)
+            advance("label leakage: none")
+            label_rows.append(
+                measure_label_leakage(binary, LabelSetting("none"), epochs=label_epochs, seed=seed)
+            )
+            first = label_rows[0]
+            for ls in label_settings(quick, first["grad_norm_median_by_epoch"][0], first["grad_dim"]):
+                advance(f"label leakage: {ls.label}")
+                label_rows.append(measure_label_leakage(binary, ls, epochs=label_epochs, seed=seed))
+        advance("DCOR cost")
+        cost = dcor_cost()
+
+    files = {
+        "json": str(out / "leakage.json"),
+        "reconstruction_grid": str(out / "reconstruction_grid.png"),
+        "tradeoff": str(out / "tradeoff.png"),
+    }
+    spec = target.deployment.spec.training
+    _, test_ids = split_train_test(target.ids.numpy(), spec.test_fraction, spec.seed)
+    grid_ids = test_ids[:GRID_IMAGES]
+    originals = target.features[_rows_of(target, grid_ids)].reshape(-1, 8, 8)
+    _plot_grid(originals, _grid_choice(rows), Path(files["reconstruction_grid"]))
+    _plot_tradeoff(rows, Path(files["tradeoff"]))
+    if label_rows:
+        files["label_leakage"] = str(out / "label_leakage.png")
+        _plot_label(label_rows, Path(files["label_leakage"]))
+    report: dict[str, Any] = {
+        "target": target.name,
+        "recon_edge": target.recon_edge,
+        "label_edge": target.label_edge,
+        "quick": quick,
+        "parameters": {
+            "epochs": epochs,
+            "label_epochs": label_epochs,
+            "batch_size": spec.batch_size,
+            "optimizer": spec.optimizer.model_dump(),
+            "training_seed": spec.seed,
+            "attack_seed": seed,
+            "test_fraction": spec.test_fraction,
+            "test_samples": len(test_ids),
+            "aux_fraction": AUX_FRACTION,
+            "decoder_epochs": decoder_epochs,
+            "decoder": "MLP flattened activation -> 256 -> 256 -> 64, ReLU, sigmoid output; Adam lr 2e-3, "
+            "weight decay 1e-4, batch 64; inputs standardised on the auxiliary activations",
+            "ssim": "Gaussian window 5x5, sigma 1, valid positions, C1=(0.01 L)^2, C2=(0.03 L)^2, L=1",
+            "dcor": "exact V-statistic dCor over the whole test set: raw pixels vs activations as sent",
+            "label_task": "digits, 1 = 'is it a 0' (about 10 % positives); last linear layer -> 2 outputs",
+            "label_auc": "mean over training batches of the per-batch ROC AUC (Li et al. 2022 attacks)",
+            "alphas": list(alphas),
+            "noise_levels": list(noise_levels),
+            "combined": [list(c) for c in combined],
+        },
+        "sweep": [{k: v for k, v in r.items() if k != "recon"} for r in rows],
+        "label_leakage": label_rows,
+        "dcor_cost": cost,
+        "files": files,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    Path(files["json"]).write_text(json.dumps(report, indent=1, sort_keys=True))
+    return report
+
+
+def _grid_choice(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+    """Reconstructions shown in the grid: α = 0, the strongest α, the strongest σ, the strongest pair."""
+    groups = [
+        ([r for r in rows if r["alpha"] == 0 and r["noise_std"] == 0], lambda r: 0.0),
+        ([r for r in rows if r["alpha"] > 0 and r["noise_std"] == 0], lambda r: r["alpha"]),
+        ([r for r in rows if r["alpha"] == 0 and r["noise_std"] > 0], lambda r: r["noise_std"]),
+        ([r for r in rows if r["alpha"] > 0 and r["noise_std"] > 0], lambda r: (r["alpha"], r["noise_std"])),
+    ]
+    chosen = []
+    for members, key in groups:
+        if members:
+            r = max(members, key=key)
+            chosen.append(
+                (f"{r['label']}: SSIM {r['ssim']:.2f}\nacc {100 * r['accuracy']:.1f} %", r["recon"])
+            )
+    return chosen
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_grid(originals: torch.Tensor, rows: Sequence[tuple[str, torch.Tensor]], path: Path) -> None:
+    plt = _pyplot()
+    n = originals.shape[0]
+    fig, axes = plt.subplots(1 + len(rows), n, figsize=(1.1 * n, 1.25 * (1 + len(rows))), squeeze=False)
+    for r, (title, images) in enumerate([("original (held out)", originals), *rows]):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.imshow(images[c].numpy(), cmap="gray_r", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(title, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle("Reconstruction from cut-layer activations by the receiving peer", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    measures = [
+        ("dcor", "DCOR(raw, activation) ↓ better"),
+        ("mse", "reconstruction MSE ↑ better"),
+        ("ssim", "reconstruction SSIM ↓ better"),
+    ]
+    series: list[tuple[str, str, list[Mapping[str, Any]]]] = [
+        ("NoPeek α", "o", [r for r in rows if r["noise_std"] == 0]),
+        ("noise σ", "s", [r for r in rows if r["alpha"] == 0 and r["noise_std"] > 0]),
+        ("α and σ", "^", [r for r in rows if r["alpha"] > 0 and r["noise_std"] > 0]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, xlabel) in zip(axes, measures, strict=True):
+        for kind, marker, pts in series:
+            if not pts:
+                continue
+            ax.plot([r[key] for r in pts], [100 * r["accuracy"] for r in pts], marker=marker, label=kind)
+            for r in pts:
+                ax.annotate(
+                    r["label"],
+                    (r[key], 100 * r["accuracy"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Accuracy against input leakage across the sweep (digits CNN)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_label(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, name in (
+        (axes[0], "norm_auc", "norm attack AUC"),
+        (axes[1], "cosine_auc", "cosine attack AUC"),
+    ):
+        for i, r in enumerate(rows):
+            ax.scatter(r[key], 100 * r["accuracy"], marker="osD^vP*X"[i % 8], s=45, label=r["label"])
+        ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xlim(0.0, 1.05)
+        ax.set_xlabel(f"{name} (0.5 = no leakage)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Label leakage from returned gradients (digits: is it a 0?) per defence", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

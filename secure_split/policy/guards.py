@@ -1,0 +1,227 @@
+"""Leakage guards at a data owner's egress: the last look at a tensor before it leaves.
+
+The gate calls `check_egress` for every outbound tensor of a peer that holds raw features, with
+the raw batch the tensor was computed from. Three guards, each a deny with its own rule id:
+
+- `guard:raw_shape` (unless `egress.refuse_raw_shape: false`): the tensor has the raw input's
+  per-sample shape, or the same number of elements per sample: a cut layer that could be the
+  identity, or a reshaped copy of the input.
+- `guard:raw_row` (unless `egress.refuse_raw_rows: false`): some output row equals a raw row, or
+  contains a raw row's values as a contiguous slice, within a relative L2 tolerance
+  (`egress.row_tolerance`, default 1e-3: ||window - raw|| <= tol * ||raw|| + 1e-9). Raw rows
+  whose values are all equal (zero rows, padding) are skipped, and the slice search needs raw
+  rows of at least 4 features: shorter ones turn up in any activation by chance.
+- `guard:dcor`: where the allow rule that admits the flow sets `max_distance_correlation`, the
+  sample distance correlation between the flattened tensor and the raw batch (Székely et al.,
+  exact on the batch; batches above 2,048 rows use their first 2,048) must not exceed it.
+  A tensor whose batch does not line up with the raw batch cannot be compared and is refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+
+from secure_split.policy.model import Decision, Flow, Policy
+
+MIN_SLICE_FEATURES = 4
+MAX_DCOR_ROWS = 2048
+_ABS_TOL = 1e-9
+_ANCHORS = 8
+_CHUNK = 4096
+_SAMPLE = 65536
+
+
+def _as_rows(a: NDArray[np.generic]) -> NDArray[np.float64]:
+    """Samples as rows: (batch, features), float64."""
+    x = np.asarray(a)
+    if x.ndim == 0:
+        x = x.reshape(1, 1)
+    elif x.ndim == 1:
+        x = x.reshape(-1, 1)
+    return np.asarray(x.reshape(x.shape[0], -1), dtype=np.float64)
+
+
+def distance_correlation(x: NDArray[np.generic], y: NDArray[np.generic]) -> float:
+    """Sample distance correlation dCor(X, Y) in [0, 1] between two batches with the same rows.
+
+    Args:
+        x, y: arrays whose first axis is the sample; other axes are flattened.
+
+    Returns:
+        dCor; 0.0 when either batch has no spread (all rows equal, or a single row).
+
+    Raises:
+        ValueError: the batches have a different number of rows.
+    """
+    a_rows = _as_rows(x)
+    b_rows = _as_rows(y)
+    if a_rows.shape[0] != b_rows.shape[0]:
+        raise ValueError(f"batches of {a_rows.shape[0]} and {b_rows.shape[0]} rows cannot be compared")
+
+    def centred(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+        sq = np.einsum("ij,ij->i", rows, rows)
+        d2 = sq[:, None] + sq[None, :] - 2.0 * (rows @ rows.T)
+        d = np.sqrt(np.maximum(d2, 0.0))
+        np.fill_diagonal(d, 0.0)
+        return np.asarray(d - d.mean(axis=0)[None, :] - d.mean(axis=1)[:, None] + d.mean(), dtype=np.float64)
+
+    a = centred(a_rows)
+    b = centred(b_rows)
+    dcov2 = float((a * b).mean())
+    dvar = float((a * a).mean()) * float((b * b).mean())
+    if not math.isfinite(dcov2) or not math.isfinite(dvar) or dvar <= 0.0:
+        return 0.0
+    return float(min(1.0, math.sqrt(max(dcov2, 0.0) / math.sqrt(dvar))))
+
+
+def find_raw_row(
+    out: NDArray[np.generic], raw: NDArray[np.generic], *, rtol: float = 1e-3
+) -> tuple[int, int] | None:
+    """Find an output row that is, or contains as a contiguous slice, a copy of some raw row.
+
+    Args:
+        out: the outgoing tensor (first axis: sample).
+        raw: the raw batch (first axis: sample).
+        rtol: relative L2 tolerance: a window w matches raw row r if ||w - r|| <= rtol*||r|| + 1e-9.
+
+    Returns:
+        (output row, raw row) of the first match found, or None.
+    """
+    o = _as_rows(out)
+    r = _as_rows(raw)
+    n, dt = o.shape
+    m, dr = r.shape
+    if n == 0 or m == 0 or dr == 0 or dt < dr or (dt > dr and dr < MIN_SLICE_FEATURES):
+        return None
+    rows = np.flatnonzero(np.isfinite(r).all(axis=1) & (np.ptp(r, axis=1) > 0))
+    if rows.size == 0:
+        return None
+    tols = rtol * np.linalg.norm(r, axis=1) + _ABS_TOL
+    flat = o.ravel()
+    # Anchors: per raw row, the values rarest in the output (counted on a strided sample) come
+    # first, so few positions survive the first comparison and fewer still the next ones.
+    sample = np.sort(flat[:: max(1, flat.size // _SAMPLE)])
+    anchors: dict[int, NDArray[np.intp]] = {}
+    for j in rows:
+        counts = np.searchsorted(sample, r[j] + tols[j], side="right") - np.searchsorted(
+            sample, r[j] - tols[j], side="left"
+        )
+        anchors[int(j)] = np.argsort(counts, kind="stable")[: min(_ANCHORS, dr)]
+    # One pass over the output: positions near some row's first anchor.
+    centre = np.array([r[j, anchors[int(j)][0]] for j in rows])
+    lo_all = centre - tols[rows]
+    hi_all = centre + tols[rows]
+    order = np.argsort(lo_all)
+    starts, ends = lo_all[order], np.maximum.accumulate(hi_all[order])
+    slot = np.searchsorted(starts, flat, side="right") - 1
+    near_any = np.flatnonzero((slot >= 0) & (flat <= ends[np.maximum(slot, 0)]))
+    near_order = np.argsort(flat[near_any])
+    near_any = near_any[near_order]
+    near_vals = flat[near_any]
+    cols = np.arange(dr)
+    for k, j in enumerate(rows):
+        row = r[j]
+        tol = tols[j]
+        a0 = int(anchors[int(j)][0])
+        lo = int(np.searchsorted(near_vals, centre[k] - tol, side="left"))
+        hi = int(np.searchsorted(near_vals, centre[k] + tol, side="right"))
+        cand = near_any[lo:hi]
+        if cand.size == 0:
+            continue
+        ii = cand // dt
+        pp = cand % dt - a0
+        keep = (pp >= 0) & (pp <= dt - dr)
+        ii, pp = ii[keep], pp[keep]
+        for a in anchors[int(j)][1:]:
+            if ii.size == 0:
+                break
+            near = np.abs(o[ii, pp + int(a)] - row[int(a)]) <= tol
+            ii, pp = ii[near], pp[near]
+        for start in range(0, ii.size, _CHUNK):
+            ci, cp = ii[start : start + _CHUNK], pp[start : start + _CHUNK]
+            windows = o[ci[:, None], cp[:, None] + cols[None, :]]
+            hit = np.flatnonzero(np.linalg.norm(windows - row[None, :], axis=1) <= tol)
+            if hit.size:
+                return int(ci[hit[0]]), int(j)
+    return None
+
+
+def _deny(policy: Policy, flow: Flow, rule_id: str, detail: str) -> Decision:
+    edge = f" on edge {flow.edge}" if flow.edge else ""
+    kind = getattr(flow.kind, "value", flow.kind)
+    where = f"the data owner's egress by policy '{policy.name}' v{policy.version}"
+    route = f"{flow.sender} -> {flow.receiver}: kind '{kind}'{edge}"
+    reason = f"{route} is refused at {where}: {detail} (rule: {rule_id})"
+    return policy.new_decision(False, rule_id, reason)
+
+
+def check_egress(
+    policy: Policy, flow: Flow, tensor: NDArray[np.generic], raw: NDArray[np.generic] | None
+) -> Decision | None:
+    """Run the leakage guards on a tensor about to leave a data owner.
+
+    Args:
+        policy: the policy in force.
+        flow: the outbound flow (already allowed by `Policy.decide`).
+        tensor: the tensor to send (first axis: sample).
+        raw: the raw feature batch it was computed from, or None if this peer holds no raw data
+            for it (then nothing is checked).
+
+    Returns:
+        None if the tensor may leave; else a deny Decision with rule id "guard:raw_shape",
+        "guard:raw_row" or "guard:dcor" and a reason that names the guard.
+    """
+    if raw is None:
+        return None
+    t = np.asarray(tensor)
+    r = np.asarray(raw)
+    if r.ndim == 0 or r.shape[0] == 0 or t.size == 0:
+        return None
+    per_raw = tuple(r.shape[1:])
+    per_t = tuple(t.shape[1:]) if t.ndim >= 1 else ()
+    raw_elems = math.prod(per_raw)
+    t_elems = math.prod(per_t)
+    if policy.egress.refuse_raw_shape and (per_t == per_raw or t_elems == raw_elems):
+        return _deny(
+            policy,
+            flow,
+            "guard:raw_shape",
+            f"the tensor has {t_elems} values per sample (shape {list(per_t)}), like the raw input "
+            f"(shape {list(per_raw)}); a cut layer must not be able to pass the input through",
+        )
+    if policy.egress.refuse_raw_rows:
+        hit = find_raw_row(t, r, rtol=policy.egress.row_tolerance)
+        if hit is not None:
+            return _deny(
+                policy,
+                flow,
+                "guard:raw_row",
+                f"row {hit[0]} of the tensor contains raw row {hit[1]} (a copy within relative tolerance "
+                f"{policy.egress.row_tolerance})",
+            )
+    decision = policy.decide(flow)
+    rule = policy.rule(decision.rule_id) if decision.allowed else None
+    limit = rule.constraints.max_distance_correlation if rule is not None else None
+    if rule is not None and limit is not None:
+        tr, rr = _as_rows(t), _as_rows(r)
+        if tr.shape[0] != rr.shape[0]:
+            return _deny(
+                policy,
+                flow,
+                "guard:dcor",
+                f"rule '{rule.id}' bounds distance correlation at {limit}, but the tensor's "
+                f"{tr.shape[0]} rows do not line up with the raw batch's {rr.shape[0]}",
+            )
+        dcor = distance_correlation(tr[:MAX_DCOR_ROWS], rr[:MAX_DCOR_ROWS])
+        if dcor > limit:
+            return _deny(
+                policy,
+                flow,
+                "guard:dcor",
+                f"distance correlation with the raw batch is {dcor:.3f}, above max_distance_correlation "
+                f"{limit} of rule '{rule.id}'",
+            )
+    return None

@@ -1,0 +1,180 @@
+"""The flows a deployment needs: what its topology will send, derived from the deployment alone.
+
+At startup every peer checks each of these against the policy (`check_deployment`), so a run
+never starts only to be refused on its first step. The rules, one per kind of traffic:
+
+- a cut edge whose segments run on different peers: `activation` FROM -> TO and `gradient`
+  TO -> FROM on that edge; if the edge enters a merge segment with `he: true`, instead
+  `encrypted_activation` forward and `aggregate_gradient` back (plain activations would show
+  each owner's values to the merge holder);
+- the coordinator and every other peer: all control kinds, both ways;
+- every pair of peers that exchange anything: `hello`, `refuse`, `error`, `heartbeat`,
+  `audit_receipt`, both ways;
+- each HE merge point: the CKKS key holder sends `he_context` (public context) to the merge
+  holder and the other owners; `masked_aggregate` both ways between merge holder and key holder;
+- vertical training (schedule `sync`) with two or more peers reading raw features: `psi`
+  between the coordinator and every such peer, both ways (private set intersection of ids);
+- horizontal training: owners of segments with the same model hand weights on as
+  `encrypted_weights` — between every two owners (`sequential`), or to and from the
+  coordinator, which averages them under HE (`splitfed`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from secure_split.canonical import digest_of
+from secure_split.config import Deployment
+from secure_split.policy.kinds import CONTROL_KINDS, KINDS, SESSION_KINDS
+from secure_split.policy.model import Policy
+
+
+@dataclass(frozen=True)
+class RequiredFlow:
+    """One route a deployment needs: sender -> receiver, kind, edge (None for no edge), and why."""
+
+    sender: str
+    receiver: str
+    kind: str
+    edge: str | None
+    why: str
+
+
+def he_merge_owners(deployment: Deployment, merge_segment: str) -> list[str]:
+    """Peers (other than the merge holder) whose segments feed `merge_segment`, sorted."""
+    spec = deployment.spec
+    holder = spec.segments[merge_segment].peer
+    return sorted(
+        {
+            spec.segments[e.from_].peer
+            for e in spec.edges
+            if e.to == merge_segment and e.from_ in spec.segments
+        }
+        - {holder}
+    )
+
+
+def he_key_holder(deployment: Deployment, merge_segment: str, policy: Policy | None = None) -> str | None:
+    """The peer that holds the CKKS secret key for an HE merge point.
+
+    The policy decides: a peer other than the merge holder whose party has
+    `assets.ckks_secret_key: true` (owners feeding the merge first). Without one, the first
+    owner (by name) that feeds the merge. Never the merge holder itself.
+
+    Returns:
+        The peer name, or None if no other peer feeds the merge.
+    """
+    spec = deployment.spec
+    holder = spec.segments[merge_segment].peer
+    owners = he_merge_owners(deployment, merge_segment)
+    if policy is not None:
+        named = sorted(policy.ckks_key_holders() & set(spec.peers) - {holder})
+        preferred = [p for p in named if p in owners] or named
+        if preferred:
+            return preferred[0]
+    return owners[0] if owners else None
+
+
+def shared_models(deployment: Deployment) -> dict[str, list[str]]:
+    """Segments reading raw features that have the same model at two or more peers.
+
+    Returns:
+        Shared model name ("shared_" + first segment name) -> the segments, sorted.
+    """
+    spec = deployment.spec
+    groups: dict[str, list[str]] = {}
+    for sname, seg in sorted(spec.segments.items()):
+        if seg.input == "features":
+            groups.setdefault(digest_of(seg.model), []).append(sname)
+    out: dict[str, list[str]] = {}
+    for segs in groups.values():
+        if len({spec.segments[s].peer for s in segs}) >= 2:
+            out[("shared_" + segs[0])[:63]] = segs
+    return out
+
+
+def required_flows(deployment: Deployment, *, policy: Policy | None = None) -> list[RequiredFlow]:
+    """Every route the deployment's topology and schedule will use (see the module docstring).
+
+    Args:
+        deployment: the validated deployment.
+        policy: only used to learn who holds the CKKS secret key at HE merge points.
+
+    Returns:
+        Required flows without duplicates, in a stable order.
+    """
+    spec = deployment.spec
+    seg_peer = {s: seg.peer for s, seg in spec.segments.items()}
+    flows: dict[tuple[str, str, str, str | None], str] = {}
+
+    def add(sender: str, receiver: str, kind: str, edge: str | None, why: str) -> None:
+        if sender != receiver:
+            flows.setdefault((sender, receiver, kind, edge), why)
+
+    for e in spec.edges:
+        pf, pt = seg_peer.get(e.from_), seg_peer.get(e.to)
+        if pf is None or pt is None or pf == pt:
+            continue
+        if spec.segments[e.to].he:
+            why = f"edge {e.name} enters merge '{e.to}', which aggregates under HE"
+            add(pf, pt, "encrypted_activation", e.name, why)
+            add(pt, pf, "aggregate_gradient", e.name, why)
+        else:
+            add(pf, pt, "activation", e.name, f"edge {e.name} carries '{e.from_}' outputs forward")
+            add(pt, pf, "gradient", e.name, f"edge {e.name} carries gradients back to '{e.from_}'")
+
+    for sname, seg in sorted(spec.segments.items()):
+        if not seg.he:
+            continue
+        holder = seg.peer
+        key_holder = he_key_holder(deployment, sname, policy)
+        if key_holder is None:
+            continue
+        for q in sorted({*he_merge_owners(deployment, sname), holder} - {key_holder}):
+            add(
+                key_holder,
+                q,
+                "he_context",
+                None,
+                f"{key_holder} holds the CKKS secret key for merge '{sname}'",
+            )
+        why = f"{holder} masks the encrypted sum at merge '{sname}' for {key_holder} to decrypt"
+        add(holder, key_holder, "masked_aggregate", None, why)
+        add(key_holder, holder, "masked_aggregate", None, why)
+
+    coordinator = spec.coordinator
+    feature_peers = sorted({seg.peer for seg in spec.segments.values() if seg.input == "features"})
+    if spec.training.schedule == "sync" and len(feature_peers) >= 2:
+        for owner in feature_peers:
+            why = f"vertical training: {coordinator} aligns sample ids with {owner} by PSI"
+            add(coordinator, owner, "psi", None, why)
+            add(owner, coordinator, "psi", None, why)
+    if spec.training.schedule in ("sequential", "splitfed"):
+        for model, segs in shared_models(deployment).items():
+            owners = sorted({seg_peer[s] for s in segs})
+            if spec.training.schedule == "sequential":
+                why = f"sequential schedule hands the weights of '{model}' from owner to owner"
+                for a in owners:
+                    for b in owners:
+                        add(a, b, "encrypted_weights", None, why)
+            else:
+                why = f"splitfed schedule averages the weights of '{model}' at {coordinator} under HE"
+                for a in owners:
+                    add(a, coordinator, "encrypted_weights", None, why)
+                    add(coordinator, a, "encrypted_weights", None, why)
+
+    for peer in sorted(spec.peers):
+        if peer == coordinator:
+            continue
+        for kind in KINDS:
+            if kind in CONTROL_KINDS:
+                add(coordinator, peer, kind, None, f"{coordinator} coordinates the run")
+                add(peer, coordinator, kind, None, f"{coordinator} coordinates the run")
+
+    pairs = sorted({tuple(sorted((s, r))) for (s, r, _, _) in flows})
+    for a, b in pairs:
+        for kind in SESSION_KINDS:
+            add(a, b, kind, None, f"{a} and {b} hold a session")
+            add(b, a, kind, None, f"{a} and {b} hold a session")
+
+    return [RequiredFlow(s, r, k, e, why) for (s, r, k, e), why in flows.items()]

@@ -1,0 +1,151 @@
+"""Test helpers for the engine: deployments from YAML text, and an in-memory router of peers.
+
+The router is the smallest coordinator there is: it starts each step at every peer, then
+delivers every `Outgoing` to its `to_peer` (through the wire format, as bytes, so receivers get
+read-only buffers like a real transport's) until nothing is left to send. For a segment with
+`he: true` it stands in for the encrypted aggregation: it sums the activations of all its
+in-edges and hands the sum over with `on_aggregate`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from secure_split.config import Deployment, load_deployment
+from secure_split.engine.data import PeerData
+from secure_split.engine.executor import Outgoing, PeerExecutor
+from secure_split.engine.metrics import Phase, StepMetrics, evaluate, sum_task_metrics
+from secure_split.engine.schedule import epoch_batches, split_train_test
+from secure_split.engine.tensors import from_wire, to_wire
+from secure_split.protocol import WireTensor
+
+SIGN_KEY = "ab" * 32
+TRANSPORT_KEY = "x" * 40
+
+
+def deployment_yaml(
+    peers: list[str],
+    segments: Mapping[str, Mapping[str, Any]],
+    edges: list[Mapping[str, Any]],
+    training: Mapping[str, Any] | None = None,
+    coordinator: str | None = None,
+) -> str:
+    """The YAML text of a deployment with placeholder keys and loopback endpoints."""
+    doc = {
+        "version": 1,
+        "name": "engine-test",
+        "coordinator": coordinator or peers[-1],
+        "policy": "policy.yaml",
+        "peers": {
+            p: {
+                "endpoint": f"tcp://127.0.0.1:{5600 + i}",
+                "sign_key": SIGN_KEY,
+                "transport_key": TRANSPORT_KEY,
+            }
+            for i, p in enumerate(peers)
+        },
+        "segments": {k: dict(v) for k, v in segments.items()},
+        "edges": [dict(e) for e in edges],
+        "training": dict(training or {}),
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def write_deployment(tmp_path: Path, text: str, name: str = "deployment.yaml") -> Deployment:
+    """Write YAML text to tmp_path/name and load it with `load_deployment`."""
+    path = tmp_path / name
+    path.write_text(text)
+    return load_deployment(path)
+
+
+def over_the_wire(t: torch.Tensor) -> torch.Tensor:
+    """What a receiver gets: the tensor's bytes copied into an immutable buffer, then viewed."""
+    w = to_wire(t)
+    return from_wire(WireTensor(w.dtype, w.shape, bytes(w.data)))
+
+
+class LocalRouter:
+    """Runs the peers of one deployment in this process, exchanging their Outgoing tensors."""
+
+    def __init__(self, executors: Mapping[str, PeerExecutor], *, wire: bool = True) -> None:
+        self.executors = dict(executors)
+        self.wire = wire
+        self.delivered: list[Outgoing] = []
+        self._pending_sums: dict[str, list[torch.Tensor]] = {}
+
+    def deliver(self, o: Outgoing) -> list[Outgoing]:
+        """Hand one Outgoing to its receiver; return what the receiver sends in turn."""
+        self.delivered.append(o)
+        t = over_the_wire(o.tensor) if self.wire else o.tensor
+        ex = self.executors[o.to_peer]
+        if o.kind == "activation":
+            segment = ex.topology.edges[o.edge].to
+            if ex.topology.segments[segment].he:
+                parts = self._pending_sums.setdefault(segment, [])
+                parts.append(t)
+                if len(parts) < len(ex.topology.in_edges[segment]):
+                    return []
+                del self._pending_sums[segment]
+                return ex.on_aggregate(segment, torch.stack(parts).sum(dim=0), step=o.step)
+            return ex.on_activation(o.edge, t, step=o.step)
+        return ex.on_gradient(o.edge, t, step=o.step)
+
+    def run_step(self, step: int, phase: Phase, ids: np.ndarray) -> dict[str, StepMetrics]:
+        """Begin the step at every peer, pump messages until quiet, finish it everywhere."""
+        queue: deque[Outgoing] = deque()
+        for ex in self.executors.values():
+            queue.extend(ex.begin_step(step, phase, ids))
+        while queue:
+            queue.extend(self.deliver(queue.popleft()))
+        for name, ex in self.executors.items():
+            assert ex.step_complete(), f"{name} still waits for {ex.waiting_for()}"
+        return {name: ex.finish_step() for name, ex in self.executors.items()}
+
+
+def make_executors(
+    dep: Deployment, datas: Mapping[str, PeerData | None], *, noise_seed: int | None = 0
+) -> dict[str, PeerExecutor]:
+    """One executor per peer that owns a segment."""
+    peers = {seg.peer for seg in dep.spec.segments.values()}
+    return {p: PeerExecutor(dep, p, datas.get(p), noise_seed=noise_seed) for p in sorted(peers)}
+
+
+def train_split(
+    dep: Deployment, datas: Mapping[str, PeerData | None], ids: Any, *, epochs: int | None = None
+) -> dict[str, Any]:
+    """Train over the LocalRouter on the same schedule as `train_centralized`; same result keys."""
+    training = dep.spec.training
+    router = LocalRouter(make_executors(dep, datas))
+    train_ids, test_ids = split_train_test(np.asarray(ids), training.test_fraction, training.seed)
+    losses: list[float] = []
+    step = 0
+    for epoch in range(training.epochs if epochs is None else epochs):
+        seen: list[StepMetrics] = []
+        for batch in epoch_batches(
+            train_ids, training.batch_size, training.seed, epoch, training.max_steps_per_epoch
+        ):
+            seen.extend(router.run_step(step, "train", batch).values())
+            step += 1
+        losses.append(sum(m.mean_loss for m in sum_task_metrics(seen).values()))
+
+    def run_eval(batch: np.ndarray) -> dict[str, Any]:
+        nonlocal step
+        metrics = router.run_step(step, "eval", batch)
+        step += 1
+        return sum_task_metrics(metrics.values())
+
+    test = evaluate(run_eval, test_ids, training.batch_size)
+    segments = {s: m for ex in router.executors.values() for s, m in ex.segments.items()}
+    return {
+        "accuracy": {t: m.accuracy for t, m in test.items()},
+        "loss": losses,
+        "segments": segments,
+        "router": router,
+    }
