@@ -1,8 +1,11 @@
 """Policy compliance of logged flows: every message was allowed by the policy in force.
 
 Each distinct flow (direction, sender, receiver, kind, edge, byte length, dtype, shape, batch
-size) is decided once by the policy engine and the verdict applies to every entry that logged
-it. An entry logged under another policy hash is reported, not decided. A message kind outside
+size) is decided by the policy engine at the time of the log's first and of its last message:
+a decision depends only on the flow, the policy and the time, and time matters only through the
+policy's validity window (one interval), so a flow allowed at both ends was allowed throughout.
+The verdict applies to every entry that logged the flow. An entry logged under another policy
+hash is reported, not decided. A message kind outside
 the protocol's closed set is reported as `raw_data`: raw features and labels have no message
 kind, so such an entry can only mean something left an owner that never should have.
 
@@ -11,10 +14,22 @@ The policy package is imported here only, lazily, so the rest of the verifier wo
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from secure_split.audit.crosscheck import LogFacts
 from secure_split.audit.report import Finding, to_ranges
+
+
+_UNDECIDED: Any = object()
+
+
+def _when(timestamp: str) -> datetime | None:
+    """An entry's `time` as an aware datetime (None if it cannot be read)."""
+    try:
+        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        return None
 
 
 def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Finding], dict[str, int], list[str]]:
@@ -37,6 +52,7 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
     decided: dict[tuple[Any, ...], Any] = {}
     flows_checked = 0
     for facts in logs.values():
+        times = sorted({w for t in facts.message_times if t and (w := _when(t)) is not None})
         mismatch = [s for h, seqs in facts.policies.items() if h != policy.hash for s in seqs]
         skip = set(mismatch)
         raw: dict[str, list[int]] = {}
@@ -62,20 +78,23 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
                 if kind not in KIND_SET:
                     raw.setdefault(str(kind), []).extend(seqs)
                     continue
-                decision = decided.get(flow_key)
-                if decision is None:
-                    flow = Flow(sender=sender, receiver=receiver, kind=kind, edge=edge or None,
-                                direction=direction, nbytes=nbytes, dtype=dtype, shape=shape, batch_size=batch)
-                    try:
-                        decision = policy.decide(flow)
-                    except Exception as exc:  # noqa: BLE001 - an engine failure must not hide other findings
-                        problems.append(f"the policy engine failed on {sender} -> {receiver} {kind}: {exc}")
-                        decision = False
-                    decided[flow_key] = decision
+                flow = Flow(sender=sender, receiver=receiver, kind=kind, edge=edge or None,
+                            direction=direction, nbytes=nbytes, dtype=dtype, shape=shape, batch_size=batch)
+                refusal = None
+                for when in times or [None]:
+                    decision = decided.get((flow_key, when))
+                    if decision is None:
+                        try:
+                            decision = policy.decide(flow, now=when)
+                        except Exception as exc:  # noqa: BLE001 - an engine failure must not hide other findings
+                            problems.append(f"the policy engine failed on {sender} -> {receiver} {kind}: {exc}")
+                            decision = _UNDECIDED
+                        decided[(flow_key, when)] = decision
+                    if decision is not _UNDECIDED and not decision.allowed and refusal is None:
+                        refusal = decision
                 flows_checked += len(seqs)
-                if decision is not False and not decision.allowed:
-                    denied.setdefault(f"{sender} -> {receiver}: {kind} on {edge or '-'} ({direction}): "
-                                      f"{decision.reason}", []).extend(seqs)
+                if refusal is not None:
+                    denied.setdefault(f"{refusal.reason} (rule {refusal.rule_id})", []).extend(seqs)
         if mismatch:
             findings.append(Finding(
                 "policy_mismatch", facts.peer, facts.file, to_ranges(mismatch),
@@ -90,4 +109,4 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
             findings.append(Finding(
                 "policy_violation", facts.peer, facts.file, to_ranges(seqs),
                 f"{len(seqs)} logged flow(s) are not allowed by the policy: {reason}"))
-    return findings, {"flows_checked": flows_checked, "distinct_flows": len(decided)}, problems
+    return findings, {"flows_checked": flows_checked, "policy_decisions": len(decided)}, problems

@@ -46,6 +46,7 @@ class LogFacts:
         refusals: (counterparty, kind) -> how many inbound messages this peer refused.
         heads: counterparty heads recorded: (counterparty, seq, head, signature, key, entry seq).
         signed_heads: this peer's own checkpoints: seq -> (entry hash, signature valid).
+        message_times: (earliest, latest) `time` of the message entries ("" when none).
     """
 
     peer: str
@@ -59,6 +60,7 @@ class LogFacts:
     refusals: Counter[tuple[str, str]] = field(default_factory=Counter)
     heads: list[tuple[Any, ...]] = field(default_factory=list)
     signed_heads: dict[int, tuple[str, bool]] = field(default_factory=dict)
+    message_times: tuple[str, str] = ("", "")
 
 
 def extract_facts(report: FileReport) -> LogFacts:
@@ -72,7 +74,8 @@ def extract_facts(report: FileReport) -> LogFacts:
     sent, sent_seq, received, received_seq = out.sent, out.sent_seq, out.received, out.received_seq
     policies = out.policies
     last_policy, policy_seqs = None, None
-    for p, (seq, _prev, _h, event, problem, _cp, facts, policy, _li, _lo) in enumerate(report.infos):
+    first_time, last_time = "~", ""  # ISO 8601 UTC strings order like the times they name
+    for p, (seq, _prev, _h, event, problem, _cp, facts, policy, time, _li, _lo) in enumerate(report.infos):
         if facts is None:
             continue
         if event == "message_sent" or event == "message_received":
@@ -92,6 +95,10 @@ def extract_facts(report: FileReport) -> LogFacts:
             if policy != last_policy:
                 last_policy, policy_seqs = policy, policies.setdefault(policy, [])
             policy_seqs.append(seq)  # type: ignore[union-attr]
+            if time < first_time:
+                first_time = time
+            if time > last_time:
+                last_time = time
         elif p in excluded:
             continue
         elif event == "counterparty_head":
@@ -102,6 +109,8 @@ def extract_facts(report: FileReport) -> LogFacts:
         elif event == "refused":
             if facts[0] == "receive":
                 out.refusals[(str(facts[1]), str(facts[2]))] += 1
+    if last_time:
+        out.message_times = (first_time, last_time)
     return out
 
 

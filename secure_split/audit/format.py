@@ -54,6 +54,8 @@ GATE_EVENTS: Final[dict[str, frozenset[str]]] = {
     "checkpoint_saved": frozenset({"epoch", "digest"}),
     "checkpoint_resumed": frozenset({"epoch", "digest"}),
     "run_end": frozenset({"status", "reason", "metrics"}),
+    # Vertical training: sizes of the PSI, never ids.
+    "ids_aligned": frozenset({"parties", "own_size", "intersection_size"}),
 }
 GATE_EVENTS["message_received"] = GATE_EVENTS["message_sent"]
 

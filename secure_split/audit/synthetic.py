@@ -40,6 +40,7 @@ class SyntheticRun:
         log_dir: the folder of the logs (`audit/`).
         deployment_path: the public deployment file with the peers' public keys.
         deployment_hash: its hash.
+        policy_path: the policy the run's flows comply with (None when none was written).
         policy_hash: the policy hash every entry carries.
         entries: entries written, per peer.
         identities: peer -> the identity that signed its log (secret: for tests only).
@@ -49,6 +50,7 @@ class SyntheticRun:
     log_dir: Path
     deployment_path: Path
     deployment_hash: str
+    policy_path: Path | None
     policy_hash: str
     entries: dict[str, int]
     identities: dict[str, Any]
@@ -164,7 +166,9 @@ def generate_logs(
         steps_per_barrier: steps between signed checkpoints (20 gives one checkpoint per ~70-130
             entries per peer, like a step barrier).
         seed: makes digests and sessions reproducible (keys are fresh unless `identities` given).
-        policy_hash: the policy hash entries carry (default: a synthetic one).
+        policy_hash: the policy hash entries carry. Default: write `policy.yaml`, the policy
+            `secure_split.policy.policy_for_deployment` makes for the deployment (which allows
+            exactly the run's flows), and use its hash.
         identities: peer -> `Identity` to sign with (default: freshly generated).
         clock: nanosecond clock for entry times (default: a fixed start, +250 µs per entry).
 
@@ -179,7 +183,7 @@ def generate_logs(
     ids = identities or {p: generate_identity(p) for p in PEERS}
     dep_path = write_deployment(root, ids)
     dep = load_deployment(dep_path)
-    pol = policy_hash or digest_of({"synthetic_policy": seed})
+    policy_path, pol = _write_policy(root, dep) if policy_hash is None else (None, policy_hash)
     tick = [_START_NS]
 
     def fixed_clock() -> int:
@@ -225,4 +229,16 @@ def generate_logs(
     for p, log in logs.items():
         log.close("ok", metrics={"steps": step, "accuracy": 0.93, "loss": 0.2})
     counts = {p: log.seq + 1 for p, log in logs.items()}
-    return SyntheticRun(root, log_dir, dep_path, dep.hash, pol, counts, ids)
+    return SyntheticRun(root, log_dir, dep_path, dep.hash, policy_path, pol, counts, ids)
+
+
+def _write_policy(root: Path, deployment: Any) -> tuple[Path | None, str]:
+    """Write the deployment's own policy and return (path, hash); a synthetic hash without the engine."""
+    try:
+        from secure_split.policy import load_policy, policy_for_deployment
+    except ImportError:
+        return None, digest_of({"synthetic_policy": deployment.hash})
+    path = root / "policy.yaml"
+    path.write_text("# Synthetic run's policy: exactly the flows the deployment needs.\n"
+                    + yaml.safe_dump(policy_for_deployment(deployment, name="synthetic-audit-v1"), sort_keys=False))
+    return path, load_policy(path).hash

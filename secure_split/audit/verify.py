@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from secure_split.audit.chain import VerifyContext, parse_line, read_log, verify_lines
+from secure_split.audit.chain import VerifyContext, parse_line, paused_gc, read_log, verify_lines
 from secure_split.audit.compliance import check_compliance
 from secure_split.audit.crosscheck import LogFacts, cross_check, extract_facts
 from secure_split.audit.format import genesis_hash
@@ -59,9 +59,13 @@ def _verify_one(path: str, peer: str, context: VerifyContext) -> tuple[FileRepor
     return report, facts, None
 
 
-def _verify_job(args: tuple[str, str, str, dict[str, str]]) -> tuple[FileReport | None, LogFacts | None, str | None]:
-    path, peer, deployment_hash, keys = args
-    return _verify_one(path, peer, VerifyContext(deployment_hash=deployment_hash, keys=keys))
+def _verify_job(
+    args: tuple[str, str, str, dict[str, str], bool],
+) -> tuple[FileReport | None, LogFacts | None, str | None]:
+    path, peer, deployment_hash, keys, strict = args
+    with paused_gc():
+        return _verify_one(path, peer, VerifyContext(deployment_hash=deployment_hash, keys=keys,
+                                                     strict_encoding=strict))
 
 
 def _cpus() -> int:
@@ -93,6 +97,7 @@ def verify_logs(
     policy: Any = None,
     *,
     workers: int | None = None,
+    strict_encoding: bool = False,
 ) -> AuditReport:
     """Verify every peer's audit log in `log_dir` against the deployment (and the policy).
 
@@ -102,16 +107,25 @@ def verify_logs(
         policy: a loaded `Policy`, the path of the policy file, or None to skip policy compliance.
         workers: processes for the per-file pass (default: one per core when the logs are large,
             else 1).
+        strict_encoding: re-encode every entry to check canonical encoding (default: every entry
+            but messages, and messages on a sample; see `VerifyContext`).
 
     Returns:
         The report: `clean`, `findings`, `unverifiable`, `exit_code` (0 clean, 1 a problem found,
         2 cannot verify), `to_json()`, `render_table()`.
     """
+    with paused_gc():
+        return _verify_logs(log_dir, deployment, policy, workers, strict_encoding)
+
+
+def _verify_logs(
+    log_dir: str | Path, deployment: Any, policy: Any, workers: int | None, strict_encoding: bool
+) -> AuditReport:
     try:
         dep = _load_deployment(deployment)
     except SecureSplitError as exc:
         return AuditReport(files=[], findings=[], unverifiable=[f"cannot read the deployment: {exc}"])
-    context = VerifyContext.from_deployment(dep)
+    context = VerifyContext.from_deployment(dep, strict_encoding=strict_encoding)
     unverifiable: list[str] = []
     pol = None
     if policy is not None:
@@ -181,7 +195,8 @@ def _run_parallel(
         return [_verify_one(p, peer, context) for p, peer in jobs]
     # Largest files first so the longest job starts at once.
     order = sorted(range(len(jobs)), key=lambda i: -os.path.getsize(jobs[i][0]))
-    args = [(jobs[i][0], jobs[i][1], context.deployment_hash, dict(context.keys)) for i in order]
+    args = [(jobs[i][0], jobs[i][1], context.deployment_hash, dict(context.keys), context.strict_encoding)
+            for i in order]
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
         done = list(pool.map(_verify_job, args))
     results: list[Any] = [None] * len(jobs)

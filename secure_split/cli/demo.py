@@ -155,10 +155,94 @@ def scenario_multi_hop(epochs: int, hops: int = 2, **_: Any) -> ScenarioPlan:
     )
 
 
+def scenario_multi_task(epochs: int, **_: Any) -> ScenarioPlan:
+    """owner.trunk feeds two label holders: digit class at one, "digit >= 5" at another."""
+    from secure_split.engine import zoo
+
+    ids, x, y = _digits()
+    ge5 = (y >= 5).to(y.dtype)
+    return ScenarioPlan(
+        name="multi-task",
+        peers=[
+            PeerPlan("owner", ids, features=x),
+            PeerPlan("digit_lab", ids, labels={"labels": y}),
+            PeerPlan("ge5_lab", ids, labels={"ge5": ge5}),
+        ],
+        coordinator="digit_lab",
+        segments={
+            "trunk": {"peer": "owner", "input": "features", "model": zoo.DIGITS_CNN_BOTTOM},
+            "head_digit": {"peer": "digit_lab", "loss": "cross_entropy", "model": zoo.DIGITS_CNN_TOP},
+            "head_ge5": {"peer": "ge5_lab", "loss": "cross_entropy", "labels": "ge5", "model": zoo.DIGITS_GE5_HEAD},
+        },
+        edges=[{"from": "trunk", "to": "head_digit"}, {"from": "trunk", "to": "head_ge5"}],
+        training=_training(epochs),
+        baseline_features={"trunk": x},
+        baseline_labels={"head_digit": y, "head_ge5": ge5},
+        baseline_ids=ids,
+        main_task="labels",
+    )
+
+
+def _vertical(epochs: int, *, he: bool) -> ScenarioPlan:
+    """Breast cancer split by columns between two hospitals with overlapping patient lists;
+    labels at a lab. Ids are aligned by PSI at run time; the baseline trains on the same
+    intersection."""
+    import numpy as np
+
+    from secure_split.engine import zoo
+    from secure_split.engine.data import breast_cancer
+
+    ids, x, y = breast_cancer()
+    rng = np.random.default_rng(11)
+    n = len(ids)
+    # Each party holds a different, partially overlapping subset of the patients.
+    a_rows = np.sort(rng.choice(n, size=int(0.85 * n), replace=False))
+    b_rows = np.sort(rng.choice(n, size=int(0.85 * n), replace=False))
+    l_rows = np.sort(rng.choice(n, size=int(0.9 * n), replace=False))
+    xa, xb = x[:, :15].contiguous(), x[:, 15:].contiguous()
+    inter = np.intersect1d(np.intersect1d(a_rows, b_rows), l_rows)
+    top = zoo.BREAST_CANCER_SUM_TOP if he else zoo.BREAST_CANCER_VERTICAL_TOP
+    merge: dict[str, Any] = {"merge": "sum", "he": True} if he else {"merge": "concat"}
+    return ScenarioPlan(
+        name="vertical-he" if he else "vertical",
+        peers=[
+            PeerPlan("hospital_a", ids[a_rows], features=xa[a_rows]),
+            PeerPlan("hospital_b", ids[b_rows], features=xb[b_rows]),
+            PeerPlan("lab", ids[l_rows], labels={"labels": y[l_rows]}),
+        ],
+        coordinator="lab",
+        segments={
+            "bottom_a": {"peer": "hospital_a", "input": "features", "model": zoo.BREAST_CANCER_HALF_BOTTOM},
+            "bottom_b": {"peer": "hospital_b", "input": "features", "model": zoo.BREAST_CANCER_HALF_BOTTOM},
+            "top": {"peer": "lab", "loss": "cross_entropy", "model": top, **merge},
+        },
+        edges=[{"from": "bottom_a", "to": "top"}, {"from": "bottom_b", "to": "top"}],
+        training={"seed": 7, "epochs": epochs, "batch_size": 64, "test_fraction": 0.2,
+                  "optimizer": {"type": "adam", "lr": zoo.BREAST_CANCER_LR}},
+        baseline_features={"bottom_a": xa[inter], "bottom_b": xb[inter]},
+        baseline_labels={"top": y[inter]},
+        baseline_ids=ids[inter],
+        main_task="labels",
+    )
+
+
+def scenario_vertical(epochs: int, **_: Any) -> ScenarioPlan:
+    """Two hospitals' columns, concatenated at the lab (plaintext cut tensors)."""
+    return _vertical(epochs, he=False)
+
+
+def scenario_vertical_he(epochs: int, **_: Any) -> ScenarioPlan:
+    """Two hospitals' columns, summed at the lab under CKKS: the lab never sees either one."""
+    return _vertical(epochs, he=True)
+
+
 SCENARIOS: dict[str, Callable[..., ScenarioPlan]] = {
     "vanilla": scenario_vanilla,
     "u-shaped": scenario_u_shaped,
     "multi-hop": scenario_multi_hop,
+    "multi-task": scenario_multi_task,
+    "vertical": scenario_vertical,
+    "vertical-he": scenario_vertical_he,
 }
 
 

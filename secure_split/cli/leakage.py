@@ -34,7 +34,7 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
-    """Print the sweep, the label-leakage table, DCOR's cost and the output files.
+    """Print the sweep, the label-leakage tables, DCOR's cost and the output files.
 
     Args:
         report: what `secure_split.engine.leakage.leakage_report` returned.
@@ -43,13 +43,23 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     out = console or default_console
     base = next((r for r in report["sweep"] if r["alpha"] == 0 and r["noise_std"] == 0), None)
     t = Table(title=f"input leakage on edge {report['recon_edge']} ({report['target']}, held-out data)")
-    for col in ("setting", "accuracy", "Δ acc (pts)", "DCOR", "recon MSE", "recon SSIM", "activation RMS"):
+    for col in (
+        "setting",
+        "accuracy",
+        "last 3 epochs",
+        "Δ (pts)",
+        "DCOR",
+        "recon MSE",
+        "recon SSIM",
+        "act. RMS",
+    ):
         t.add_column(col, justify="left" if col == "setting" else "right")
     for r in report["sweep"]:
-        delta = f"{100 * (r['accuracy'] - base['accuracy']):+.1f}" if base else "-"
+        delta = f"{100 * (r['accuracy_smoothed'] - base['accuracy_smoothed']):+.1f}" if base else "-"
         t.add_row(
             r["label"],
             f"{100 * r['accuracy']:.1f} %",
+            f"{100 * r['accuracy_smoothed']:.1f} %",
             delta,
             _fmt(r["dcor"]),
             _fmt(r["mse"], ".4f"),
@@ -57,16 +67,46 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
             _fmt(r["activation_rms"], ".2f"),
         )
     out.print(t)
-    if report.get("label_leakage"):
+    rows = report.get("label_leakage") or []
+    if rows:
+        task = report["parameters"].get("positive_class", "?")
         lt = Table(
-            title=f"label leakage on edge {report['label_edge']} (binary: is it a 0, "
-            f"{100 * report['label_leakage'][0]['positives']:.0f} % positives)"
+            title=f"label leakage on edge {report['label_edge']} (binary: is it a {task}, "
+            f"{100 * rows[0]['positives']:.0f} % positives; AUC 0.5 = nothing learnt)"
         )
-        for col in ("defence", "accuracy", "norm attack AUC", "cosine attack AUC"):
+        for col in (
+            "defence",
+            "accuracy",
+            "norm AUC",
+            "norm, direction-free",
+            "cosine AUC",
+            "cosine, direction-free",
+        ):
             lt.add_column(col, justify="left" if col == "defence" else "right")
-        for r in report["label_leakage"]:
-            lt.add_row(r["label"], f"{100 * r['accuracy']:.1f} %", _fmt(r["norm_auc"]), _fmt(r["cosine_auc"]))
+        for r in rows:
+            lt.add_row(
+                r["label"],
+                f"{100 * r['accuracy']:.1f} %",
+                _fmt(r["norm_auc"]),
+                _fmt(r["norm_leak_auc"]),
+                _fmt(r["cosine_auc"]),
+                _fmt(r["cosine_leak_auc"]),
+            )
         out.print(lt)
+    scan = report.get("label_class_scan") or []
+    if scan:
+        st = Table(title="label leakage without a defence, per positive digit")
+        for col in ("positive digit", "norm AUC", "norm, direction-free", "cosine AUC", "norm AUC per epoch"):
+            st.add_column(col, justify="right")
+        for r in scan:
+            st.add_row(
+                str(r["positive_class"]),
+                _fmt(r["norm_auc"]),
+                _fmt(r["norm_leak_auc"]),
+                _fmt(r["cosine_auc"]),
+                " ".join(f"{v:.2f}" for v in r["norm_auc_by_epoch"]),
+            )
+        out.print(st)
     ct = Table(title="cost of exact DCOR (forward + backward, one thread)")
     for col in ("batch", "time (ms)", "one B×B matrix (MiB)", "kept for backward (MiB)"):
         ct.add_column(col, justify="right")

@@ -105,7 +105,8 @@ def peer_run(
         result.write_text(json.dumps(res.to_json(), indent=1, sort_keys=True))
     if res.status != "ok":
         err_console.print(f"peer '{res.name}' failed: {res.error}", markup=False, soft_wrap=True)
-        raise typer.Exit(int(ExitCode.FAILED))
+        # The code of the error that stopped this peer (3 timeout, 4 policy, 5 protocol, ...), else 1.
+        raise typer.Exit(int(getattr(res, "exit_code", 0) or ExitCode.FAILED))
     if progress != "jsonl":
         err_console.print(f"peer '{res.name}' finished: sent {res.bytes_sent} B, received {res.bytes_received} B")
 

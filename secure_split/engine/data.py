@@ -122,6 +122,20 @@ class PeerData:
         return order[pos]
 
 
+    def subset(self, ids: object) -> PeerData:
+        """This data restricted to `ids`, in that order (e.g. the PSI intersection).
+
+        Raises:
+            TrainingError: if some ids are not in this peer's data.
+        """
+        idx = self.rows(ids)
+        return PeerData(
+            ids=self.ids[idx].contiguous(),
+            features=self.features[idx].contiguous() if self.features is not None else None,
+            labels={k: v[idx].contiguous() for k, v in self.labels.items()},
+        )
+
+
 def _data_problems(ids: object, features: object, labels: object) -> list[str]:
     problems: list[str] = []
     if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:

@@ -79,8 +79,21 @@ def epoch_batches(
     arr = _id_array(train_ids)
     perm = np.random.default_rng([int(seed), _EPOCH_STREAM, int(epoch)]).permutation(len(arr))
     shuffled = arr[perm]
-    batches = [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+    batches = _chunks(shuffled, batch_size)
     return batches if max_steps is None else batches[:max_steps]
+
+
+MIN_BATCH = 8
+"""A last partial batch smaller than this is merged into the one before it: a batch of one
+patient leaks that patient, and shipped policies refuse batches under 8 (`min_batch`)."""
+
+
+def _chunks(arr: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    batches = [arr[i : i + batch_size] for i in range(0, len(arr), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < min(MIN_BATCH, batch_size):
+        last = batches.pop()
+        batches[-1] = np.concatenate([batches[-1], last])
+    return batches
 
 
 def eval_batches(test_ids: object, batch_size: int) -> list[np.ndarray]:
@@ -92,4 +105,4 @@ def eval_batches(test_ids: object, batch_size: int) -> list[np.ndarray]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     arr = _id_array(test_ids)
-    return [arr[i : i + batch_size] for i in range(0, len(arr), batch_size)]
+    return _chunks(arr, batch_size)

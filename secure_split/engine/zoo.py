@@ -13,6 +13,7 @@ __all__ = [
     "BREAST_CANCER_LR",
     "BREAST_CANCER_MLP_BOTTOM",
     "BREAST_CANCER_MLP_TOP",
+    "BREAST_CANCER_SUM_TOP",
     "BREAST_CANCER_VERTICAL_TOP",
     "DIGITS_CNN_BOTTOM",
     "DIGITS_CNN_TOP",
@@ -102,3 +103,10 @@ BREAST_CANCER_VERTICAL_TOP: Layers = [
     {"linear": {"in": 16, "out": 2}},
 ]
 """Vertical split, label holder after `merge: concat` of two 16-wide halves: 32 -> 2 logits."""
+
+BREAST_CANCER_SUM_TOP: Layers = [
+    {"linear": {"in": 16, "out": 16}},
+    {"relu": {}},
+    {"linear": {"in": 16, "out": 2}},
+]
+"""Vertical split with `merge: sum` (optionally under HE): the two 16-wide halves are added -> 2 logits."""

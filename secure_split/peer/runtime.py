@@ -44,7 +44,7 @@ from secure_split.errors import (
     TrainingError,
 )
 from secure_split.peer.gate import Gate
-from secure_split.policy import Policy, check_startup, load_policy
+from secure_split.policy import Policy, check_startup, he_key_holder, load_policy, psi_parties, required_flows
 from secure_split.protocol import Kind, Message, PeerSession, WireTensor
 from secure_split.transport import Transport, TransportPeer
 
@@ -70,6 +70,8 @@ class PeerResult:
     epochs_done: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
+    # The ExitCode of the error that stopped this peer (0 when it did not stop on an error of its own).
+    exit_code: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,13 +108,15 @@ class _EpochMetrics:
         return out
 
 
-def _counterparties(deployment: Deployment, topology: Topology, me: str) -> list[str]:
-    coordinator = deployment.spec.coordinator
-    if me == coordinator:
-        peers = set(deployment.spec.peers) - {me}
-    else:
-        peers = set(topology.neighbours(me)) | {coordinator}
-        peers.discard(me)
+def _counterparties(deployment: Deployment, policy: Policy, me: str) -> list[str]:
+    """Every peer this one exchanges messages with: those the topology's required flows name."""
+    peers: set[str] = set()
+    for flow in required_flows(deployment, policy=policy):
+        if flow.sender == me:
+            peers.add(flow.receiver)
+        elif flow.receiver == me:
+            peers.add(flow.sender)
+    peers.discard(me)
     return sorted(peers)
 
 
@@ -155,13 +159,20 @@ class PeerRuntime:
         self.topology = Topology.from_deployment(self.deployment)
         self.data: PeerData | None = load_peer_data(self.cfg.data_path) if self.cfg.data_path else None
         self.executor = PeerExecutor(self.deployment, self.me, self.data)
-        self.counterparties = _counterparties(self.deployment, self.topology, self.me)
+        self.counterparties = _counterparties(self.deployment, self.policy, self.me)
+        # HE merge state: contexts per merge segment, pending encrypted contributions and masks.
+        self.he_segments = sorted(s for s, seg in spec.segments.items() if seg.he)
+        self.he_key_holders = {s: he_key_holder(self.deployment, s, self.policy) for s in self.he_segments}
+        self.he_ctx: dict[str, Any] = {}
+        self.he_pending: dict[tuple[int, str], dict[str, Any]] = {}
+        self.he_masks: dict[tuple[int, str], Any] = {}
         self.is_coordinator = spec.coordinator == self.me
         self.result = PeerResult(name=self.me, pid=os.getpid())
         self.checkpoint_dir = self.cfg.checkpoints_dir
         self.available_checkpoints = list_checkpoints(self.checkpoint_dir) if resume else []
         # Mutable run state
         self.queue: deque[Message] = deque()
+        self.setup_inbox: deque[Message] = deque()
         self.current_step: int | None = None
         self.current_phase: str = "train"
         self.shutdown_status: str | None = None
@@ -240,6 +251,8 @@ class PeerRuntime:
         status, reason = "failed", ""
         try:
             self._handshake()
+            self._setup_he()
+            self._align_ids()
             if self.is_coordinator:
                 self._coordinate()
                 status = "ok"
@@ -251,6 +264,7 @@ class PeerRuntime:
         except SecureSplitError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self.result.error = reason
+            self.result.exit_code = int(exc.exit_code)
             self.audit.record("error", reason=reason[:3000], error=type(exc).__name__)
             if self.is_coordinator:
                 self._broadcast_shutdown("failed", reason)
@@ -281,6 +295,10 @@ class PeerRuntime:
 
     def _send_outgoing(self, outs: list[Outgoing]) -> None:
         for o in outs:
+            target = o.edge.split("->", 1)[1]
+            if target in self.he_segments:
+                self._send_he(o, target)
+                continue
             kind = Kind.ACTIVATION if o.kind == "activation" else Kind.GRADIENT
             raw = o.raw.detach().reshape(o.raw.shape[0], -1).numpy() if o.raw is not None else None
             self.gate.send(
@@ -370,6 +388,12 @@ class PeerRuntime:
             return
         if kind == Kind.HEARTBEAT:
             return
+        if kind == Kind.MASKED_AGGREGATE and self._is_key_holder_for(str(msg.meta.get("segment", ""))):
+            self._decrypt_for_holder(msg)
+            return
+        if kind in (Kind.PSI, Kind.HE_CONTEXT):
+            self.setup_inbox.append(msg)
+            return
         # Everything else belongs to the schedule and is processed in order.
         self.queue.append(msg)
 
@@ -408,6 +432,18 @@ class PeerRuntime:
             self._send_outgoing(outs)
             self._maybe_finish_step()
             return True
+        if kind in (Kind.ENCRYPTED_ACTIVATION, Kind.AGGREGATE_GRADIENT) or (
+            kind == Kind.MASKED_AGGREGATE and msg.binding.sender != self.me
+            and self.me == self.deployment.spec.segments[str(msg.meta.get("segment", ""))].peer
+            if str(msg.meta.get("segment", "")) in self.deployment.spec.segments else False
+        ):
+            if self.current_step is None or step > self.current_step:
+                return False
+            if step < self.current_step:
+                raise RemoteProtocolError(f"'{msg.binding.sender}' sent {kind.value} for finished step {step}")
+            self._on_he_message(msg)
+            self._maybe_finish_step()
+            return True
         if kind == Kind.BARRIER:
             if self.current_step is not None:
                 return False
@@ -434,6 +470,177 @@ class PeerRuntime:
             self.epoch_metrics.add(self.current_phase, metrics)
             self.last_step_metrics = metrics
             self.current_step = None
+
+    # -- vertical: private ID alignment ------------------------------------------------------------
+
+    def _setup_message(self, kinds: tuple[Kind, ...], what: str, from_peers: list[str]) -> Message:
+        """The next PSI / HE-context message, serving everything else meanwhile."""
+        def ready() -> bool:
+            return any(m.kind in kinds for m in self.setup_inbox)
+
+        self._wait(ready, lambda: what, lambda: from_peers)
+        for m in list(self.setup_inbox):
+            if m.kind in kinds:
+                self.setup_inbox.remove(m)
+                return m
+        raise TrainingError(f"internal: no {what} message")  # pragma: no cover
+
+    def _align_ids(self) -> None:
+        """Vertical training: align sample ids with the other parties by multi-party PSI.
+
+        Only blinded points cross the wire; every party learns the intersection (and set sizes).
+        Afterwards this peer's data holds exactly the intersection, in sorted order.
+        """
+        parties = psi_parties(self.deployment)
+        if self.me not in parties:
+            return
+        if self.data is None:
+            raise ConfigError(ConfigProblem(str(self.cfg.path), "data", "vertical training needs this peer's data file (ids) for PSI"))
+        from secure_split.crypto.psi import MultiPartyPsi
+
+        own_ids = [int(x) for x in self.data.ids.tolist()]
+        salt = b"secure-split-psi-v1:" + bytes.fromhex(self.deployment.hash)
+        psi = MultiPartyPsi(self.me, parties, own_ids, salt=salt,
+                            max_points=max(1, self.deployment.spec.limits.max_message_bytes // 32))
+        others = [p for p in parties if p != self.me]
+
+        def send(steps: Any) -> None:
+            for st in steps:
+                self.gate.send(st.receiver, Kind.PSI, blob=st.payload)
+
+        send(psi.start())
+        while not psi.done:
+            msg = self._setup_message((Kind.PSI,), "aligning sample ids by PSI", others)
+            send(psi.receive(msg.binding.sender, bytes(msg.blob)))
+        result = psi.result()
+        inter = sorted(int(x) for x in result.ids)
+        if len(inter) < 2:
+            raise TrainingError(f"PSI: the parties share only {len(inter)} sample id(s); nothing to train on")
+        self.data = self.data.subset(np.asarray(inter, dtype=np.int64))
+        self.executor = PeerExecutor(self.deployment, self.me, self.data)
+        self.audit.record("ids_aligned", parties=list(parties), own_size=len(own_ids), intersection_size=len(inter))
+
+    # -- HE merges ---------------------------------------------------------------------------------
+
+    def _is_key_holder_for(self, segment: str) -> bool:
+        return self.he_key_holders.get(segment) == self.me
+
+    def _setup_he(self) -> None:
+        """Distribute CKKS contexts: the key holder keeps the secret context, seals it to the other
+        feature owners, and gives the merge holder a public context (which cannot decrypt)."""
+        if not self.he_segments:
+            return
+        from secure_split.crypto.he import CkksParams, KeyHolderContext, PublicContext
+        from secure_split.crypto.seal import open_from, seal_to
+
+        spec = self.deployment.spec
+        limit = spec.limits.max_message_bytes
+        for seg in self.he_segments:
+            kh = self.he_key_holders[seg]
+            holder = spec.segments[seg].peer
+            owners = sorted({spec.segments[e.from_].peer for e in spec.edges if e.to == seg})
+            if kh is None:
+                raise ConfigError(ConfigProblem(str(self.deployment.path), f"segments.{seg}.he", "no key holder for this HE merge"))
+            if self.me == kh:
+                ctx = KeyHolderContext.create(CkksParams())
+                self.he_ctx[seg] = ctx
+                self.gate.send(holder, Kind.HE_CONTEXT, meta={"segment": seg, "part": "public"},
+                               blob=ctx.public_context_bytes())
+                secret = ctx.serialize_secret()
+                for o in owners:
+                    if o in (kh, holder):
+                        continue
+                    sealed = seal_to(spec.peers[o].transport_key, self.identity, secret)
+                    self.gate.send(o, Kind.HE_CONTEXT, meta={"segment": seg, "part": "secret"}, blob=sealed)
+            elif self.me == holder:
+                msg = self._setup_message((Kind.HE_CONTEXT,), f"receiving the CKKS public context for '{seg}'", [kh])
+                self._check_he_context(msg, seg, kh, "public")
+                pub = PublicContext.from_bytes(bytes(msg.blob), max_bytes=limit)
+                if pub.is_private():  # the merge holder must never be able to decrypt
+                    raise RemoteProtocolError(f"'{kh}' sent a context with a secret key to the merge holder")
+                self.he_ctx[seg] = pub
+            elif self.me in owners:
+                msg = self._setup_message((Kind.HE_CONTEXT,), f"receiving the CKKS context for '{seg}'", [kh])
+                self._check_he_context(msg, seg, kh, "secret")
+                secret = open_from(self.identity, spec.peers[kh].transport_key, bytes(msg.blob))
+                self.he_ctx[seg] = KeyHolderContext.from_secret_bytes(secret, max_bytes=limit)
+
+    @staticmethod
+    def _check_he_context(msg: Message, seg: str, kh: str, part: str) -> None:
+        if msg.binding.sender != kh or msg.meta.get("segment") != seg or msg.meta.get("part") != part:
+            raise RemoteProtocolError(
+                f"unexpected CKKS context from '{msg.binding.sender}' (segment {msg.meta.get('segment')}, "
+                f"part {msg.meta.get('part')}); expected the {part} context for '{seg}' from '{kh}'"
+            )
+
+    def _send_he(self, o: Outgoing, segment: str) -> None:
+        """Owner: encrypt a cut tensor for an HE merge. Merge holder: return the aggregate's gradient."""
+        from secure_split.crypto.he import encrypt_packed
+
+        if o.kind == "activation":
+            arr = o.tensor.detach().reshape(o.tensor.shape[0], -1).numpy()
+            enc = encrypt_packed(self.he_ctx[segment], arr)
+            self.gate.send(o.to_peer, Kind.ENCRYPTED_ACTIVATION, step=o.step, edge=o.edge,
+                           meta={"segment": segment, "phase": o.phase}, blob=enc.serialize())
+        else:
+            self.gate.send(o.to_peer, Kind.AGGREGATE_GRADIENT, step=o.step, edge=o.edge,
+                           meta={"phase": o.phase}, tensors=(to_wire(o.tensor),))
+
+    def _on_he_message(self, msg: Message) -> None:
+        from secure_split.crypto.he import EncryptedTensor, mask_aggregate, unmask
+
+        spec = self.deployment.spec
+        step = msg.binding.step
+        limit = spec.limits.max_message_bytes
+        if msg.kind == Kind.AGGREGATE_GRADIENT:
+            self._send_outgoing(self.executor.on_gradient(msg.edge, from_wire(msg.tensors[0])))
+            return
+        segment = str(msg.meta.get("segment", ""))
+        if segment not in self.he_segments or spec.segments[segment].peer != self.me:
+            raise RemoteProtocolError(f"'{msg.binding.sender}' sent {msg.kind.value} for '{segment}', which '{self.me}' does not hold")
+        key = (step, segment)
+        if msg.kind == Kind.ENCRYPTED_ACTIVATION:
+            in_edges = [e.name for e in spec.edges if e.to == segment]
+            if msg.edge not in in_edges or spec.segments[msg.edge.split("->")[0]].peer != msg.binding.sender:
+                raise RemoteProtocolError(f"'{msg.binding.sender}' sent an encrypted activation on edge {msg.edge}")
+            got = self.he_pending.setdefault(key, {})
+            if msg.edge in got:
+                raise RemoteProtocolError(f"duplicate encrypted activation on {msg.edge} for step {step}")
+            got[msg.edge] = EncryptedTensor.from_bytes(self.he_ctx[segment], bytes(msg.blob), max_bytes=limit)
+            if len(got) == len(in_edges):
+                contributions = [got[e] for e in in_edges]
+                masked, mask = mask_aggregate(self.he_ctx[segment], contributions)
+                self.he_masks[key] = mask
+                del self.he_pending[key]
+                kh = self.he_key_holders[segment]
+                assert kh is not None
+                self.gate.send(kh, Kind.MASKED_AGGREGATE, step=step, meta={"segment": segment},
+                               blob=masked.serialize())
+            return
+        # The key holder's rounded decryption of sum + mask.
+        if msg.binding.sender != self.he_key_holders[segment] or key not in self.he_masks:
+            raise RemoteProtocolError(f"unexpected masked aggregate from '{msg.binding.sender}' for step {step}")
+        mask = self.he_masks.pop(key)
+        rounded = np.frombuffer(bytes(msg.blob), dtype="<f8")
+        if rounded.size != int(np.prod(mask.shape)):
+            raise RemoteProtocolError(f"masked aggregate from '{msg.binding.sender}' has {rounded.size} values, expected {int(np.prod(mask.shape))}")
+        total = unmask(mask, rounded.reshape(mask.shape)).astype("<f4")
+        tensor = from_wire(WireTensor("float32", tuple(int(x) for x in total.shape), total.tobytes()))
+        self._send_outgoing(self.executor.on_aggregate(segment, tensor, step=step))
+
+    def _decrypt_for_holder(self, msg: Message) -> None:
+        """Key holder: decrypt the merge holder's masked sum, rounded, and send it back."""
+        from secure_split.crypto.he import EncryptedTensor, decrypt_rounded
+
+        segment = str(msg.meta.get("segment", ""))
+        holder = self.deployment.spec.segments[segment].peer
+        if msg.binding.sender != holder:
+            raise RemoteProtocolError(f"'{msg.binding.sender}' asked for a decryption at '{segment}', held by '{holder}'")
+        ctx = self.he_ctx[segment]
+        enc = EncryptedTensor.from_bytes(ctx, bytes(msg.blob), max_bytes=self.deployment.spec.limits.max_message_bytes)
+        rounded = np.ascontiguousarray(decrypt_rounded(ctx, enc), dtype="<f8")
+        self.gate.send(holder, Kind.MASKED_AGGREGATE, step=msg.binding.step, meta={"segment": segment},
+                       blob=rounded.tobytes())
 
     # -- handshake ----------------------------------------------------------------------------
 

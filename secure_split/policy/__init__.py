@@ -48,7 +48,7 @@ from secure_split.policy.signatures import (
     signing_message,
     verify_signatures,
 )
-from secure_split.policy.topology import RequiredFlow, he_key_holder, required_flows
+from secure_split.policy.topology import RequiredFlow, he_key_holder, psi_parties, required_flows
 
 __all__ = [
     "ASSETS",
@@ -79,6 +79,7 @@ __all__ = [
     "he_key_holder",
     "load_policy",
     "policy_for_deployment",
+    "psi_parties",
     "policy_from_mapping",
     "require_ckks_parameters",
     "required_flows",

@@ -75,6 +75,19 @@ def he_key_holder(deployment: Deployment, merge_segment: str, policy: Policy | N
     return owners[0] if owners else None
 
 
+def psi_parties(deployment: Deployment) -> list[str]:
+    """The parties of the ID-alignment PSI, coordinator first; empty when none is needed.
+
+    Vertical training (schedule `sync` with two or more peers reading raw features) aligns the
+    sample ids of the coordinator and every feature owner before the first step.
+    """
+    spec = deployment.spec
+    feature_peers = sorted({seg.peer for seg in spec.segments.values() if seg.input == "features"})
+    if spec.training.schedule != "sync" or len(feature_peers) < 2:
+        return []
+    return [spec.coordinator, *[p for p in feature_peers if p != spec.coordinator]]
+
+
 def shared_models(deployment: Deployment) -> dict[str, list[str]]:
     """Segments reading raw features that have the same model at two or more peers.
 
@@ -143,12 +156,11 @@ def required_flows(deployment: Deployment, *, policy: Policy | None = None) -> l
         add(key_holder, holder, "masked_aggregate", None, why)
 
     coordinator = spec.coordinator
-    feature_peers = sorted({seg.peer for seg in spec.segments.values() if seg.input == "features"})
-    if spec.training.schedule == "sync" and len(feature_peers) >= 2:
-        for owner in feature_peers:
-            why = f"vertical training: {coordinator} aligns sample ids with {owner} by PSI"
-            add(coordinator, owner, "psi", None, why)
-            add(owner, coordinator, "psi", None, why)
+    parties = psi_parties(deployment)
+    # The multi-party PSI passes blinded sets around a ring of all parties, so every pair talks.
+    for a in parties:
+        for b in parties:
+            add(a, b, "psi", None, f"vertical training: {', '.join(parties)} align sample ids by PSI")
     if spec.training.schedule in ("sequential", "splitfed"):
         for model, segs in shared_models(deployment).items():
             owners = sorted({seg_peer[s] for s in segs})

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -26,3 +32,228 @@ def run_demo(tmp_path: Path, scenario: str, *extra: str, timeout: float = 300) -
                *extra, timeout=timeout)
     data = json.loads(summary.read_text()) if summary.is_file() else {}
     return proc, data
+
+
+# -- multi-process peer runs (failure-path tests) ------------------------------------------------
+
+PY_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def small_deployment(
+    workdir: Path,
+    scenario: str = "vanilla",
+    *,
+    epochs: int = 1,
+    max_steps: int = 2,
+    limits: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    **options: Any,
+) -> Any:
+    """Generate a demo deployment (keys, data, deployment, signed policy, peer configs) in
+    `workdir`, with a short schedule: `epochs` epochs of at most `max_steps` training steps.
+
+    Returns the demo's `GeneratedDeployment` (`.workdir`, `.deployment`, `.policy`, `.peer_configs`)
+    with `.coordinator` set.
+    """
+    from secure_split.cli import demo
+
+    plan = demo.SCENARIOS[scenario](epochs, **options)
+    plan.training = {**plan.training, "epochs": epochs, "max_steps_per_epoch": max_steps, **(training or {})}
+    workdir.mkdir(parents=True, exist_ok=True)
+    gen = demo.generate(plan, workdir, limits=limits)
+    gen.coordinator = plan.coordinator  # type: ignore[attr-defined]
+    return gen
+
+
+@dataclass
+class PeerProc:
+    """One `secure-split peer run` process started by a test."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    result: Path
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+    def result_json(self) -> dict[str, Any]:
+        return json.loads(self.result.read_text()) if self.result.is_file() else {}
+
+
+def start_peer(config: Path, *, workdir: Path, tag: str = "", resume: bool = False,
+               extra: tuple[str, ...] = ()) -> PeerProc:
+    """Start `secure-split peer run CONFIG` as its own OS process; stderr+stdout go to logs/."""
+    name = config.stem
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}{tag}.log"
+    result = workdir / "results" / f"{name}{tag}.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "secure_split", "peer", "run", str(config), "--result", str(result),
+           "--progress", "none", *extra]
+    if resume:
+        cmd.append("--resume")
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, **PY_ENV))
+    return PeerProc(name, proc, log, result)
+
+
+def start_peers(gen: Any, names: list[str] | None = None, **kw: Any) -> dict[str, PeerProc]:
+    """Start the named peers of a generated deployment (default: all of them)."""
+    configs = gen.peer_configs
+    return {n: start_peer(configs[n], workdir=gen.workdir, **kw) for n in (names or list(configs))}
+
+
+def wait_peers(procs: dict[str, PeerProc], timeout: float) -> dict[str, int]:
+    """Wait for every process (one shared deadline); kill all of them if it passes."""
+    deadline = time.monotonic() + timeout
+    codes: dict[str, int] = {}
+    try:
+        for name, p in procs.items():
+            codes[name] = p.wait(max(0.1, deadline - time.monotonic()))
+    finally:
+        for p in procs.values():
+            p.kill()
+    return codes
+
+
+def kill_all(procs: dict[str, PeerProc]) -> None:
+    for p in procs.values():
+        p.kill()
+
+
+def audit_entries(path: Path) -> list[dict[str, Any]]:
+    """The entries of one audit log (JSON lines)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def events(entries: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
+    return [e for e in entries if e.get("event") == event]
+
+
+def run_cli_many(argvs: list[list[str]], timeout: float = 120) -> list[subprocess.CompletedProcess[str]]:
+    """Run several `python -m secure_split ARGS` at once (they are independent); return in order."""
+    env = dict(os.environ, **PY_ENV)
+    procs = [subprocess.Popen([sys.executable, "-m", "secure_split", *a], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+             for a in argvs]
+    out = []
+    deadline = time.monotonic() + timeout
+    for a, p in zip(argvs, procs, strict=True):
+        try:
+            so, se = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            so, se = p.communicate()
+        out.append(subprocess.CompletedProcess([*a], p.returncode, so, se))
+    return out
+
+
+@dataclass
+class Deploy:
+    """A generated deployment on disk: the shared files, every peer's private config."""
+
+    workdir: Path
+    deployment: Path
+    policy: Path
+    peer_configs: dict[str, Path]
+    coordinator: str
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.workdir / "audit"
+
+    def audit(self, peer: str) -> list[dict[str, Any]]:
+        return audit_entries(self.audit_dir / f"{peer}.jsonl")
+
+    def read_deployment(self) -> dict[str, Any]:
+        return yaml.safe_load(self.deployment.read_text())
+
+    def write_deployment(self, data: dict[str, Any]) -> None:
+        self.deployment.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def generate_template(workdir: Path, scenario: str = "vanilla", **options: Any) -> Deploy:
+    """Generate a demo deployment once (keys, data, signed policy); clone it per test."""
+    from secure_split.cli import demo
+
+    plan = demo.SCENARIOS[scenario](1, **options)
+    workdir.mkdir(parents=True, exist_ok=True)
+    gen = demo.generate(plan, workdir)
+    return Deploy(gen.workdir, gen.deployment, gen.policy, dict(gen.peer_configs), plan.coordinator)
+
+
+def clone_deployment(
+    template: Deploy,
+    dest: Path,
+    *,
+    epochs: int = 1,
+    max_steps: int | None = 2,
+    training: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+) -> Deploy:
+    """Copy a generated deployment to `dest` with fresh loopback ports and a short schedule.
+
+    Only `training` and `limits` change (and the endpoints), so the signed policy stays valid:
+    it depends on the peers' keys, the batch size and `max_message_bytes`, which stay as they are.
+    """
+    shutil.copytree(template.workdir, dest, ignore=shutil.ignore_patterns("audit", "checkpoints", "results", "logs"))
+    for sub in ("audit", "checkpoints", "results", "logs"):
+        (dest / sub).mkdir(exist_ok=True)
+    d = Deploy(dest, dest / template.deployment.name, dest / template.policy.name,
+               {n: dest / "peers" / p.name for n, p in template.peer_configs.items()}, template.coordinator)
+    data = d.read_deployment()
+    data["training"] = {**data["training"], "epochs": epochs, "max_steps_per_epoch": max_steps, **(training or {})}
+    data["limits"] = {**data["limits"], **(limits or {})}
+    from secure_split.cli.demo import free_ports
+
+    for (_name, peer), port in zip(data["peers"].items(), free_ports(len(data["peers"])), strict=True):
+        peer["endpoint"] = f"tcp://127.0.0.1:{port}"
+    d.write_deployment(data)
+    return d
+
+
+def edit_policy(d: Deploy, edit: Any, *, sign: bool = True) -> None:
+    """Apply `edit(mapping)` to the policy file and (by default) have every party sign it again."""
+    from secure_split.crypto.keys import load_identity
+    from secure_split.policy import sign_policy
+
+    data = yaml.safe_load(d.policy.read_text())
+    edit(data)
+    d.policy.write_text(yaml.safe_dump(data, sort_keys=False))
+    if sign:
+        for name in d.peer_configs:
+            sign_policy(d.policy, load_identity(d.workdir / "keys" / f"{name}.key"))
+
+
+def wait_for(cond: Any, timeout: float, interval: float = 0.02) -> bool:
+    """Poll `cond()` until it is true or `timeout` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)

@@ -46,5 +46,57 @@ def test_u_shaped_keeps_labels_at_owner(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("hops", [1, 3])
 def test_multi_hop_chain_of_any_length_trains(tmp_path: Path, hops: int) -> None:
-    proc, summary = run_demo(tmp_path, "multi-hop", "--hops", str(hops), "--epochs", "1")
+    proc, summary = run_demo(tmp_path, "multi-hop", "--hops", str(hops), "--epochs", "2")
     _assert_trained(proc, summary, hops + 2)
+
+
+def test_multi_task_reports_each_task_against_its_baseline(tmp_path: Path) -> None:
+    proc, summary = run_demo(tmp_path, "multi-task", "--epochs", "1")
+    _assert_trained(proc, summary, 3)
+    assert set(summary["tasks"]) == {"labels", "ge5"}
+    for task, v in summary["tasks"].items():
+        assert abs(v["accuracy"] - v["baseline_accuracy"]) <= 0.02, task
+
+
+def _psi_sizes(audit_file: Path) -> dict[str, int]:
+    import json
+
+    for line in audit_file.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["event"] == "ids_aligned":
+            return dict(entry["data"])
+    raise AssertionError(f"no ids_aligned entry in {audit_file}")
+
+
+@pytest.mark.parametrize("scenario", ["vertical", "vertical-he"])
+def test_vertical_aligns_ids_by_psi_and_trains(tmp_path: Path, scenario: str) -> None:
+    proc, summary = run_demo(tmp_path, scenario, "--epochs", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert summary["all_peers_ok"] and summary["audit_verified"]
+    assert summary["accuracy"] > 0.85, "breast cancer: well above the majority class (0.63)"
+    assert abs(summary["accuracy"] - summary["baseline_accuracy"]) <= 0.02
+    work = Path(summary["workdir"])
+    sizes = {p: _psi_sizes(work / "audit" / f"{p}.jsonl") for p in ("hospital_a", "hospital_b", "lab")}
+    # Every party learns the same intersection size; its own set sizes differ.
+    assert len({s["intersection_size"] for s in sizes.values()}) == 1
+    assert all(s["intersection_size"] < s["own_size"] for s in sizes.values())
+    # The audit log records sizes, never ids.
+    text = (work / "audit" / "lab.jsonl").read_text()
+    assert '"ids"' not in text
+    kinds = {json_kind for json_kind in _kinds(work / "audit" / "lab.jsonl")}
+    if scenario == "vertical-he":
+        assert "encrypted_activation" in kinds and "activation" not in kinds
+        assert "masked_aggregate" in kinds
+    else:
+        assert "activation" in kinds and "encrypted_activation" not in kinds
+
+
+def _kinds(audit_file: Path) -> set[str]:
+    import json
+
+    out = set()
+    for line in audit_file.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["event"] == "message_received":
+            out.add(entry["data"]["kind"])
+    return out

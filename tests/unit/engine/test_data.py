@@ -113,16 +113,23 @@ def test_split_is_deterministic_disjoint_and_order_independent() -> None:
         split_train_test(np.arange(1), 0.5, seed=0)
 
 
+def test_a_last_batch_too_small_to_send_is_merged_into_the_previous_one() -> None:
+    # 70 = 64 + 6: a batch of 6 would fall under the policies' min_batch of 8.
+    assert [len(b) for b in epoch_batches(np.arange(70), 64, seed=0, epoch=0)] == [70]
+    assert [len(b) for b in eval_batches(np.arange(72), 64)] == [64, 8]
+    assert [len(b) for b in eval_batches(np.arange(71), 64)] == [71]
+
+
 def test_epoch_batches_reshuffle_each_epoch_and_respect_the_step_cap() -> None:
     train = np.arange(10)
     b0 = epoch_batches(train, 4, seed=1, epoch=0)
-    assert [len(b) for b in b0] == [4, 4, 2]
+    assert [len(b) for b in b0] == [4, 6]  # the last 2 are merged: under min(MIN_BATCH, batch_size)
     assert sorted(np.concatenate(b0).tolist()) == list(range(10))
     assert all(
         np.array_equal(a, b) for a, b in zip(b0, epoch_batches(train, 4, seed=1, epoch=0), strict=True)
     )
     assert not np.array_equal(np.concatenate(b0), np.concatenate(epoch_batches(train, 4, seed=1, epoch=1)))
     assert len(epoch_batches(train, 4, seed=1, epoch=0, max_steps=2)) == 2
-    assert [b.tolist() for b in eval_batches(np.arange(5), 2)] == [[0, 1], [2, 3], [4]]
+    assert [b.tolist() for b in eval_batches(np.arange(5), 2)] == [[0, 1], [2, 3, 4]]
     with pytest.raises(ValueError):
         epoch_batches(train, 0, seed=1, epoch=0)

@@ -30,8 +30,10 @@ def test_ssim_of_an_image_with_itself_is_one() -> None:
 def test_ssim_falls_as_noise_grows() -> None:
     x = digit_images()
     gen = torch.Generator().manual_seed(0)
-    scores = [float(ssim(x, (x + s * torch.randn(x.shape, generator=gen)).clamp(0, 1)).mean())
-              for s in (0.05, 0.1, 0.2, 0.4, 0.8)]
+    scores = [
+        float(ssim(x, (x + s * torch.randn(x.shape, generator=gen)).clamp(0, 1)).mean())
+        for s in (0.05, 0.1, 0.2, 0.4, 0.8)
+    ]
     assert scores == sorted(scores, reverse=True)
     assert scores[0] < 1.0 and scores[-1] < 0.6
 
@@ -91,9 +93,11 @@ def test_decoder_inverts_an_informative_encoding_and_not_a_scrambled_one() -> No
     scrambled = torch.randn(informative.shape, generator=gen)
     train, test = slice(0, 300), slice(300, 400)
     good = reconstruction_metrics(
-        train_decoder(informative[train], x[train], epochs=40, seed=0), informative[test], x[test])
+        train_decoder(informative[train], x[train], epochs=40, seed=0), informative[test], x[test]
+    )
     bad = reconstruction_metrics(
-        train_decoder(scrambled[train], x[train], epochs=40, seed=0), scrambled[test], x[test])
+        train_decoder(scrambled[train], x[train], epochs=40, seed=0), scrambled[test], x[test]
+    )
     assert good["mse"] < 0.5 * bad["mse"]
     assert good["ssim"] > bad["ssim"] + 0.2
 

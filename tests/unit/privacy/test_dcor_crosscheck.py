@@ -49,8 +49,11 @@ def numpy_dcor(x: np.ndarray, y: np.ndarray) -> float:
 def test_dcor_matches_exact_arithmetic_on_a_small_integer_example() -> None:
     x, y = [0, 1, 2, 3, 4, 5], [0, 1, 4, 9, 16, 25]
     expected = exact_dcor(x, y)
-    got = float(distance_correlation(torch.tensor(x, dtype=torch.float64)[:, None],
-                                     torch.tensor(y, dtype=torch.float64)[:, None]))
+    got = float(
+        distance_correlation(
+            torch.tensor(x, dtype=torch.float64)[:, None], torch.tensor(y, dtype=torch.float64)[:, None]
+        )
+    )
     assert abs(got - expected) < 1e-12
     assert abs(expected - numpy_dcor(np.array(x, float)[:, None], np.array(y, float)[:, None])) < 1e-12
     # y = x² on 0..5 is monotone but not linear: dependent, yet dCor < 1.

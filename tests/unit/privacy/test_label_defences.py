@@ -78,7 +78,9 @@ def test_marvell_noise_respects_its_power_budget() -> None:
     delta2 = float((grads[labels == 1].mean(0) - grads[labels == 0].mean(0)).pow(2).sum())
     p = float(labels.float().mean())
     d = grads.shape[1]
-    used = p * (plan.along_pos + (d - 1) * plan.ortho_pos) + (1 - p) * (plan.along_neg + (d - 1) * plan.ortho_neg)
+    used = p * (plan.along_pos + (d - 1) * plan.ortho_pos) + (1 - p) * (
+        plan.along_neg + (d - 1) * plan.ortho_neg
+    )
     assert used <= 2.0 * delta2 * 1.001
     assert used >= 0.5 * 2.0 * delta2  # it spends the budget: noise hides the labels
     assert float(u.norm()) == pytest.approx(1.0, abs=1e-5)

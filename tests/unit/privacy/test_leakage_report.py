@@ -1,6 +1,6 @@
 """The leakage report on a small, quick run: trends (not exact numbers), files, and targets.
 
-One quick report on the vanilla digits demo is shared by the tests of this module (about 10 s
+One quick report on the vanilla digits demo is shared by the tests of this module (about 10-15 s
 on one thread); the seeds are fixed, and the assertions leave wide margins.
 """
 
@@ -47,15 +47,15 @@ def defence(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def test_strong_nopeek_lowers_dcor_and_raises_reconstruction_error(report: dict[str, Any]) -> None:
-    plain, nopeek = row(report, 0.0, 0.0), row(report, 2.0, 0.0)
+    plain, nopeek = row(report, 0.0, 0.0), row(report, 8.0, 0.0)
     assert plain["dcor"] > 0.8
-    assert nopeek["dcor"] < plain["dcor"] - 0.2
+    assert nopeek["dcor"] < plain["dcor"] - 0.15
     assert nopeek["mse"] > 1.2 * plain["mse"]
     assert nopeek["ssim"] < plain["ssim"]
 
 
 def test_activation_noise_raises_reconstruction_error(report: dict[str, Any]) -> None:
-    plain, noisy = row(report, 0.0, 0.0), row(report, 0.0, 3.0)
+    plain, noisy = row(report, 0.0, 0.0), row(report, 0.0, 1.0)
     assert noisy["mse"] > 1.2 * plain["mse"]
     assert noisy["dcor"] < plain["dcor"]
 
@@ -63,18 +63,21 @@ def test_activation_noise_raises_reconstruction_error(report: dict[str, Any]) ->
 def test_accuracy_stays_well_above_chance_across_the_sweep(report: dict[str, Any]) -> None:
     # Ten balanced classes: chance is 0.1.
     assert all(r["accuracy"] > 0.8 for r in report["sweep"])
-    assert row(report, 2.0, 0.0)["accuracy"] > row(report, 0.0, 0.0)["accuracy"] - 0.1
+    assert row(report, 8.0, 0.0)["accuracy_smoothed"] > row(report, 0.0, 0.0)["accuracy_smoothed"] - 0.1
 
 
-def test_norm_attack_reads_labels_unprotected_and_defences_bring_it_near_chance(report: dict[str, Any]) -> None:
+def test_norm_attack_reads_labels_unprotected_and_defences_bring_it_near_chance(
+    report: dict[str, Any],
+) -> None:
     none = defence(report, "none")
     assert 0.05 < none["positives"] < 0.15
-    assert none["norm_auc"] > 0.9
+    assert none["norm_auc"] > 0.85 and none["norm_leak_auc"] > 0.85
     assert none["cosine_auc"] > 0.9
     for name in ("max_norm", "marvell"):
         protected = defence(report, name)
         assert abs(protected["norm_auc"] - 0.5) < 0.15, name
-        assert protected["accuracy"] > 0.9, name  # above always saying "not a 0" (0.90)
+        assert protected["norm_leak_auc"] < 0.65, name
+        assert protected["accuracy"] > 0.92, name  # above always answering "no" (about 0.90)
     assert defence(report, "marvell")["cosine_auc"] < none["cosine_auc"] - 0.2
 
 
@@ -82,7 +85,9 @@ def test_report_writes_json_with_every_number_and_three_pngs(report: dict[str, A
     files = report["files"]
     saved = json.loads(Path(files["json"]).read_text())
     assert saved["sweep"] == report["sweep"] and saved["label_leakage"] == report["label_leakage"]
-    assert {"epochs", "training_seed", "attack_seed", "aux_fraction", "decoder_epochs"} <= set(saved["parameters"])
+    assert {"epochs", "training_seed", "attack_seed", "aux_fraction", "decoder_epochs"} <= set(
+        saved["parameters"]
+    )
     for key in ("accuracy", "dcor", "mse", "ssim", "activation_rms"):
         assert all(isinstance(r[key], float) for r in saved["sweep"]), key
     for key in ("reconstruction_grid", "tradeoff", "label_leakage"):
@@ -101,7 +106,7 @@ def test_cli_prints_the_tables_and_file_paths(report: dict[str, Any]) -> None:
     console = Console(record=True, width=160)
     print_report(report, console)
     text = console.export_text()
-    assert "α=2" in text and "marvell" in text and "norm attack AUC" in text
+    assert "α=8" in text and "marvell" in text and "direction-free" in text
     assert report["files"]["tradeoff"] in text
 
 
@@ -114,10 +119,16 @@ def test_cli_refuses_an_unknown_target_with_a_config_error(tmp_path: Path) -> No
 def write_deployment(path: Path, segments: dict[str, Any], edges: list[dict[str, str]]) -> Path:
     peers = sorted({s["peer"] for s in segments.values()})
     doc = {
-        "version": 1, "name": "t", "coordinator": peers[0], "policy": "policy.yaml",
-        "peers": {p: {"endpoint": f"tcp://127.0.0.1:{6100 + i}", "sign_key": "ab" * 32, "transport_key": "x" * 40}
-                  for i, p in enumerate(peers)},
-        "segments": segments, "edges": edges,
+        "version": 1,
+        "name": "t",
+        "coordinator": peers[0],
+        "policy": "policy.yaml",
+        "peers": {
+            p: {"endpoint": f"tcp://127.0.0.1:{6100 + i}", "sign_key": "ab" * 32, "transport_key": "x" * 40}
+            for i, p in enumerate(peers)
+        },
+        "segments": segments,
+        "edges": edges,
         "training": {"seed": 3, "epochs": 1, "batch_size": 32, "max_steps_per_epoch": 2},
     }
     path.write_text(yaml.safe_dump(doc))
@@ -125,11 +136,15 @@ def write_deployment(path: Path, segments: dict[str, Any], edges: list[dict[str,
 
 
 def test_a_deployment_file_reading_digits_is_measured_on_its_first_cut_edge(tmp_path: Path) -> None:
-    dep = write_deployment(tmp_path / "d.yaml", {
-        "enc": {"peer": "clinic", "input": "features", "model": zoo.DIGITS_CNN_BOTTOM},
-        "relay": {"peer": "cloud", "model": zoo.DIGITS_HOP},
-        "head": {"peer": "lab", "loss": "cross_entropy", "model": zoo.DIGITS_CNN_TOP},
-    }, [{"from": "enc", "to": "relay"}, {"from": "relay", "to": "head"}])
+    dep = write_deployment(
+        tmp_path / "d.yaml",
+        {
+            "enc": {"peer": "clinic", "input": "features", "model": zoo.DIGITS_CNN_BOTTOM},
+            "relay": {"peer": "cloud", "model": zoo.DIGITS_HOP},
+            "head": {"peer": "lab", "loss": "cross_entropy", "model": zoo.DIGITS_CNN_TOP},
+        },
+        [{"from": "enc", "to": "relay"}, {"from": "relay", "to": "head"}],
+    )
     target = load_target(dep)
     assert (target.recon_edge, target.label_edge) == ("enc->relay", "relay->head")
     assert target.data["clinic"].features is not None and not target.data["clinic"].labels
@@ -139,12 +154,20 @@ def test_a_deployment_file_reading_digits_is_measured_on_its_first_cut_edge(tmp_
 
 def test_a_vertical_deployment_is_refused_with_the_reason(tmp_path: Path) -> None:
     half = [{"flatten": {}}, {"linear": {"in": 64, "out": 8}}]
-    dep = write_deployment(tmp_path / "v.yaml", {
-        "a": {"peer": "hospital_a", "input": "features", "model": half},
-        "b": {"peer": "hospital_b", "input": "features", "model": half},
-        "top": {"peer": "lab", "loss": "cross_entropy", "merge": "concat",
-                "model": [{"linear": {"in": 16, "out": 10}}]},
-    }, [{"from": "a", "to": "top"}, {"from": "b", "to": "top"}])
+    dep = write_deployment(
+        tmp_path / "v.yaml",
+        {
+            "a": {"peer": "hospital_a", "input": "features", "model": half},
+            "b": {"peer": "hospital_b", "input": "features", "model": half},
+            "top": {
+                "peer": "lab",
+                "loss": "cross_entropy",
+                "merge": "concat",
+                "model": [{"linear": {"in": 16, "out": 10}}],
+            },
+        },
+        [{"from": "a", "to": "top"}, {"from": "b", "to": "top"}],
+    )
     with pytest.raises(ConfigError, match="vertical"):
         load_target(dep)
 
@@ -152,8 +175,12 @@ def test_a_vertical_deployment_is_refused_with_the_reason(tmp_path: Path) -> Non
 def test_the_executor_applies_a_configured_label_defence_on_the_returned_gradient() -> None:
     target = binary_target(demo_target("vanilla", epochs=1))
     spec = target.deployment.spec
-    short = dataclasses.replace(target.deployment, spec=spec.model_copy(
-        update={"training": spec.training.model_copy(update={"max_steps_per_epoch": 3})}))
+    short = dataclasses.replace(
+        target.deployment,
+        spec=spec.model_copy(
+            update={"training": spec.training.model_copy(update={"max_steps_per_epoch": 3})}
+        ),
+    )
     spread = {}
     for name in ("none", "max_norm"):
         run = LocalRun.start(target, with_protections(short, target.label_edge, label_defence=name))
