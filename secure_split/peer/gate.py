@@ -255,7 +255,7 @@ class Gate:
         try:
             msg = session.bind(kind, meta={"reason": reason[:4000], "code": code})
             self._send_prebound(to, msg)
-        except Exception as exc:  # noqa: BLE001 - a failed courtesy reply must not stop the peer
+        except Exception as exc:  # a failed courtesy reply must not stop the peer
             self.audit.record("error", reason=f"could not send {kind.value} to {to}: {exc}", error=type(exc).__name__)
 
     # -- inbound ----------------------------------------------------------------------------
