@@ -455,6 +455,7 @@ def run_demo(
     summary: Path | None,
     quiet: bool = False,
     timeout_s: float = 900.0,
+    leakage: bool = False,
     **options: Any,
 ) -> int:
     """Generate, launch, watch, compare, verify. Returns the exit code."""
@@ -522,6 +523,13 @@ def run_demo(
     }
     if not quiet:
         _print_table(out)
+    if leakage:
+        from secure_split.cli.leakage import run_leakage_report
+
+        report = run_leakage_report(scenario, workdir / "leakage", quick=True,
+                                    console=None if not quiet else console.__class__(quiet=True))
+        out["leakage"] = {"dir": str(workdir / "leakage"), "json": str(workdir / "leakage" / "leakage.json"),
+                          "settings": len(report.get("settings", report.get("sweep", [])) or [])}
     if summary is not None:
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps(out, indent=1, sort_keys=True))
@@ -595,8 +603,9 @@ def register(app: typer.Typer) -> None:
         summary: Annotated[Path | None, typer.Option(help="write the summary as JSON here")] = None,
         hops: Annotated[int, typer.Option(help="multi-hop: number of intermediate peers K >= 1")] = 2,
         quiet: Annotated[bool, typer.Option(help="no progress display or tables")] = False,
+        leakage: Annotated[bool, typer.Option(help="also measure leakage (quick sweep) into WORKDIR/leakage")] = False,
     ) -> None:
         """Run a whole multi-peer deployment on loopback on bundled data, with its audit verified."""
         rc = run_demo(scenario, workdir=workdir or Path("demo-work") / scenario, epochs=epochs,
-                      summary=summary, quiet=quiet, hops=hops)
+                      summary=summary, quiet=quiet, hops=hops, leakage=leakage)
         raise typer.Exit(rc)

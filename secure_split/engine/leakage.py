@@ -1111,7 +1111,7 @@ def _plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def _plot_label(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> None:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 3.8))
     panels = ((axes[0], "norm", "norm attack AUC"), (axes[1], "cosine", "cosine attack AUC"))
     for ax, key, name in panels:
         for i, r in enumerate(rows):
@@ -1139,7 +1139,7 @@ def _plot_label(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> No
         ax.set_xlabel(f"{name} (filled: one-sided, hollow: direction-free; 0.5 = none)", fontsize=8)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"Label leakage from returned gradients ({title}) per defence", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

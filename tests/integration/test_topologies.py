@@ -36,9 +36,12 @@ def test_vanilla_trains_across_two_processes(tmp_path: Path) -> None:
     assert sorted(p.name for p in (work / "audit").glob("*.jsonl")) == ["label_holder.jsonl", "owner.jsonl"]
 
 
-def test_u_shaped_keeps_labels_at_owner(tmp_path: Path) -> None:
-    proc, summary = run_demo(tmp_path, "u-shaped", "--epochs", "1")
+def test_u_shaped_keeps_labels_at_owner_and_reports_leakage(tmp_path: Path) -> None:
+    proc, summary = run_demo(tmp_path, "u-shaped", "--epochs", "1", "--leakage")
     _assert_trained(proc, summary, 2)
+    leak = Path(summary["leakage"]["dir"])
+    for name in ("leakage.json", "reconstruction_grid.png", "tradeoff.png", "label_leakage.png"):
+        assert (leak / name).stat().st_size > 0, name
     work = Path(summary["workdir"])
     assert not (work / "data" / "server.safetensors").exists(), "the server holds no data at all"
     assert "data" not in (work / "peers" / "server.yaml").read_text()
