@@ -148,17 +148,28 @@ class PeerConfigSpec(_Strict):
     threads: int | Literal["auto"] = Field("auto", description="torch threads for this peer")
 
 
+_UNION_TAGS = ("int", "str", "float", "bool", "list", "dict", "none")
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the member of a union it tried (`int`, `literal['auto']`) inside `loc`."""
+    return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(("literal[", "function-")))
+
+
 def _pydantic_problems(doc: YamlDocument, exc: ValidationError) -> list[ConfigProblem]:
-    out = []
+    merged: dict[KeyPath, list[str]] = {}
     for err in exc.errors():
-        loc: KeyPath = tuple(x for x in err["loc"] if isinstance(x, str | int))
+        loc: KeyPath = tuple(x for x in err["loc"] if isinstance(x, str | int) and not _is_union_tag(x))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        out.append(doc.problem(loc, msg))
-    return out
+        msgs = merged.setdefault(loc, [])
+        if msg not in msgs:
+            msgs.append(msg)
+    # One problem per key: the members of a union each add their own complaint.
+    return [doc.problem(loc, " or ".join(msgs)) for loc, msgs in merged.items()]
 
 
 @dataclass(frozen=True)

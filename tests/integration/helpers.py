@@ -39,32 +39,6 @@ def run_demo(tmp_path: Path, scenario: str, *extra: str, timeout: float = 300) -
 PY_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def small_deployment(
-    workdir: Path,
-    scenario: str = "vanilla",
-    *,
-    epochs: int = 1,
-    max_steps: int = 2,
-    limits: dict[str, Any] | None = None,
-    training: dict[str, Any] | None = None,
-    **options: Any,
-) -> Any:
-    """Generate a demo deployment (keys, data, deployment, signed policy, peer configs) in
-    `workdir`, with a short schedule: `epochs` epochs of at most `max_steps` training steps.
-
-    Returns the demo's `GeneratedDeployment` (`.workdir`, `.deployment`, `.policy`, `.peer_configs`)
-    with `.coordinator` set.
-    """
-    from secure_split.cli import demo
-
-    plan = demo.SCENARIOS[scenario](epochs, **options)
-    plan.training = {**plan.training, "epochs": epochs, "max_steps_per_epoch": max_steps, **(training or {})}
-    workdir.mkdir(parents=True, exist_ok=True)
-    gen = demo.generate(plan, workdir, limits=limits)
-    gen.coordinator = plan.coordinator  # type: ignore[attr-defined]
-    return gen
-
-
 @dataclass
 class PeerProc:
     """One `secure-split peer run` process started by a test."""
@@ -143,10 +117,11 @@ def kill_all(procs: dict[str, PeerProc]) -> None:
 
 
 def audit_entries(path: Path) -> list[dict[str, Any]]:
-    """The entries of one audit log (JSON lines)."""
+    """The entries of one audit log (JSON lines); a line still being written is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().split("\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]  # complete lines end with "\n"
 
 
 def events(entries: list[dict[str, Any]], event: str) -> list[dict[str, Any]]:
@@ -257,3 +232,76 @@ def wait_for(cond: Any, timeout: float, interval: float = 0.02) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+# -- two gates over real transports, in one test process ----------------------------------------
+
+
+@dataclass
+class GateSide:
+    """One peer's gate, wired to a real CURVE transport and a real audit log."""
+
+    name: str
+    gate: Any
+    transport: Any
+    audit: Any
+    audit_path: Path
+
+    def entries(self) -> list[dict[str, Any]]:
+        return audit_entries(self.audit_path)
+
+    def receive(self, timeout: float = 10.0) -> Any:
+        """The next message, or raise what the gate raises; fail if nothing arrives in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = self.gate.receive(0.1)
+            if msg is not None:
+                return msg
+        raise AssertionError(f"'{self.name}' received nothing within {timeout} s")
+
+
+def gate_pair(d: Deploy, audit_dir: Path, policies: dict[str, Any] | None = None) -> dict[str, GateSide]:
+    """Gates for every peer of deployment `d` (real keys, real Transports on loopback, real audit
+    logs in `audit_dir`), handshaken with each other. `policies` overrides a peer's Policy object
+    (its sessions still announce the deployment's signed policy hash, as after a handshake)."""
+    from secure_split.audit import AuditLog
+    from secure_split.config import load_deployment
+    from secure_split.crypto.keys import load_identity
+    from secure_split.peer.gate import Gate
+    from secure_split.policy import load_policy
+    from secure_split.protocol import PeerSession
+    from secure_split.transport import Transport, TransportPeer
+
+    dep = load_deployment(d.deployment)
+    signed = load_policy(d.policy)
+    spec = dep.spec
+    sides: dict[str, GateSide] = {}
+    for name, peer in spec.peers.items():
+        ident = load_identity(d.workdir / "keys" / f"{name}.key")
+        others = {n: TransportPeer(name=n, endpoint=p.endpoint, transport_key=p.transport_key)
+                  for n, p in spec.peers.items() if n != name}
+        transport = Transport(name, peer.endpoint, ident.transport_secret_z85, ident.transport_public_z85, others,
+                              max_message_bytes=spec.limits.max_message_bytes, heartbeat_s=1.0,
+                              handshake_timeout_s=10.0, linger_ms=0, send_timeout_s=10.0)
+        transport.start()
+        path = audit_dir / f"{name}.jsonl"
+        audit = AuditLog.open(path, peer=name, identity=ident, deployment_hash=dep.hash, policy_hash=signed.hash)
+        sessions = {n: PeerSession(name, n, dep.hash, signed.hash) for n in others}
+        gate = Gate(me=name, deployment_hash=dep.hash, policy=(policies or {}).get(name, signed), audit=audit,
+                    transport=transport, sessions=sessions, max_message_bytes=spec.limits.max_message_bytes)
+        sides[name] = GateSide(name, gate, transport, audit, path)
+    for side in sides.values():
+        for other in side.gate.sessions:
+            side.gate.send_hello(other)
+    for side in sides.values():
+        for _ in side.gate.sessions:
+            assert side.receive().kind.value == "hello"
+    return sides
+
+
+def close_gates(sides: dict[str, GateSide]) -> None:
+    for side in sides.values():
+        try:
+            side.audit.close("ok")
+        finally:
+            side.transport.close()

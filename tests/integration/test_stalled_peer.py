@@ -1,0 +1,55 @@
+"""A peer that stops answering mid-training (SIGSTOP: the process and its sockets stay open, only
+silent) is detected by heartbeats within seconds, not after the long peer timeout, and named."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import Deploy, clone_deployment, events, kill_all, start_peers, wait_for
+
+pytestmark = pytest.mark.integration
+
+HEARTBEAT_S = 0.5
+PEER_TIMEOUT_S = 120.0  # far above the bound below: detection must come from the heartbeats
+DETECTION_BOUND_S = 30.0
+
+
+def test_stalled_follower_is_detected_and_named_within_seconds(vanilla_template: Deploy, tmp_path: Path) -> None:
+    d = clone_deployment(vanilla_template, tmp_path / "d", epochs=5, max_steps=None,
+                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": PEER_TIMEOUT_S})
+    procs = start_peers(d)
+    owner, holder = procs["owner"], procs["label_holder"]
+    try:
+        def training() -> bool:
+            got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
+            return len(got) >= 3
+
+        assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
+        os.kill(owner.proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            code = holder.proc.wait(timeout=DETECTION_BOUND_S + 15)
+        except Exception:
+            pytest.fail(f"the coordinator did not notice the stalled owner within {DETECTION_BOUND_S + 15} s")
+        detected_after = time.monotonic() - stopped_at
+    finally:
+        if owner.proc.poll() is None:
+            os.kill(owner.proc.pid, signal.SIGCONT)
+        kill_all(procs)
+
+    out = " ".join(holder.stderr.split())
+    assert code == 3, out  # 3 = a peer did not answer in time
+    assert detected_after < DETECTION_BOUND_S, f"detected after {detected_after:.1f} s"
+    assert "PeerTimeout: peer 'owner' did not answer" in out
+    assert "stalled or stopped peer" in out
+    res = holder.result_json()
+    assert res["status"] == "failed" and res["exit_code"] == 3 and res["epochs_done"] < 5
+    log = d.audit("label_holder")
+    lost = events(log, "peer_lost")
+    assert lost and lost[0]["data"]["counterparty"] == "owner"
+    assert events(log, "run_end")[-1]["data"]["status"] == "failed"
