@@ -4,8 +4,9 @@ Designed for speed (an auditor verifies hundreds of thousands of entries per sec
 precise diagnosis:
 
 1. every line is parsed once into a `LineInfo` (seq, prev, entry hash, event, facts). The entry
-   hash is SHA-256 over the raw line bytes as written; canonical encoding is checked by one
-   re-encoding of the parsed entry;
+   hash is SHA-256 over the raw line bytes as written, so nothing is re-encoded to hash it;
+   canonical encoding is checked by re-encoding the parsed entry (every entry but messages, and
+   messages on a sample, unless `strict_encoding`);
 2. the chain is checked with C-level passes over the lines: a line is an *anomaly* when its
    (seq, prev) is not (previous seq + 1, previous entry hash). An intact log has none;
 3. each cluster of anomalies is diagnosed locally (`_diagnose_region`): walking back by hash
@@ -26,7 +27,8 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, islice
+from itertools import compress, islice, pairwise, repeat
+from operator import add as _plus
 from operator import itemgetter, ne
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,9 +38,11 @@ from secure_split.audit.format import (
     ENTRY_KEYS,
     EVENTS,
     FORMAT_VERSION,
+    HEX128,
     MAX_LINE_BYTES,
     MESSAGE_EVENTS,
     checkpoint_body_hash,
+    encode_canonical,
     genesis_hash,
     head_message,
 )
@@ -47,11 +51,7 @@ from secure_split.errors import AuditError
 
 
 class LineInfo(NamedTuple):
-    """What the verifier keeps of one line.
-
-    `link_in` is "SEQ:PREV" and `link_out` is "SEQ+1:HASH": the chain is intact across lines
-    i-1 and i exactly when link_out[i-1] == link_in[i].
-    """
+    """What the verifier keeps of one line (a plain tuple underneath, for speed)."""
 
     seq: int  # -1 when unreadable
     prev: str  # "" when unreadable
@@ -62,39 +62,24 @@ class LineInfo(NamedTuple):
     facts: tuple[Any, ...] | None  # event-specific facts for the cross-peer and policy passes
     policy: str
     time: str
-    link_in: str
-    link_out: str
 
 
 _SEQ = itemgetter(0)
+_PREV = itemgetter(1)
+_HASH = itemgetter(2)
 _PROBLEM = itemgetter(4)
 _CHECKPOINT = itemgetter(5)
-_LINK_IN = itemgetter(9)
-_LINK_OUT = itemgetter(10)
 _NEW = tuple.__new__
 
 
-def _canonical_encoder() -> Callable[[Any], str]:
-    """The canonical encoder (sorted keys, compact, UTF-8, no NaN), reused across calls.
-
-    `json.JSONEncoder.encode` builds a new C encoder on every call, which costs as much as the
-    encoding itself; building it once halves the price of the canonical-encoding check.
-    """
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # no C accelerator (e.g. PyPy): the pure-Python encoder gives the same bytes
-        return json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-    enc = make(None, None, json.encoder.encode_basestring, None, ":", ",", True, False, False)
-    return lambda obj: "".join(enc(obj, 0))
-
-
-_ENCODE = _canonical_encoder()
+_ENCODE = encode_canonical
 
 ENCODING_SAMPLE_HEAD = 64
 """Message lines at the start of each log whose canonical encoding is always checked."""
 ENCODING_SAMPLE_EVERY = 16
 """After the head, every this-many-th message line has its canonical encoding checked."""
 # The C scanner without `json.loads`' wrapper (two regex matches per call): (obj, end) or StopIteration.
-_SCAN = json.JSONDecoder().scan_once
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _SHA256 = hashlib.sha256
 
 # Message facts: the key that identifies a message on both sides, and the facts both must agree on.
@@ -105,8 +90,7 @@ _HEAD_FACTS = itemgetter("counterparty", "seq", "head", "signature", "key")
 
 def _info(seq: int, prev: str, h: str, event: str, problem: str | None, checkpoint: bool,
           facts: tuple[Any, ...] | None, policy: str, time: str = "") -> LineInfo:
-    return _NEW(LineInfo, (seq, prev, h, event, problem, checkpoint, facts, policy, time, f"{seq}:{prev}",
-                           f"{seq + 1}:{h}"))
+    return _NEW(LineInfo, (seq, prev, h, event, problem, checkpoint, facts, policy, time))
 
 
 def _envelope_problem(entry: dict[str, Any], peer: str) -> tuple[str, int, str, str, str, dict[str, Any]]:
@@ -218,7 +202,7 @@ def parse_line(line: bytes, peer: str, *, check_encoding: bool = True) -> LineIn
     elif event == "run_start":
         facts = (data.get("deployment_hash"), data.get("policy_hash"))
     return _NEW(LineInfo, (seq, prev, h, event, problem, event == "checkpoint", facts, policy,
-                           entry["time"] if problem is None else "", f"{seq}:{prev}", f"{seq + 1}:{h}"))
+                           entry["time"] if problem is None else ""))
 
 
 def split_lines(data: bytes) -> tuple[list[bytes], bytes]:
@@ -305,8 +289,10 @@ class VerifyContext:
             if key != self.keys.get(peer):
                 owner = self.key_owner(key)
                 status = f"the key of peer '{owner}'" if owner else "a key that is not in the deployment"
-            elif info.seq >= 0 and signature_valid(key, head_message(peer, info.seq, info.hash,
-                                                                      self.deployment_hash), signature):
+            # Exactly the writer's lowercase hex: `sig` lies outside the entry hash, so a variant
+            # spelling of the same signature (upper case) would otherwise pass unseen.
+            elif info.seq >= 0 and HEX128.fullmatch(signature) and signature_valid(
+                    key, head_message(peer, info.seq, info.hash, self.deployment_hash), signature):
                 status = "ok"
             else:
                 status = "invalid"
@@ -365,11 +351,24 @@ class _Region:
     """The verdict on one cluster of anomalies."""
 
     modified: dict[int, tuple[int, str]] = field(default_factory=dict)  # seq -> (line position, how it was seen)
-    deleted: list[int] = field(default_factory=list)
+    deleted: list[tuple[int, int]] = field(default_factory=list)  # inclusive ranges of seqs
     duplicated: dict[int, list[int]] = field(default_factory=dict)  # seq -> line numbers
     inserted: dict[int, int] = field(default_factory=dict)  # line position -> claimed seq
     reordered: set[int] = field(default_factory=set)
     authentic: list[int] = field(default_factory=list)  # positions that belong to the chain
+
+
+def _ranges_without(gap: range, taken: set[int]) -> list[tuple[int, int]]:
+    """The inclusive ranges of `gap` minus the (few) numbers in `taken`."""
+    out: list[tuple[int, int]] = []
+    start = gap.start
+    for t in sorted(x for x in taken if x in gap):
+        if t > start:
+            out.append((start, t - 1))
+        start = t + 1
+    if start < gap.stop:
+        out.append((start, gap.stop - 1))
+    return out
 
 
 def _diagnose_region(
@@ -435,6 +434,15 @@ def _diagnose_region(
                 fwd.pop()
                 out.modified[infos[last].seq] = (last, f"line {last + 1} no longer hashes to the prev its "
                                                        "successor recorded")
+    # Along the hash-linked part, seqs must still count up by one: a jump means entries were
+    # removed and the chain recomputed after them (their checkpoints then fail as well).
+    if back:
+        # (When the walk back did not reach the anchor, the gap before back[0] is handled below.)
+        expected = seq_start if complete else infos[back[0]].seq
+        for q in back:
+            if infos[q].seq > expected:
+                out.deleted.append((expected, infos[q].seq - 1))
+            expected = max(expected, infos[q].seq + 1)
     chain = fwd + back
     chain_hashes = {infos[p].hash for p in chain}
     rest = [p for p in positions if p not in used]
@@ -453,31 +461,33 @@ def _diagnose_region(
             last_gap = tail[1]
         else:
             last_gap = first_gap + len(suspects) - 1
-        gap = [s for s in range(first_gap, last_gap + 1) if s not in out.modified]
-        gap_set = set(gap)
+        # The gap is a range: a forged seq must not make the verifier list billions of numbers.
+        gap = range(first_gap, max(first_gap, last_gap + 1))
+        taken = set(out.modified)
         leftover = []
         for p in suspects:
             s = infos[p].seq
-            if s in gap_set and s not in out.modified:
+            if s in gap and s not in taken:
                 out.modified[s] = (p, f"line {p + 1} does not hash to the prev its successor recorded")
-                gap_set.discard(s)
+                taken.add(s)
             else:
                 leftover.append(p)
-        remaining = [s for s in gap if s in gap_set]
         # Lines that cannot be linked, standing where entries are missing: the same entries, changed.
-        for p, s in zip(leftover, remaining, strict=False):
-            claimed = infos[p].seq
-            why = infos[p].problem if infos[p].seq < 0 else f"its seq reads {claimed}"
-            out.modified[s] = (p, f"line {p + 1} stands where entry {s} belongs but does not link ({why})")
-        paired = min(len(leftover), len(remaining))
-        out.deleted.extend(remaining[paired:])
-        for p in leftover[paired:]:
-            out.inserted[p] = infos[p].seq
+        free = (s for s in gap if s not in taken)
+        for p in leftover:
+            slot = next(free, None)
+            if slot is None:
+                out.inserted[p] = infos[p].seq
+                continue
+            why = infos[p].problem if infos[p].seq < 0 else f"its seq reads {infos[p].seq}"
+            out.modified[slot] = (p, f"line {p + 1} stands where entry {slot} belongs but does not link ({why})")
+            taken.add(slot)
+        out.deleted.extend(_ranges_without(gap, taken))
     else:
         for p in suspects:
             out.inserted[p] = infos[p].seq
     ordered = sorted(chain, key=lambda q: infos[q].seq)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in pairwise(ordered):
         if b < a:
             out.reordered.update((infos[a].seq, infos[b].seq))
     out.authentic = chain
@@ -515,15 +525,19 @@ def _verify_lines(lines: Sequence[bytes], *, peer: str, context: VerifyContext, 
     infos = context.parse_all(lines, peer)
     findings: list[Finding] = []
 
-    def add(kind: str, seqs: Any, message: str, severity: str = "error") -> None:
+    def found(kind: str, seqs: Any, message: str, severity: str = "error") -> None:
         findings.append(Finding(kind, peer, file, to_ranges(seqs), message, severity))
 
     genesis = context.genesis(peer)
-    link_in = list(map(_LINK_IN, infos))
-    link_out = list(map(_LINK_OUT, infos))
-    anomalies = list(compress(range(1, n), map(ne, islice(link_in, 1, None), link_out)))
-    if n and link_in[0] != f"0:{genesis}":
-        anomalies.insert(0, 0)
+    # A line is an anomaly when its prev is not the previous line's hash or its seq is not the
+    # previous seq + 1: C-level passes over the columns, so an intact log costs next to nothing.
+    seqs = list(map(_SEQ, infos))
+    hashes = list(map(_HASH, infos))
+    bad = set(compress(range(1, n), map(ne, islice(map(_PREV, infos), 1, None), hashes)))
+    bad.update(compress(range(1, n), map(ne, islice(seqs, 1, None), map(_plus, seqs, repeat(1)))))
+    if n and (seqs[0] != 0 or infos[0].prev != genesis):
+        bad.add(0)
+    anomalies = sorted(bad)
     excluded: set[int] = set()
     modified: set[int] = set()
     position_of_seq_override: dict[int, int] = {}
@@ -553,21 +567,22 @@ def _verify_lines(lines: Sequence[bytes], *, peer: str, context: VerifyContext, 
             tail = None
         region = _diagnose_region(infos, lo, hi, prev_start, seq_start, tail)
         for s, (p, how) in sorted(region.modified.items()):
-            add("modified", [s], f"entry {s} was changed after it was written: {how}")
+            found("modified", [s], f"entry {s} was changed after it was written: {how}")
             modified.add(s)
             excluded.add(p)
         if region.deleted:
-            add("deleted", region.deleted,
-                f"{len(region.deleted)} entr{'y is' if len(region.deleted) == 1 else 'ies are'} missing "
-                f"between lines {lo + 1} and {hi + 1}")
+            missing = sum(b - a + 1 for a, b in region.deleted)
+            findings.append(Finding("deleted", peer, file, tuple(region.deleted),
+                                    f"{missing} entr{'y is' if missing == 1 else 'ies are'} missing "
+                                    f"between lines {lo + 1} and {hi + 1}"))
         for s, where in sorted(region.duplicated.items()):
-            add("duplicated", [s], f"entry {s} appears {len(where)} times (lines {', '.join(map(str, where))})")
+            found("duplicated", [s], f"entry {s} appears {len(where)} times (lines {', '.join(map(str, where))})")
             excluded.update(w - 1 for w in where[1:])
         for p, s in sorted(region.inserted.items()):
-            add("inserted", [s] if s >= 0 else [], f"line {p + 1} (claiming seq {s}) is not part of the hash chain")
+            found("inserted", [s] if s >= 0 else [], f"line {p + 1} (claiming seq {s}) is not part of the hash chain")
             excluded.add(p)
         if region.reordered:
-            add("reordered", region.reordered,
+            found("reordered", region.reordered,
                 f"entries {format_ranges(to_ranges(region.reordered))} are out of order (lines {lo + 1}-{hi + 1})")
         for p in region.authentic:
             position_of_seq_override[infos[p].seq] = p
@@ -581,30 +596,32 @@ def _verify_lines(lines: Sequence[bytes], *, peer: str, context: VerifyContext, 
         elif s in modified or p in excluded:
             continue
         elif status == "missing":
-            add("forged_signature", [s], f"checkpoint at line {p + 1} has no valid signature field")
+            found("forged_signature", [s], f"checkpoint at line {p + 1} has no valid signature field")
         elif status == "invalid":
-            add("forged_signature", [s],
+            found("forged_signature", [s],
                 f"checkpoint {s} (line {p + 1}) does not verify with {peer}'s key: the entries it covers "
                 "were rewritten, or the signature was forged")
         else:
-            add("unknown_key", [s], f"checkpoint {s} (line {p + 1}) is signed with {status}, not {peer}'s key")
+            found("unknown_key", [s], f"checkpoint {s} (line {p + 1}) is signed with {status}, not {peer}'s key")
 
     # Format problems of lines that still chain correctly (a writer bug, or a re-chained forgery).
     for p in compress(range(n), map(_PROBLEM, infos)):
         s = infos[p].seq
         if s in modified or p in excluded:
             continue
-        add("malformed", [s] if s >= 0 else [], f"line {p + 1}: {infos[p].problem}")
+        found("malformed", [s] if s >= 0 else [], f"line {p + 1}: {infos[p].problem}")
 
     # The end of the log.
     if anomalies:
-        seqs = list(map(_SEQ, infos))
+        # The end of the chain: the highest seq among the lines that belong to it.
+        for p in excluded:
+            seqs[p] = -1
         last_seq = max(seqs)
         last_pos = seqs.index(last_seq)
     else:
         last_pos, last_seq = n - 1, (infos[-1].seq if n else -1)
     if torn:
-        add("torn_tail", [last_seq + 1],
+        found("torn_tail", [last_seq + 1],
             f"the last {len(torn)} bytes are a partial line (the writer stopped mid-write, e.g. a crash); "
             "they are not part of the log", severity="warning")
     if n:
@@ -615,13 +632,15 @@ def _verify_lines(lines: Sequence[bytes], *, peer: str, context: VerifyContext, 
             last_cp = max((infos[p].seq for p in cp_positions if sig_status[p] == "ok"), default=-1)
             unsigned = f"entries {last_cp + 1}-{last_seq} are not covered by a signature" if last_cp < last_seq \
                 else "every entry is covered by a signature"
-            add("truncated", [last_seq + 1],
+            found("truncated", [last_seq + 1],
                 f"the log ends at entry {last_seq} without run_end and a final signed checkpoint: the run did "
                 f"not close (a crash) or its tail was removed; {unsigned}", severity="warning")
     else:
-        add("truncated", [], "the log is empty", severity="warning")
+        found("truncated", [], "the log is empty", severity="warning")
 
-    signed_heads = {infos[p].seq: (infos[p].hash, sig_status[p] == "ok") for p in cp_positions
+    # seq -> (entry hash, signature valid, signature): what counterparty heads are compared with.
+    signed_heads = {infos[p].seq: (infos[p].hash, sig_status[p] == "ok", (infos[p].facts or ("", ""))[1])
+                    for p in cp_positions
                     if p not in excluded and infos[p].seq >= 0}
     return FileReport(
         peer=peer,
@@ -636,6 +655,23 @@ def _verify_lines(lines: Sequence[bytes], *, peer: str, context: VerifyContext, 
         excluded=frozenset(excluded),
         signed_heads=signed_heads,
     )
+
+
+def foreign_deployment(lines: Sequence[bytes], peer: str, deployment_hash: str) -> str | None:
+    """The deployment hash a log provably belongs to when it is not `deployment_hash`, else None.
+
+    "Provably": its first entry is a run_start naming that other deployment, and its genesis is
+    that deployment's. Such a log is not tampered with; it is simply verified against the wrong file.
+    """
+    if not lines:
+        return None
+    first = parse_line(lines[0], peer)
+    if first.event != "run_start" or first.facts is None:
+        return None
+    named = first.facts[0]
+    if isinstance(named, str) and named != deployment_hash and first.prev == genesis_hash(peer, named):
+        return named
+    return None
 
 
 def read_log(path: str | Path) -> tuple[list[bytes], bytes]:

@@ -17,9 +17,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from secure_split.audit.crosscheck import LogFacts
+from secure_split.audit.crosscheck import LogFacts, message_flows
 from secure_split.audit.report import Finding, to_ranges
-
 
 _UNDECIDED: Any = object()
 
@@ -52,49 +51,37 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
     decided: dict[tuple[Any, ...], Any] = {}
     flows_checked = 0
     for facts in logs.values():
-        times = sorted({w for t in facts.message_times if t and (w := _when(t)) is not None})
+        times: list[datetime | None] = [*sorted({w for t in facts.message_times if t and (w := _when(t))})]
         mismatch = [s for h, seqs in facts.policies.items() if h != policy.hash for s in seqs]
         skip = set(mismatch)
         raw: dict[str, list[int]] = {}
         denied: dict[str, list[int]] = {}
-        sides = [("send", d, facts.sent_seq[peer]) for peer, d in facts.sent.items()]
-        sides += [("receive", d, facts.received_seq[peer]) for peer, d in facts.received.items()]
-        for direction, by_key, seq_of in sides:
-            # Group this side's messages by flow; each distinct flow is decided once.
-            groups: dict[tuple[Any, ...], list[int]] = {}
-            for key, (kind, edge, _step, nbytes, dtype, shape, batch, _digest) in by_key.items():
-                seq = seq_of[key]
-                if seq in skip:
-                    continue
-                flow_key = (direction, key[0], key[1], kind, edge, nbytes, dtype,
-                            tuple(shape) if isinstance(shape, list) else shape, batch)
-                g = groups.get(flow_key)
-                if g is None:
-                    groups[flow_key] = [seq]
-                else:
-                    g.append(seq)
-            for flow_key, seqs in groups.items():
-                _, sender, receiver, kind, edge, nbytes, dtype, shape, batch = flow_key
-                if kind not in KIND_SET:
-                    raw.setdefault(str(kind), []).extend(seqs)
-                    continue
-                flow = Flow(sender=sender, receiver=receiver, kind=kind, edge=edge or None,
-                            direction=direction, nbytes=nbytes, dtype=dtype, shape=shape, batch_size=batch)
-                refusal = None
-                for when in times or [None]:
-                    decision = decided.get((flow_key, when))
-                    if decision is None:
-                        try:
-                            decision = policy.decide(flow, now=when)
-                        except Exception as exc:  # noqa: BLE001 - an engine failure must not hide other findings
-                            problems.append(f"the policy engine failed on {sender} -> {receiver} {kind}: {exc}")
-                            decision = _UNDECIDED
-                        decided[(flow_key, when)] = decision
-                    if decision is not _UNDECIDED and not decision.allowed and refusal is None:
-                        refusal = decision
-                flows_checked += len(seqs)
-                if refusal is not None:
-                    denied.setdefault(f"{refusal.reason} (rule {refusal.rule_id})", []).extend(seqs)
+        groups = message_flows(facts)
+        if skip:
+            groups = {k: kept for k, v in groups.items() if (kept := [s for s in v if s not in skip])}
+        for flow_key, seqs in groups.items():
+            direction, sender, receiver, kind, edge, nbytes, dtype, shape, batch = flow_key
+            if kind not in KIND_SET:
+                raw.setdefault(str(kind), []).extend(seqs)
+                continue
+            flow = Flow(sender=sender, receiver=receiver, kind=kind, edge=edge or None,
+                        direction="send" if direction == "send" else "receive", nbytes=nbytes, dtype=dtype,
+                        shape=shape, batch_size=batch)
+            refusal = None
+            for when in times or [None]:  # no readable time: judge at the verifier's clock (None)
+                decision = decided.get((flow_key, when))
+                if decision is None:
+                    try:
+                        decision = policy.decide(flow, now=when)
+                    except Exception as exc:  # an engine failure must not hide the other findings
+                        problems.append(f"the policy engine failed on {sender} -> {receiver} {kind}: {exc}")
+                        decision = _UNDECIDED
+                    decided[(flow_key, when)] = decision
+                if decision is not _UNDECIDED and not decision.allowed and refusal is None:
+                    refusal = decision
+            flows_checked += len(seqs)
+            if refusal is not None:
+                denied.setdefault(f"{refusal.reason} (rule {refusal.rule_id})", []).extend(seqs)
         if mismatch:
             findings.append(Finding(
                 "policy_mismatch", facts.peer, facts.file, to_ranges(mismatch),

@@ -18,7 +18,9 @@ by the verifier through `secure_split.crypto.keys`).
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -83,6 +85,25 @@ MAX_LINE_BYTES: Final[int] = 64 * 1024
 HEX64: Final[re.Pattern[str]] = re.compile(r"[0-9a-f]{64}")
 HEX128: Final[re.Pattern[str]] = re.compile(r"[0-9a-f]{128}")
 PEER_NAME: Final[re.Pattern[str]] = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+
+def _canonical_encoder() -> Callable[[Any], str]:
+    """`json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)`, built once.
+
+    `json.dumps` builds a new C encoder on every call, which costs as much as the encoding itself.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator (e.g. PyPy): the pure-Python encoder gives the same text
+        return json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+    enc = make(None, None, json.encoder.encode_basestring, None, ":", ",", True, False, False)
+    return lambda obj: "".join(enc(obj, 0))
+
+
+encode_canonical: Final[Callable[[Any], str]] = _canonical_encoder()
+"""Canonical JSON text of a value that is already normalised (no whole floats, no NaN, no tuples):
+the same text as `secure_split.canonical.canonical_json` gives for it. The writer normalises every
+value first (`writer.clean_value`); the verifier re-encodes parsed entries, which are normalised
+exactly when they were written canonically."""
 
 
 def genesis_hash(peer: str, deployment_hash: str) -> str:
@@ -187,6 +208,9 @@ class SignedHead:
             RemoteProtocolError: a key is missing or malformed.
         """
         peer, seq, head, sig = meta.get("peer"), meta.get("seq"), meta.get("head"), meta.get("signature")
+        if (isinstance(peer, str) and PEER_NAME.fullmatch(peer) and type(seq) is int and seq >= 0
+                and isinstance(head, str) and HEX64.fullmatch(head) and isinstance(sig, str) and HEX128.fullmatch(sig)):
+            return cls(peer=peer, seq=seq, head=head, signature=sig)
         problems = []
         if not isinstance(peer, str) or not PEER_NAME.fullmatch(peer):
             problems.append(f"peer must be a peer name, got {peer!r}")
@@ -196,7 +220,4 @@ class SignedHead:
             problems.append("head must be 64 lowercase hex digits")
         if not isinstance(sig, str) or not HEX128.fullmatch(sig):
             problems.append("signature must be 128 lowercase hex digits")
-        if problems:
-            raise RemoteProtocolError("malformed signed audit head: " + "; ".join(problems))
-        assert isinstance(peer, str) and isinstance(seq, int) and isinstance(head, str) and isinstance(sig, str)
-        return cls(peer=peer, seq=seq, head=head, signature=sig)
+        raise RemoteProtocolError("malformed signed audit head: " + "; ".join(problems))

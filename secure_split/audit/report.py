@@ -39,9 +39,6 @@ FINDING_KINDS: Final[dict[str, str]] = {
 }
 """Every kind of finding, with the sentence the README and the table legend use."""
 
-WARNING_KINDS: Final[frozenset[str]] = frozenset({"torn_tail"})
-
-
 def to_ranges(numbers: Iterable[int]) -> tuple[tuple[int, int], ...]:
     """Compress entry numbers into sorted inclusive ranges: [1, 2, 3, 7] -> ((1, 3), (7, 7))."""
     out: list[list[int]] = []
@@ -130,7 +127,7 @@ class FileReport:
     # For the cross-peer and policy passes (not part of the JSON report):
     infos: list[Any] = field(default_factory=list, repr=False)
     excluded: frozenset[int] = field(default_factory=frozenset, repr=False)
-    signed_heads: dict[int, tuple[str, bool]] = field(default_factory=dict, repr=False)
+    signed_heads: dict[int, tuple[str, bool, str]] = field(default_factory=dict, repr=False)
 
     @property
     def intact(self) -> bool:
@@ -230,7 +227,7 @@ class AuditReport:
             kinds = sorted({f.kind for f in mine})
             verdict = Text("intact", style="green") if not mine else Text(", ".join(kinds), style="red")
             files.add_row(fr.peer, fr.file, str(fr.entries), str(fr.checkpoints), str(fr.last_seq), verdict)
-        parts: list[Any] = [files]
+        parts: list[Any] = [files] if self.files else []
         if self.findings:
             table = Table(title="findings", title_justify="left", show_lines=False)
             for col in ("severity", "kind", "peer", "entries", "message"):
@@ -247,8 +244,8 @@ class AuditReport:
             parts.append(Text(f"checked: {checks}"))
         if self.policy_hash is None:
             parts.append(Text("policy compliance: not checked (no policy given)", style="yellow"))
-        verdict = {0: ("CLEAN: every log intact, consistent across peers", "bold green"),
-                   1: (f"PROBLEMS: {len(self.findings)} finding(s)", "bold red"),
-                   2: ("CANNOT VERIFY: see above", "bold red")}[int(self.exit_code)]
-        parts.append(Text(verdict[0], style=verdict[1]))
+        said, style = {0: ("CLEAN: every log intact, consistent across peers", "bold green"),
+                       1: (f"PROBLEMS: {len(self.findings)} finding(s)", "bold red"),
+                       2: ("CANNOT VERIFY: see above", "bold red")}[int(self.exit_code)]
+        parts.append(Text(said, style=style))
         return Group(*parts)

@@ -102,14 +102,17 @@ def write_deployment(directory: Path, identities: dict[str, Any], *, policy_file
 class _Run:
     """The simulated peers: their logs, sessions and protocol counters."""
 
-    def __init__(self, logs: dict[str, AuditLog], seed: int, keys: dict[str, str]) -> None:
+    def __init__(self, logs: dict[str, AuditLog], seed: int, keys: dict[str, str], policy: Any = None) -> None:
         self.logs = logs
         self.keys = keys
+        self.policy = policy
+        self.rules: dict[tuple[Any, ...], str] = {}
         self.seed = seed
         self.pseq: dict[tuple[str, str], int] = {}
         self.sessions: dict[frozenset[str], str] = {}
 
     def session(self, a: str, b: str) -> str:
+        """The session id (hex) of the pair a, b: one per pair, as the handshake makes it."""
         key = frozenset((a, b))
         if key not in self.sessions:
             self.sessions[key] = hashlib.sha256(f"{self.seed}:{sorted(key)}".encode()).hexdigest()[:32]
@@ -117,6 +120,7 @@ class _Run:
 
     def message(self, sender: str, receiver: str, kind: str, step: int, *, edge: str = "",
                 shape: list[int] | None = None, dtype: str | None = None) -> None:
+        """One message, logged by its sender (message_sent) and its receiver (message_received)."""
         n = self.pseq.get((sender, receiver), 0)
         self.pseq[(sender, receiver)] = n + 1
         itemsize = {"float32": 4, "int64": 8}.get(dtype or "", 0)
@@ -124,16 +128,35 @@ class _Run:
         for d in shape or []:
             nbytes *= d
         digest = hashlib.sha256(f"{self.seed}:{sender}:{receiver}:{n}:{kind}".encode()).hexdigest()
+        batch = shape[0] if shape else None
         fields = {
             "kind": kind, "edge": edge, "step": step, "seq": n, "session": self.session(sender, receiver),
             "sender": sender, "receiver": receiver, "nbytes": nbytes, "dtype": dtype, "shape": shape,
-            "batch_size": shape[0] if shape else None, "digest": digest,
-            "decision_id": digest[:16], "rule_id": f"allow-{kind}",
+            "batch_size": batch, "digest": digest,
         }
-        self.logs[sender].record("message_sent", counterparty=receiver, **fields)
-        self.logs[receiver].record("message_received", counterparty=sender, **fields)
+        for side, event, counterparty in (("send", "message_sent", receiver), ("receive", "message_received", sender)):
+            rule = self.rule(side, sender, receiver, kind, edge, nbytes, dtype, shape, batch)
+            decision_id = "d-" + hashlib.sha256(f"{digest}:{side}".encode()).hexdigest()[:16]
+            self.logs[sender if side == "send" else receiver].record(
+                event, counterparty=counterparty, decision_id=decision_id, rule_id=rule, **fields)
+
+    def rule(self, direction: str, sender: str, receiver: str, kind: str, edge: str, nbytes: int,
+             dtype: str | None, shape: list[int] | None, batch: int | None) -> str:
+        """The id of the policy rule that allows this flow (what the gate would log)."""
+        key = (direction, sender, receiver, kind, edge, nbytes, dtype, tuple(shape or ()), batch)
+        if key not in self.rules:
+            if self.policy is None:
+                self.rules[key] = f"allow-{kind}"
+            else:
+                from secure_split.policy import Flow
+
+                flow = Flow(sender=sender, receiver=receiver, kind=kind, edge=edge or None, direction=direction,  # type: ignore[arg-type]
+                            nbytes=nbytes, dtype=dtype, shape=tuple(shape) if shape else None, batch_size=batch)
+                self.rules[key] = self.policy.decide(flow).rule_id
+        return self.rules[key]
 
     def barrier(self, epoch: int, step: int) -> None:
+        """A step barrier: checkpoints, signed heads exchanged (audit_receipt) and recorded, acks."""
         for p in ("hospital_a", "hospital_b"):
             self.message("lab", p, "barrier", step)
         heads = {}
@@ -194,9 +217,9 @@ def generate_logs(
     log_dir = root / "audit"
     logs = {p: AuditLog.open(log_dir / f"{p}.jsonl", peer=p, identity=ids[p], deployment_hash=dep.hash,
                              policy_hash=pol, clock=clk) for p in PEERS}
-    run = _Run(logs, seed, {p: ids[p].sign_key_hex for p in PEERS})
+    run = _Run(logs, seed, {p: ids[p].sign_key_hex for p in PEERS}, _load(policy_path))
     versions = {"secure_split": "0.1.0", "protocol": 1}
-    for p, log in logs.items():
+    for log in logs.values():
         log.record("run_start", deployment_hash=dep.hash, policy_hash=pol, versions=versions, resumed=False,
                    resume_epoch=None)
     for p in ("hospital_a", "hospital_b"):
@@ -209,10 +232,11 @@ def generate_logs(
     def total() -> int:
         return sum(log.seq + 1 for log in logs.values())
 
-    closing = 60  # the last barrier, shutdown and close
+    # Entries still to come after the loop: the last barrier (26), shutdown (4) and close (6).
+    closing = 36
     step = 0
     epoch = 0
-    while total() < entries - closing or step == 0:
+    while total() + closing < entries or step == 0:
         step += 1
         for p in ("hospital_a", "hospital_b"):
             run.message("lab", p, "step_begin", step, shape=[_BATCH], dtype="int64")
@@ -226,10 +250,18 @@ def generate_logs(
     run.barrier(epoch, step + 1)
     for p in ("hospital_a", "hospital_b"):
         run.message("lab", p, "shutdown", step + 1)
-    for p, log in logs.items():
+    for log in logs.values():
         log.close("ok", metrics={"steps": step, "accuracy": 0.93, "loss": 0.2})
     counts = {p: log.seq + 1 for p, log in logs.items()}
     return SyntheticRun(root, log_dir, dep_path, dep.hash, policy_path, pol, counts, ids)
+
+
+def _load(policy_path: Path | None) -> Any:
+    if policy_path is None:
+        return None
+    from secure_split.policy import load_policy
+
+    return load_policy(policy_path)
 
 
 def _write_policy(root: Path, deployment: Any) -> tuple[Path | None, str]:

@@ -18,28 +18,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from secure_split.audit.chain import VerifyContext, parse_line, paused_gc, read_log, verify_lines
+from secure_split.audit.chain import VerifyContext, foreign_deployment, paused_gc, read_log, verify_lines
 from secure_split.audit.compliance import check_compliance
-from secure_split.audit.crosscheck import LogFacts, cross_check, extract_facts
-from secure_split.audit.format import genesis_hash
+from secure_split.audit.crosscheck import LogFacts, compact, cross_check, extract_facts
 from secure_split.audit.report import AuditReport, FileReport, Finding
 from secure_split.errors import AuditError, SecureSplitError
 
 # Below this much log data, starting worker processes costs more than it saves.
 _PARALLEL_MIN_BYTES = 8 * 1024 * 1024
-
-
-def _foreign_deployment(lines: list[bytes], peer: str, context: VerifyContext) -> str | None:
-    """The deployment hash a log names when it provably belongs to another deployment, else None."""
-    if not lines:
-        return None
-    first = parse_line(lines[0], peer)
-    if first.event != "run_start" or first.facts is None:
-        return None
-    named = first.facts[0]
-    if isinstance(named, str) and named != context.deployment_hash and first.prev == genesis_hash(peer, named):
-        return named
-    return None
 
 
 def _verify_one(path: str, peer: str, context: VerifyContext) -> tuple[FileReport | None, LogFacts | None, str | None]:
@@ -48,7 +34,7 @@ def _verify_one(path: str, peer: str, context: VerifyContext) -> tuple[FileRepor
         lines, torn = read_log(path)
     except AuditError as exc:
         return None, None, str(exc)
-    foreign = _foreign_deployment(lines, peer, context)
+    foreign = foreign_deployment(lines, peer, context.deployment_hash)
     if foreign is not None:
         return None, None, (f"{Path(path).name} belongs to deployment {foreign[:16]}... (its run_start and "
                             f"genesis), not to the deployment given ({context.deployment_hash[:16]}...)")
@@ -60,12 +46,14 @@ def _verify_one(path: str, peer: str, context: VerifyContext) -> tuple[FileRepor
 
 
 def _verify_job(
-    args: tuple[str, str, str, dict[str, str], bool],
+    args: tuple[str, str, str, dict[str, str], bool, bool],
 ) -> tuple[FileReport | None, LogFacts | None, str | None]:
-    path, peer, deployment_hash, keys, strict = args
+    """One file in a worker process; the facts travel back compacted (digests, not messages)."""
+    path, peer, deployment_hash, keys, strict, with_flows = args
     with paused_gc():
-        return _verify_one(path, peer, VerifyContext(deployment_hash=deployment_hash, keys=keys,
-                                                     strict_encoding=strict))
+        report, facts, why = _verify_one(path, peer, VerifyContext(deployment_hash=deployment_hash, keys=keys,
+                                                                   strict_encoding=strict))
+        return report, compact(facts, with_flows=with_flows) if facts is not None else None, why
 
 
 def _cpus() -> int:
@@ -73,6 +61,21 @@ def _cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _default_workers(files: int, total_bytes: int) -> int:
+    """One process per file, up to the cores that are idle now; one process for small logs or a busy machine.
+
+    On shared cores, worker processes compete with other work and lose more than they gain.
+    """
+    if total_bytes < _PARALLEL_MIN_BYTES or files < 2:
+        return 1
+    cpus = _cpus()
+    try:
+        idle = cpus - os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        idle = cpus - 1
+    return max(1, min(files, cpus, int(idle + 0.5) + 1)) if idle >= 1 else 1
 
 
 def _load_deployment(deployment: Any) -> Any:
@@ -105,8 +108,8 @@ def verify_logs(
         log_dir: the folder holding one `PEER.jsonl` per peer of the deployment.
         deployment: a loaded `Deployment` or the path of `deployment.yaml` (public keys, hash).
         policy: a loaded `Policy`, the path of the policy file, or None to skip policy compliance.
-        workers: processes for the per-file pass (default: one per core when the logs are large,
-            else 1).
+        workers: processes for the per-file pass (default: one per file up to the idle cores when
+            the logs are large, else 1).
         strict_encoding: re-encode every entry to check canonical encoding (default: every entry
             but messages, and messages on a sample; see `VerifyContext`).
 
@@ -151,19 +154,18 @@ def _verify_logs(
                                     f"{path.name} is the log of '{path.stem}', which is not a peer of the deployment"))
     total_bytes = sum(os.path.getsize(p) for p, _ in jobs)
     if workers is None:
-        workers = min(_cpus(), len(jobs)) if total_bytes >= _PARALLEL_MIN_BYTES else 1
+        workers = _default_workers(len(jobs), total_bytes)
     results: list[tuple[FileReport | None, LogFacts | None, str | None]]
     if workers > 1 and len(jobs) > 1:
-        results = _run_parallel(jobs, context, workers)
+        results = _run_parallel(jobs, context, workers, with_flows=pol is not None)
     else:
         results = [_verify_one(p, peer, context) for p, peer in jobs]
     files: list[FileReport] = []
     logs: dict[str, LogFacts] = {}
     for report, facts, why in results:
-        if why is not None:
-            unverifiable.append(why)
+        if report is None or facts is None:
+            unverifiable.append(why or "unreadable log")
             continue
-        assert report is not None and facts is not None
         files.append(report)
         findings.extend(report.findings)
         logs[report.peer] = facts
@@ -172,7 +174,16 @@ def _verify_logs(
         "entries": sum(f.entries for f in files),
         "checkpoints_verified": sum(f.checkpoints for f in files),
     }
-    cross, counts = cross_check(logs, context)
+    paths = {peer: path for path, peer in jobs}
+
+    def reload(peer: str) -> LogFacts:
+        # Full facts of a log whose compact digests disagreed with a counterparty's.
+        full = _verify_one(paths[peer], peer, context)[1]
+        if full is None:  # readable a moment ago: it changed under us
+            raise AuditError(f"{paths[peer]} could not be read again")
+        return full
+
+    cross, counts = cross_check(logs, context, reload)
     findings.extend(cross)
     checks.update(counts)
     if pol is not None:
@@ -185,7 +196,7 @@ def _verify_logs(
 
 
 def _run_parallel(
-    jobs: list[tuple[str, str]], context: VerifyContext, workers: int
+    jobs: list[tuple[str, str]], context: VerifyContext, workers: int, *, with_flows: bool
 ) -> list[tuple[FileReport | None, LogFacts | None, str | None]]:
     """The per-file pass in worker processes (fork where available, else sequential)."""
     import multiprocessing
@@ -195,7 +206,7 @@ def _run_parallel(
         return [_verify_one(p, peer, context) for p, peer in jobs]
     # Largest files first so the longest job starts at once.
     order = sorted(range(len(jobs)), key=lambda i: -os.path.getsize(jobs[i][0]))
-    args = [(jobs[i][0], jobs[i][1], context.deployment_hash, dict(context.keys), context.strict_encoding)
+    args = [(jobs[i][0], jobs[i][1], context.deployment_hash, dict(context.keys), context.strict_encoding, with_flows)
             for i in order]
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
         done = list(pool.map(_verify_job, args))

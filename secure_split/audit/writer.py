@@ -19,7 +19,6 @@ The format is specified in `audit/FORMAT.md`; the shared definitions live in `fo
 
 from __future__ import annotations
 
-import enum
 import math
 import numbers
 import os
@@ -39,14 +38,16 @@ from secure_split.audit.format import (
     MAX_LIST_ITEMS,
     MAX_STRING_BYTES,
     SignedHead,
+    encode_canonical,
     genesis_hash,
     head_message,
 )
-from secure_split.canonical import canonical_json, sha256_hex
+from secure_split.canonical import sha256_hex
 from secure_split.errors import AuditError, CryptoError
 
 _MAX_DEPTH = 4
 _MAX_DICT_ITEMS = 128
+_SHORT = MAX_STRING_BYTES // 4  # a str of at most this many characters is within the byte limit
 
 
 class SigningIdentity(Protocol):
@@ -113,13 +114,13 @@ def clean_value(value: Any, path: str, depth: int = 0) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         raise _refuse(path, f"{t.__name__} value; the audit log never holds payloads or secrets, "
                             "log their SHA-256 digest instead")
-    if isinstance(value, enum.Enum) and isinstance(value, str):
+    if isinstance(value, str):  # a str subclass, e.g. a str enum such as protocol.Kind: its value
         return clean_value(str.__str__(value), path, depth)
-    if isinstance(value, str):
-        return clean_value(str.__str__(value), path, depth)
-    if isinstance(value, bool | numbers.Integral) and not hasattr(value, "shape") or _is_scalar(value, "biu"):
-        return bool(value) if _is_scalar(value, "b") else int(value)
-    if isinstance(value, numbers.Real) and not hasattr(value, "__len__") or _is_scalar(value, "f"):
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        return clean_value(value.item(), path, depth)  # a numpy (or similar) scalar: its Python value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
         return clean_value(float(value), path, depth)
     if depth >= _MAX_DEPTH:
         raise _refuse(path, f"nested more than {_MAX_DEPTH} deep")
@@ -141,12 +142,6 @@ def clean_value(value: Any, path: str, depth: int = 0) -> Any:
                         "audit log (never tensors, arrays or payloads)")
 
 
-def _is_scalar(value: Any, kinds: str) -> bool:
-    """True for a 0-d numpy scalar whose dtype kind is in `kinds` (no numpy import needed)."""
-    dtype = getattr(value, "dtype", None)
-    return dtype is not None and getattr(value, "shape", None) == () and getattr(dtype, "kind", "") in kinds
-
-
 class _AppendOnlyFile:
     """The wrapped logger at the end of the chain: appends each rendered line with one write."""
 
@@ -154,15 +149,18 @@ class _AppendOnlyFile:
         self._fd = fd
 
     def write_entry(self, line: bytes) -> None:
+        """Append one line with one write (a short write on a full disk is continued)."""
         view = memoryview(line)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
 
     def fsync(self) -> None:
+        """Flush the file to stable storage."""
         os.fsync(self._fd)
 
     def close(self) -> None:
+        """Close the file."""
         os.close(self._fd)
 
 
@@ -170,6 +168,7 @@ class _AuditBoundLogger(structlog.BoundLoggerBase):
     """The bound logger: one method, `write_entry`, that runs the chain and appends the line."""
 
     def write_entry(self, event: str, **event_kw: Any) -> Any:
+        """Run the processor chain on one event and hand the rendered line to the file."""
         return self._proxy_to_logger("write_entry", event, **event_kw)
 
 
@@ -232,7 +231,7 @@ class AuditLog:
             wrapper_class=_AuditBoundLogger,
             context_class=dict,
             cache_logger_on_first_use=False,
-        )
+        ).bind()  # resolve the lazy proxy once, from these explicit settings only
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -312,12 +311,20 @@ class AuditLog:
         missing = required - fields.keys()
         if missing:
             raise AuditError(f"audit event {event!r} is missing fields {sorted(missing)}")
-        ed["data"] = {str(k): clean_value(v, f"{event}.{k}") for k, v in fields.items()}
+        data = {}
+        for k, v in fields.items():
+            t = type(v)
+            # Fast path: the gate's fields are mostly short strings, ints and None.
+            if (t is str and len(v) <= _SHORT) or t is int or v is None or t is bool:
+                data[k] = v
+            else:
+                data[k] = clean_value(v, f"{event}.{k}")
+        ed["data"] = data
         return ed
 
     def _hash_chain(self, _logger: Any, _method: str, ed: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         ed["prev"] = self._head
-        body = canonical_json(dict(ed))
+        body = encode_canonical(ed).encode("utf-8")  # every value was normalised by _canonicalise
         if len(body) > MAX_LINE_BYTES - 512:
             raise AuditError(f"audit entry {ed['event']!r} would be {len(body)} bytes; the limit is "
                              f"{MAX_LINE_BYTES - 512}. The log records facts and digests, never payloads.")
@@ -333,7 +340,7 @@ class AuditLog:
             msg = head_message(self._peer, ed["seq"], entry_hash, self._deployment_hash)
             signature = self._identity.sign(msg).hex()
             ed["sig"] = {"key": self._key_hex, "signature": signature}
-            body = canonical_json(dict(ed))
+            body = encode_canonical(ed).encode("utf-8")
         self._pending = (ed["seq"], entry_hash, signature)
         ed["_line"] = body
         return ed
@@ -359,7 +366,8 @@ class AuditLog:
                 self._broken = str(exc)
                 raise AuditError(f"could not write audit log {self._path}: {exc}") from exc
             pending = self._pending
-            assert pending is not None  # set by _sign_checkpoint on every successful run of the chain
+            if pending is None:  # _sign_checkpoint sets it on every completed run of the chain
+                raise AuditError(f"audit log {self._path}: the processor chain did not complete")
             self._seq, self._head = pending[0], pending[1]
             return pending
 
@@ -476,10 +484,17 @@ class AuditLog:
 
 def _prepare_resume(path: Path, *, peer: str, key_hex: str, deployment_hash: str) -> tuple[int, str, dict[str, Any]]:
     """Verify an existing log with our own key, drop a torn tail; return (seq, head, log_resumed fields)."""
-    from secure_split.audit.verify import VerifyContext, split_lines, verify_lines
+    from secure_split.audit.chain import VerifyContext, foreign_deployment, split_lines, verify_lines
 
     data = path.read_bytes()
     lines, torn = split_lines(data)
+    other = foreign_deployment(lines, peer, deployment_hash)
+    if other is not None:
+        raise AuditError(
+            f"cannot resume: audit log {path} was written under deployment {other}, but this run's deployment "
+            f"hashes to {deployment_hash}; a resumed run needs the same deployment.yaml. The log is left as it "
+            "was; start a new run in a fresh folder to run under the changed deployment."
+        )
     ctx = VerifyContext(deployment_hash=deployment_hash, keys={peer: key_hex})
     report = verify_lines(lines, peer=peer, context=ctx, torn=torn, file=path.name)
     fatal = [f for f in report.findings if f.kind not in ("torn_tail", "truncated")]

@@ -432,6 +432,8 @@ def watch_peers(launched: dict[str, LaunchedPeer], coordinator: str, *, timeout_
                         ev = json.loads(line)
                     except ValueError:
                         continue
+                    if quiet:
+                        continue
                     if ev.get("event") == "step":
                         prog.update(task, description=f"epoch {ev['epoch'] + 1}/{ev['epochs']}", total=ev["steps"],
                                     completed=ev["step"], info=f"loss {ev['loss']:.3f}" if ev.get("loss") is not None else "")

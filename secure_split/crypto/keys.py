@@ -90,6 +90,22 @@ def generate_identity(name: str) -> Identity:
     return Identity(name, nacl.signing.SigningKey.generate(), nacl.public.PrivateKey.generate())
 
 
+def identity_from_seed(name: str, seed: bytes) -> Identity:
+    """A deterministic identity from a 32-byte seed: for tests and fixtures only, never for peers.
+
+    Raises:
+        ValueError: invalid name or a seed that is not 32 bytes.
+    """
+    if not NAME_RE.match(name):
+        raise ValueError(f"peer name {name!r}: use lowercase letters, digits and _ (start with a letter)")
+    if len(seed) != 32:
+        raise ValueError("the seed must be 32 bytes")
+    import hashlib
+
+    transport_seed = hashlib.sha256(b"secure-split-transport:" + seed).digest()
+    return Identity(name, nacl.signing.SigningKey(seed), nacl.public.PrivateKey(transport_seed))
+
+
 def write_key_files(identity: Identity, directory: str | Path) -> tuple[Path, Path]:
     """Write NAME.key (secret, mode 0600, created without ever being readable by others) and NAME.pub.
 

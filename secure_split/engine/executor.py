@@ -16,7 +16,9 @@ Rules of a step (one active at a time):
   distributed rule applied inside a peer too, so any DAG runs without deadlock.
 - A loss segment computes cross-entropy (mean over the batch) against its label column and
   records sums (loss, correct, count). When every local segment has run backward, the optimizer
-  steps (gradients were zeroed in `begin_step`).
+  steps (gradients were zeroed in `begin_step`). With `defer_update=True` (the peer runtime), a
+  call that returns gradients to send leaves that step to the next `step_complete()`, so the
+  gradients leave first and the producer's backward overlaps this peer's update (same result).
 - eval: forward only, under no_grad, loss segments record metrics. infer: forward only, no
   labels read; segments without out-edges record argmax predictions (`predictions()`).
 
@@ -41,6 +43,7 @@ Received tensors are never modified in place (they may share a read-only receive
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -198,6 +201,9 @@ class PeerExecutor:
         noise_seed: seed of the private generator for protection noise. Leave None in real
             runs: it is then drawn from the OS (`secrets`), because noise that the others could
             regenerate from the public deployment would protect nothing. Tests pass a number.
+        defer_update: when the last backward of a step produces gradients to send, take the
+            optimizer step in the next `step_complete()` instead of before returning them, so the
+            caller can send them first. The weights after `step_complete()` are the same.
 
     Raises:
         ConfigError: listing every problem (unknown peer, bad layer lists, data missing or not
@@ -214,8 +220,10 @@ class PeerExecutor:
         *,
         device: str | torch.device = "cpu",
         noise_seed: int | None = None,
+        defer_update: bool = False,
     ) -> None:
         self.deployment = deployment
+        self.defer_update = defer_update
         self.peer = peer_name
         self.data = data
         self.device = torch.device(device)
@@ -497,7 +505,10 @@ class PeerExecutor:
         return self._advance_guarded(state, "gradient", edge, lambda s: s.grads.__setitem__(edge, g))
 
     def step_complete(self) -> bool:
-        """True when this peer has done all its work for the active step (False with none active)."""
+        """True when this peer has done all its work for the active step (False with none active).
+
+        With `defer_update`, takes the optimizer step that waited for the gradients to be sent.
+        """
         s = self._state
         if s is None:
             return False
@@ -505,7 +516,11 @@ class PeerExecutor:
             return False
         if s.phase != "train":
             return True
-        return len(s.backwarded) == len(self.local) and s.stepped
+        if len(s.backwarded) != len(self.local):
+            return False
+        if not s.stepped:
+            self._optimizer_step(s)  # deferred by _advance until the gradients were sent
+        return True
 
     def waiting_for(self) -> list[tuple[str, str]]:
         """What the active step still needs from other peers: ("activation"|"gradient", edge), or
@@ -714,7 +729,10 @@ class PeerExecutor:
                 f"{kind} on edge {edge} has shape {list(t.shape)}; its batch dimension must be "
                 f"{state.batch} (the samples of step {state.step})"
             )
-        if t.numel() and not bool(torch.isfinite(t).all()):
+        # A finite sum implies finite values (inf or NaN anywhere makes the sum inf or NaN) and costs
+        # ~4 us against ~55 us for isfinite().all() on a 64x256 batch; only a non-finite sum (or an
+        # overflow of huge finite values) takes the exact check.
+        if t.numel() and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
             raise RemoteProtocolError(f"{kind} on edge {edge} holds NaN or infinite values")
         return t
 
@@ -782,10 +800,16 @@ class PeerExecutor:
                         out.extend(self._backward(seg, s))
                         progress = True
         if s.phase == "train" and len(s.backwarded) == len(self.local) and not s.stepped:
-            if self._optimizer is not None:
-                self._optimizer.step()
-            s.stepped = True
+            # defer_update: with gradients to return, the update waits for the next step_complete()
+            # (called right after sending them), so the producer's backward overlaps it.
+            if not (self.defer_update and any(o.kind == "gradient" for o in out)):
+                self._optimizer_step(s)
         return out
+
+    def _optimizer_step(self, s: _Step) -> None:
+        if self._optimizer is not None:
+            self._optimizer.step()
+        s.stepped = True
 
     def _forward(self, seg: str, s: _Step) -> list[Outgoing]:
         topo = self.topology

@@ -52,6 +52,9 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 # How long a disconnected counterparty may stay away before we name it as lost.
 _RECONNECT_GRACE_S = 3.0
+# Refusal codes (see gate.Gate.receive) for frames our own gate cannot have produced: a counterparty's
+# `error` with one of these is a notice, not a reason to stop.
+_NOT_SENT_BY_US_CODES = frozenset({"bad_frame", "spoofed"})
 
 
 @dataclass
@@ -158,7 +161,7 @@ class PeerRuntime:
         check_startup(self.policy, self.deployment)
         self.topology = Topology.from_deployment(self.deployment)
         self.data: PeerData | None = load_peer_data(self.cfg.data_path) if self.cfg.data_path else None
-        self.executor = PeerExecutor(self.deployment, self.me, self.data)
+        self.executor = PeerExecutor(self.deployment, self.me, self.data, defer_update=True)
         self.counterparties = _counterparties(self.deployment, self.policy, self.me)
         # HE merge state: contexts per merge segment, pending encrypted contributions and masks.
         self.he_segments = sorted(s for s, seg in spec.segments.items() if seg.he)
@@ -170,6 +173,8 @@ class PeerRuntime:
         self.result = PeerResult(name=self.me, pid=os.getpid())
         self.checkpoint_dir = self.cfg.checkpoints_dir
         self.available_checkpoints = list_checkpoints(self.checkpoint_dir) if resume else []
+        if resume and (why := _resume_problem(self.cfg.audit_dir / f"{self.me}.jsonl", self.deployment)):
+            raise ConfigError(ConfigProblem(str(self.deployment.path), "-", why))
         # Mutable run state
         self.queue: deque[Message] = deque()
         self.setup_inbox: deque[Message] = deque()
@@ -372,6 +377,13 @@ class PeerRuntime:
         if kind in (Kind.ERROR, Kind.REFUSE):
             reason = str(msg.meta.get("reason", ""))
             code = str(msg.meta.get("code", ""))
+            if kind == Kind.ERROR and code in _NOT_SENT_BY_US_CODES:
+                # Our gate never sends an undecodable or misaddressed frame: another holder of our key
+                # did. The counterparty refused it and keeps serving; so do we, with the notice on record.
+                self.audit.record("error", error="RemoteProtocolError", reason=(
+                    f"'{sender}' refused a frame that arrived under our key but was not sent by us ({code}): {reason}"
+                )[:3000])
+                return
             raise TrainingError(f"peer '{sender}' reported {code or 'an error'}: {reason}")
         if kind == Kind.AUDIT_RECEIPT:
             head = SignedHead.from_meta(dict(msg.meta))
@@ -517,7 +529,7 @@ class PeerRuntime:
         if len(inter) < 2:
             raise TrainingError(f"PSI: the parties share only {len(inter)} sample id(s); nothing to train on")
         self.data = self.data.subset(np.asarray(inter, dtype=np.int64))
-        self.executor = PeerExecutor(self.deployment, self.me, self.data)
+        self.executor = PeerExecutor(self.deployment, self.me, self.data, defer_update=True)
         self.audit.record("ids_aligned", parties=list(parties), own_size=len(own_ids), intersection_size=len(inter))
 
     # -- HE merges ---------------------------------------------------------------------------------
@@ -684,10 +696,22 @@ class PeerRuntime:
         if session is not None and session.state.name == "ESTABLISHED":
             self.gate.refuse(coordinator, f"'{self.me}' stopped: {reason}", "peer_failed")
 
-    def _run_step(self, step: int, phase: str, ids: np.ndarray, epoch: int) -> None:
-        ids_wire = _ids_wire(ids)
-        self._broadcast(Kind.STEP_BEGIN, step=step, meta={"epoch": epoch, "phase": phase}, tensors=(ids_wire,))
+    def _announce(self, step: int, phase: str, ids: np.ndarray, epoch: int) -> None:
+        self._broadcast(Kind.STEP_BEGIN, step=step, meta={"epoch": epoch, "phase": phase}, tensors=(_ids_wire(ids),))
+
+    def _run_step(self, step: int, phase: str, ids: np.ndarray, epoch: int, *, announced: bool = False,
+                  then: tuple[int, str, np.ndarray] | None = None) -> None:
+        """Run one step here and wait until it is complete.
+
+        `then` (the next step of the same epoch) is announced to the followers as soon as this
+        step has begun here: they receive and check its step_begin while they wait on this step
+        (it stays in their queue until this step is complete), instead of after it.
+        """
+        if not announced:
+            self._announce(step, phase, ids, epoch)
         self._begin(step, phase, ids)
+        if then is not None:
+            self._announce(*then, epoch)
         self._wait(
             lambda: self.current_step is None,
             lambda: f"running {phase} step {step}",
@@ -713,25 +737,35 @@ class PeerRuntime:
         self._barrier(resume_epoch, "start")
         step = 0
         n_epochs = training.epochs
+        timing: list[dict[str, float]] = []  # wall seconds per epoch, for benchmarks (bench/split_vs_local.py)
         for epoch in range(start_epoch, n_epochs):
             self.epoch_metrics = _EpochMetrics()
             batches = epoch_batches(train_ids, training.batch_size, training.seed, epoch, training.max_steps_per_epoch)
             step = max(step, epoch * 1_000_000)  # steps are unique across epochs and resumes
-            for i, batch in enumerate(batches):
+            plan = [("train", b) for b in batches] + [("eval", b) for b in eval_batches(test_ids, training.batch_size)]
+            first = step + 1
+            marks = [time.perf_counter()]  # epoch start, train end, eval end, barrier end
+            for i, (phase, batch) in enumerate(plan):
+                if i == len(batches):
+                    marks.append(time.perf_counter())
                 step += 1
-                self._run_step(step, "train", batch, epoch)
+                nxt = (step + 1, *plan[i + 1]) if i + 1 < len(plan) else None
+                self._run_step(step, phase, batch, epoch, announced=step > first, then=nxt)  # type: ignore[arg-type]
+                if phase != "train":
+                    continue
                 tasks = getattr(self.last_step_metrics, "tasks", {})
                 loss = next(iter(tasks.values())).loss_sum / max(1, next(iter(tasks.values())).count) if tasks else None
                 self.progress({"event": "step", "epoch": epoch, "epochs": n_epochs, "step": i + 1,
                                "steps": len(batches), "loss": loss})
-            for batch in eval_batches(test_ids, training.batch_size):
-                step += 1
-                self._run_step(step, "eval", batch, epoch)
+            marks += [time.perf_counter()] * (3 - len(marks))
             values = self._barrier(epoch, "epoch_end")
+            marks.append(time.perf_counter())
+            timing.append({"epoch": epoch, "train_steps": len(batches), "eval_steps": len(plan) - len(batches),
+                           **{k: b - a for k, a, b in zip(("train_s", "eval_s", "barrier_s"), marks, marks[1:], strict=False)}})
             self.history.append({"epoch": epoch, "values": values})
             self.result.epochs_done = epoch + 1
             self.progress({"event": "epoch", "epoch": epoch, "epochs": n_epochs, "values": values})
-        self.result.metrics = {"history": self.history, "final": self._scalar_metrics()}
+        self.result.metrics = {"history": self.history, "final": self._scalar_metrics(), "timing": timing}
         self._broadcast_shutdown("ok", "training finished")
 
     def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
@@ -812,6 +846,24 @@ def _ids_from_wire(w: WireTensor) -> np.ndarray:
     if w.dtype != "int64" or len(w.shape) != 1:
         raise RemoteProtocolError(f"step_begin ids must be a 1-D int64 tensor, got {w.dtype}{list(w.shape)}")
     return np.frombuffer(w.data, dtype="<i8").copy()
+
+
+def _resume_problem(log_path: Path, deployment: Deployment) -> str | None:
+    """Why `--resume` cannot continue this peer's audit log under `deployment`, or None."""
+    import json
+
+    try:
+        with open(log_path, "rb") as fh:
+            theirs = json.loads(fh.readline(1 << 20))["data"]["deployment_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no log yet, or one the audit layer judges when it opens it
+    if not isinstance(theirs, str) or theirs == deployment.hash:
+        return None
+    return (
+        f"cannot resume: audit log {log_path} was written under deployment {theirs}, but {deployment.path} "
+        f"now hashes to {deployment.hash}; --resume needs the same deployment.yaml (training settings included) "
+        "at every peer; to change it, start a new run with fresh audit and checkpoint folders"
+    )
 
 
 def _checkpoint_digest(directory: Path, epoch: int) -> str:
