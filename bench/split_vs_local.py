@@ -28,7 +28,8 @@ Usage::
     .venv/bin/python bench/split_vs_local.py --quick    # < 60 s: 1 repeat, few epochs
     .venv/bin/python bench/split_vs_local.py --profile  # per-step time breakdown of every peer
 
-Writes bench/results/split_vs_local.json (with --profile: split_vs_local_profile.json).
+Writes bench/results/split_vs_local.json (--quick: split_vs_local_quick.json; --profile:
+split_vs_local_profile.json).
 `--profile` runs each deployment once more with every peer under a section timer (this file's
 `_probe` mode: wraps the gate, policy, codec, audit, transport, executor and runtime functions
 and attributes inclusive/exclusive time to train / eval / barrier phases). `--cprofile DIR`
@@ -130,7 +131,10 @@ def run_split(plan: Any, workdir: Path, *, timeout_s: float, probe: Path | None 
         launched = demo.launch_peers(gen, plan.coordinator)
     else:
         launched = _launch_instrumented(gen, plan.coordinator, probe, cprofile)
-    demo.watch_peers(launched, plan.coordinator, timeout_s=timeout_s, quiet=True)
+    from secure_split.cli.output import err_console
+
+    with err_console.capture():  # watch_peers prints each epoch's accuracy even when quiet
+        demo.watch_peers(launched, plan.coordinator, timeout_s=timeout_s, quiet=True)
     wall = time.monotonic() - t0
     results = {}
     for name, lp in launched.items():
@@ -322,7 +326,7 @@ class _Probe:
         self.cpu: dict[str, float] = {}
         self.phase_c0 = time.thread_time()
         self.calls: dict[str, dict[str, int]] = {}
-        self.stack: list[list[float]] = []  # [t0, child time]
+        self.stack: list[list[float]] = []  # per active call: wall t0, child wall, cpu t0, child cpu
         self.recv_hist: dict[str, dict[str, int]] = {}
         self.recv_timeouts: dict[str, int] = {}
 
@@ -471,6 +475,25 @@ def _probe_main(out: str, argv: list[str]) -> None:
     main()
 
 
+# Sections grouped for the per-step breakdown (exclusive times; see _Probe.install for the names).
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "compute (forward, backward, Adam)": ("executor._forward", "executor._backward", "torch.adam.step"),
+    "executor bookkeeping and checks": ("executor.begin_step", "executor.on_activation", "executor.on_gradient",
+                                        "executor.finish_step", "executor._check_tensor", "executor._advance_guarded",
+                                        "runtime:from_wire", "runtime:to_wire"),
+    "gate: egress leakage guard": ("gate:check_egress",),
+    "gate: policy decisions": ("policy.decide",),
+    "gate: session bind/check": ("session.bind", "session.receive"),
+    "gate: codec (encode, decode)": ("gate:encode", "gate:decode_header", "gate:decode_body"),
+    "gate: SHA-256 of the frames": ("gate:sha256_frames",),
+    "gate: audit entries (JSON, hash chain, write)": ("audit.record", "audit.write(2)"),
+    "gate: glue": ("gate.send", "gate.receive", "gate._send_prebound"),
+    "transport (zmq send/recv, monitors)": ("transport.send", "transport.recv", "transport.take", "transport.events"),
+    "runtime loop (dispatch, queue, events)": ("runtime._try_process", "runtime._dispatch", "runtime._poll_events",
+                                               "runtime._send_outgoing"),
+}
+
+
 def summarize_profile(probe_dir: Path) -> dict[str, Any]:
     """Per peer, per training step: exclusive wall and CPU ms per section, wall and CPU per step,
     how long each receive waited, and how many receives ended on their timeout."""
@@ -483,7 +506,14 @@ def summarize_profile(probe_dir: Path) -> dict[str, Any]:
         excl, excl_cpu = d["excl"].get("train", {}), d["excl_cpu"].get("train", {})
         wall, cpu = d["wall"].get("train", 0.0), d["cpu"].get("train", 0.0)
         order = sorted(excl_cpu, key=lambda k: -excl_cpu[k])
+        known = {k for ks in CATEGORIES.values() for k in ks}
+        cats = {c: sum(excl_cpu.get(k, 0.0) for k in ks) / n * 1000 for c, ks in CATEGORIES.items()}
+        cats["other (uninstrumented, probe)"] = (cpu - sum(v for k, v in excl_cpu.items() if k in known)) / n * 1000
+        recv_wait = (excl.get("transport.recv", 0.0) - excl_cpu.get("transport.recv", 0.0)) / n * 1000
         out[f.stem] = {
+            "cpu_ms_per_step_by_category": cats,
+            "waiting_for_peer_ms_per_step": recv_wait,
+            "descheduled_ms_per_step": (wall - cpu) / n * 1000 - recv_wait,
             "train_steps": n,
             "wall_ms_per_step": wall / n * 1000,
             "cpu_ms_per_step": cpu / n * 1000,
@@ -525,6 +555,17 @@ def print_profile(model: str, prof: dict[str, Any]) -> None:
     t.add_row("[bold]total per step", *[f"[bold]{prof[p][col]:.3f}" for p in peers
                                         for col in ("cpu_ms_per_step", "wall_ms_per_step")])
     Console(width=200).print(t)
+    c = Table(title=f"{LABELS[model]}: ms per training step by category (CPU; then wall spent waiting)")
+    c.add_column("category")
+    for p in peers:
+        c.add_column(p, justify="right")
+    for cat in prof[peers[0]]["cpu_ms_per_step_by_category"]:
+        c.add_row(cat, *[f"{prof[p]['cpu_ms_per_step_by_category'][cat]:.3f}" for p in peers])
+    c.add_row("[bold]CPU per step", *[f"[bold]{prof[p]['cpu_ms_per_step']:.3f}" for p in peers])
+    c.add_row("waiting for the other peer(s)", *[f"{prof[p]['waiting_for_peer_ms_per_step']:.3f}" for p in peers])
+    c.add_row("runnable but not running (shared cores)", *[f"{prof[p]['descheduled_ms_per_step']:.3f}" for p in peers])
+    c.add_row("[bold]wall per step", *[f"[bold]{prof[p]['wall_ms_per_step']:.3f}" for p in peers])
+    Console(width=200).print(c)
     for p in peers:
         print(f"  {p}: receives during training steps by wait time {prof[p]['recv_hist_train']}, "
               f"{prof[p]['recv_timeouts_train']} ended on the poll timeout")
@@ -545,7 +586,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="per-step breakdown with every peer under the section timer")
     ap.add_argument("--cprofile", type=Path, default=None, help="also write cProfile dumps of every peer here")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the generated deployments here")
-    ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/split_vs_local.json)")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: bench/results/split_vs_local*.json)")
     ap.add_argument("--timeout", type=float, default=600.0)
     args = ap.parse_args()
 
@@ -563,7 +604,6 @@ def main() -> int:
     epochs = {"cnn": base, "chain": base, "mlp": 3 * base}
     repeats = args.repeats or (1 if args.quick else 3)
     started = time.monotonic()
-    load_before = os.getloadavg()
     tmp = None
     if args.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="split_vs_local-")
@@ -576,30 +616,40 @@ def main() -> int:
         print(f"[{time.monotonic() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
     try:
-        if args.profile or args.cprofile:
-            profile: dict[str, Any] = {}
-            for m in models:
-                plan = plan_for(m, epochs[m])
-                pdir = workroot / "probe" / m
-                pdir.mkdir(parents=True, exist_ok=True)
-                for f in pdir.glob("*.json"):
-                    f.unlink()
-                res = run_split(plan, workroot / f"profile-{m}", timeout_s=args.timeout,
-                                probe=pdir if args.profile else None, cprofile=args.cprofile)
-                log(f"profiled {m}: {statistics.median(_measured(res['epochs'])) * 1000:.1f} ms/epoch under the probe")
-                if args.profile:
-                    profile[m] = {"split_s_per_epoch_under_probe": statistics.median(_measured(res["epochs"])),
-                                  "peers": summarize_profile(pdir)}
-                    print_profile(m, profile[m]["peers"])
-            if args.profile:
-                out = args.out or RESULTS / "split_vs_local_profile.json"
-                out.write_text(json.dumps({"machine": _machine(), "profile": profile}, indent=1, sort_keys=True))
-                log(f"wrote {out}")
-            return 0
-        results = bench(models, epochs, repeats, workroot, args.timeout, log)
+        return _run(args, models, epochs, repeats, workroot, started, log)
+    except RuntimeError as exc:
+        log(f"FAILED: {exc}")
+        return 1
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _run(args: argparse.Namespace, models: list[str], epochs: dict[str, int], repeats: int, workroot: Path,
+         started: float, log: Callable[[str], None]) -> int:
+    load_before = os.getloadavg()
+    if args.profile or args.cprofile:
+        profile: dict[str, Any] = {}
+        for m in models:
+            plan = plan_for(m, epochs[m])
+            pdir = workroot / "probe" / m
+            pdir.mkdir(parents=True, exist_ok=True)
+            for f in pdir.glob("*.json"):
+                f.unlink()
+            res = run_split(plan, workroot / f"profile-{m}", timeout_s=args.timeout,
+                            probe=pdir if args.profile else None, cprofile=args.cprofile)
+            log(f"profiled {m}: {statistics.median(_measured(res['epochs'])) * 1000:.1f} ms/epoch under the probe")
+            if args.profile:
+                profile[m] = {"split_s_per_epoch_under_probe": statistics.median(_measured(res["epochs"])),
+                              "peers": summarize_profile(pdir)}
+                print_profile(m, profile[m]["peers"])
+        if args.profile:
+            out = args.out or RESULTS / "split_vs_local_profile.json"
+            out.write_text(json.dumps({"machine": _machine() | {"loadavg_before": load_before},
+                                       "profile": profile}, indent=1, sort_keys=True))
+            log(f"wrote {out}")
+        return 0
+    results = bench(models, epochs, repeats, workroot, args.timeout, log)
     print_table(results)
     doc = {
         "method": __doc__.split("\n\n")[1:4],
@@ -609,7 +659,7 @@ def main() -> int:
         "wall_s": time.monotonic() - started,
         "results": results,
     }
-    out = args.out or RESULTS / "split_vs_local.json"
+    out = args.out or RESULTS / ("split_vs_local_quick.json" if args.quick else "split_vs_local.json")
     out.write_text(json.dumps(doc, indent=1, sort_keys=True))
     log(f"wrote {out}")
     return 0
