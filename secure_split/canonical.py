@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -63,7 +64,7 @@ def digest_of(obj: Any) -> str:
     return sha256_hex(canonical_json(obj))
 
 
-def sha256_frames(frames: list[bytes | memoryview] | tuple[bytes | memoryview, ...]) -> str:
+def sha256_frames(frames: Sequence[bytes | memoryview]) -> str:
     """Hex SHA-256 over the concatenation of message frames, without joining them.
 
     Sender and receiver both compute it over the same encoded frames, so their audit entries for

@@ -183,13 +183,18 @@ def _check_loaded_context(ctx: Any, params: CkksParams, what: str) -> None:
         )
 
 
+# One thread per context: peers share the host's cores, and a packed batch is one or two
+# ciphertexts, too little work for a thread pool to pay for its wake-ups.
+_THREADS = 1
+
+
 def _load_context(data: bytes, *, params: CkksParams, max_bytes: int, what: str) -> Any:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CryptoError(f"{what} must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise CryptoError(f"{what} is {len(data)} bytes, more than the bound {max_bytes}")
     try:
-        ctx = ts.context_from(bytes(data))
+        ctx = ts.context_from(bytes(data), n_threads=_THREADS)
     except _TENSEAL_ERRORS as exc:
         raise CryptoError(f"{what} could not be parsed: {exc}") from exc
     _check_loaded_context(ctx, params, what)
@@ -236,6 +241,7 @@ class KeyHolderContext(CkksContext):
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=params.poly_modulus_degree,
             coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+            n_threads=_THREADS,
         )
         ctx.global_scale = params.scale
         return cls(ctx, params)

@@ -226,13 +226,14 @@ class PeerRuntime:
             handshake_timeout_s=spec.limits.handshake_timeout_s,
         )
         self.transport.start()
+        checkpoints: list[Any] = list(self.available_checkpoints)
         sessions = {
             name: PeerSession(
                 self.me,
                 name,
                 self.deployment.hash,
                 self.policy.hash,
-                hello_meta={"checkpoints": self.available_checkpoints, "software": secure_split.__version__},
+                hello_meta={"checkpoints": checkpoints, "software": secure_split.__version__},
             )
             for name in self.counterparties
         }
@@ -394,9 +395,13 @@ class PeerRuntime:
             self.receipts.setdefault(epoch, set()).add(sender)
             return
         if kind == Kind.BARRIER_ACK and self.is_coordinator:
-            epoch = int(msg.meta.get("epoch", -1))
-            values = msg.meta.get("values") or {}
-            self.acks.setdefault(epoch, {})[sender] = {str(k): float(v) for k, v in dict(values).items()}
+            epoch = _meta_int(msg, "epoch", -1)
+            values = msg.meta.get("values")
+            if not isinstance(values, dict):
+                values = {}
+            self.acks.setdefault(epoch, {})[sender] = {
+                str(k): float(v) for k, v in values.items() if isinstance(v, int | float)
+            }
             return
         if kind == Kind.HEARTBEAT:
             return
@@ -581,8 +586,8 @@ class PeerRuntime:
     def _check_he_context(msg: Message, seg: str, kh: str, part: str) -> None:
         if msg.binding.sender != kh or msg.meta.get("segment") != seg or msg.meta.get("part") != part:
             raise RemoteProtocolError(
-                f"unexpected CKKS context from '{msg.binding.sender}' (segment {msg.meta.get('segment')}, "
-                f"part {msg.meta.get('part')}); expected the {part} context for '{seg}' from '{kh}'"
+                f"unexpected CKKS context from '{msg.binding.sender}' (segment {msg.meta.get('segment')!r}, "
+                f"part {msg.meta.get('part')!r}); expected the {part} context for '{seg}' from '{kh}'"
             )
 
     def _send_he(self, o: Outgoing, segment: str) -> None:
@@ -731,7 +736,8 @@ class PeerRuntime:
         if self.resume:
             common = set(self.available_checkpoints)
             for p in self.counterparties:
-                common &= set(int(x) for x in (self.gate.sessions[p].remote_hello_meta.get("checkpoints") or []))
+                theirs = (self.gate.sessions[p].remote_hello_meta or {}).get("checkpoints")
+                common &= {int(x) for x in theirs if isinstance(x, int)} if isinstance(theirs, list) else set()
             resume_epoch = max(common) if common else -1
             start_epoch = resume_epoch + 1
         self._barrier(resume_epoch, "start")
@@ -750,7 +756,7 @@ class PeerRuntime:
                     marks.append(time.perf_counter())
                 step += 1
                 nxt = (step + 1, *plan[i + 1]) if i + 1 < len(plan) else None
-                self._run_step(step, phase, batch, epoch, announced=step > first, then=nxt)  # type: ignore[arg-type]
+                self._run_step(step, phase, batch, epoch, announced=step > first, then=nxt)
                 if phase != "train":
                     continue
                 tasks = getattr(self.last_step_metrics, "tasks", {})
@@ -812,7 +818,7 @@ class PeerRuntime:
         return values
 
     def _on_barrier(self, msg: Message) -> None:
-        epoch = int(msg.meta.get("epoch", -1))
+        epoch = _meta_int(msg, "epoch", -1)
         reason = str(msg.meta.get("reason", "epoch_end"))
         values = self._barrier_local(epoch, reason)
         if reason == "epoch_end":
@@ -834,6 +840,12 @@ class PeerRuntime:
             lambda: [coordinator] if self.current_step is None else self.counterparties,
         )
         self.result.metrics = {"history": self.history, "final": self._scalar_metrics()}
+
+
+def _meta_int(msg: Message, key: str, default: int) -> int:
+    """An int from a message's meta (the codec already checked the type per kind)."""
+    value = msg.meta.get(key, default)
+    return value if isinstance(value, int) else default
 
 
 def _ids_wire(ids: Any) -> WireTensor:
