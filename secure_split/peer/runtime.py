@@ -140,6 +140,12 @@ class PeerRuntime:
         self.deployment: Deployment = load_deployment(self.cfg.deployment_path)
         self.me = self.cfg.name
         spec = self.deployment.spec
+        if spec.training.schedule != "sync":
+            raise ConfigError(ConfigProblem(
+                str(self.deployment.path), "training.schedule",
+                f"schedule '{spec.training.schedule}' is not implemented yet (see docs/horizontal-design.md); "
+                "use 'sync'",
+            ))
         problems: list[ConfigProblem] = []
         if self.me not in spec.peers:
             raise ConfigError(ConfigProblem(str(self.cfg.path), "peer", f"'{self.me}' is not a peer of deployment {self.deployment.path}"))
