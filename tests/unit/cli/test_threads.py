@@ -14,7 +14,7 @@ LOCAL = ["tcp://127.0.0.1:5601", "tcp://127.0.0.1:5602", "tcp://localhost:5603"]
 
 def test_auto_shares_the_cores_among_local_peers() -> None:
     cores = os.cpu_count() or 1
-    assert local_peer_count(LOCAL + ["tcp://10.1.2.3:5604"]) == 3
+    assert local_peer_count([*LOCAL, "tcp://10.1.2.3:5604"]) == 3
     assert choose_threads("auto", LOCAL) == max(1, cores // 3)
     assert choose_threads("auto", ["tcp://10.1.2.3:5601"]) == cores
     assert choose_threads(4, LOCAL) == 4 and choose_threads("2", LOCAL) == 2
