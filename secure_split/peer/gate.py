@@ -26,7 +26,7 @@ from secure_split.errors import (
     PolicyDenied,
     RemoteProtocolError,
 )
-from secure_split.policy import Flow, Policy, check_egress
+from secure_split.policy import Decision, Flow, Policy, check_egress
 from secure_split.protocol import (
     Header,
     Kind,
@@ -160,41 +160,11 @@ class Gate:
                     decision = guard
         if not decision.allowed:
             self.stats.refused_out += 1
-            self.audit.record(
-                "policy_denied",
-                direction="send",
-                sender=self.me,
-                receiver=to,
-                kind=kind.value,
-                edge=edge,
-                step=step,
-                nbytes=nbytes,
-                decision_id=decision.decision_id,
-                rule_id=decision.rule_id,
-                reason=decision.reason,
-            )
+            self._record_denied(flow, step, decision)
             raise PolicyDenied(decision.reason, decision)
         msg = session.bind(kind, step=step, edge=edge, meta=dict(meta or {}), tensors=tuple(tensors), blob=blob)
         frames = encode(msg)
-        digest = sha256_frames(frames)
-        self.audit.record(
-            "message_sent",
-            kind=kind.value,
-            edge=edge,
-            step=step,
-            seq=msg.binding.seq,
-            session=msg.binding.session.hex(),
-            sender=self.me,
-            receiver=to,
-            counterparty=to,
-            nbytes=nbytes,
-            dtype=dtype,
-            shape=list(shape) if shape is not None else None,
-            batch_size=batch,
-            digest=digest,
-            decision_id=decision.decision_id,
-            rule_id=decision.rule_id,
-        )
+        self._record_message("message_sent", msg, flow, frames, decision)
         sent = self.transport.send(to, frames)
         self.stats.sent += 1
         self.stats.bytes_sent += sent
@@ -211,39 +181,10 @@ class Gate:
         flow = Flow(self.me, to, msg.kind.value, None, "send", 0, None, None, None)
         decision = self.policy.decide(flow)
         if not decision.allowed:
-            self.audit.record(
-                "policy_denied",
-                direction="send",
-                sender=self.me,
-                receiver=to,
-                kind=msg.kind.value,
-                edge="",
-                step=msg.binding.step,
-                nbytes=0,
-                decision_id=decision.decision_id,
-                rule_id=decision.rule_id,
-                reason=decision.reason,
-            )
+            self._record_denied(flow, msg.binding.step, decision)
             raise PolicyDenied(decision.reason, decision)
         frames = encode(msg)
-        self.audit.record(
-            "message_sent",
-            kind=msg.kind.value,
-            edge=msg.edge,
-            step=msg.binding.step,
-            seq=msg.binding.seq,
-            session=msg.binding.session.hex(),
-            sender=self.me,
-            receiver=to,
-            counterparty=to,
-            nbytes=0,
-            dtype=None,
-            shape=None,
-            batch_size=None,
-            digest=sha256_frames(frames),
-            decision_id=decision.decision_id,
-            rule_id=decision.rule_id,
-        )
+        self._record_message("message_sent", msg, flow, frames, decision)
         self.stats.bytes_sent += self.transport.send(to, frames)
         self.stats.sent += 1
 
@@ -329,19 +270,7 @@ class Gate:
         decision = self.policy.decide(flow)
         if not decision.allowed:
             self.stats.refused_in += 1
-            self.audit.record(
-                "policy_denied",
-                direction="receive",
-                sender=sender,
-                receiver=self.me,
-                kind=header.kind.value,
-                edge=header.edge,
-                step=header.binding.step,
-                nbytes=nbytes,
-                decision_id=decision.decision_id,
-                rule_id=decision.rule_id,
-                reason=decision.reason,
-            )
+            self._record_denied(flow, header.binding.step, decision)
             if header.kind not in _NO_REPLY_KINDS:
                 self.refuse(sender, f"refused by {self.me}: {decision.reason}", "policy_denied")
             raise PolicyDenied(decision.reason, decision)
@@ -350,27 +279,49 @@ class Gate:
         except CodecError as exc:
             self._refuse_inbound(sender, header, exc, code="bad_frame")
             raise
+        self._record_message("message_received", msg, flow, frames, decision)
+        self.stats.received += 1
+        self.stats.by_kind[header.kind.value] = self.stats.by_kind.get(header.kind.value, 0) + 1
+        return msg
+
+    def _record_denied(self, flow: Flow, step: int, decision: Decision) -> None:
         self.audit.record(
-            "message_received",
-            kind=header.kind.value,
-            edge=header.edge,
-            step=header.binding.step,
-            seq=header.binding.seq,
-            session=header.binding.session.hex(),
-            sender=sender,
-            receiver=self.me,
-            counterparty=sender,
-            nbytes=nbytes,
-            dtype=dtype,
-            shape=list(shape) if shape is not None else None,
-            batch_size=batch,
+            "policy_denied",
+            direction=flow.direction,
+            sender=flow.sender,
+            receiver=flow.receiver,
+            kind=flow.kind,
+            edge=flow.edge or "",
+            step=step,
+            nbytes=flow.nbytes,
+            decision_id=decision.decision_id,
+            rule_id=decision.rule_id,
+            reason=decision.reason,
+        )
+
+    def _record_message(
+        self, event: str, msg: Message, flow: Flow, frames: Sequence[bytes | memoryview], decision: Decision
+    ) -> None:
+        """One audit entry per message, written alike by sender and receiver (same digest)."""
+        counterparty = flow.receiver if flow.direction == "send" else flow.sender
+        self.audit.record(
+            event,
+            kind=msg.kind.value,
+            edge=msg.edge,
+            step=msg.binding.step,
+            seq=msg.binding.seq,
+            session=msg.binding.session.hex(),
+            sender=flow.sender,
+            receiver=flow.receiver,
+            counterparty=counterparty,
+            nbytes=flow.nbytes,
+            dtype=flow.dtype,
+            shape=list(flow.shape) if flow.shape is not None else None,
+            batch_size=flow.batch_size,
             digest=sha256_frames(frames),
             decision_id=decision.decision_id,
             rule_id=decision.rule_id,
         )
-        self.stats.received += 1
-        self.stats.by_kind[header.kind.value] = self.stats.by_kind.get(header.kind.value, 0) + 1
-        return msg
 
     def _refuse_inbound(self, sender: str, header: Header | None, exc: Exception, *, code: str) -> None:
         self.stats.refused_in += 1
