@@ -36,6 +36,7 @@ from secure_split.engine.topology import Topology
 from secure_split.errors import (
     ConfigError,
     ConfigProblem,
+    ExitCode,
     HandshakeRefused,
     PeerTimeout,
     PolicyDenied,
@@ -277,15 +278,21 @@ class PeerRuntime:
             reason = f"{type(exc).__name__}: {exc}"
             self.result.error = reason
             self.result.exit_code = int(exc.exit_code)
-            self.audit.record("error", reason=reason[:3000], error=type(exc).__name__)
+            self.audit.record("error", reason=_clip(reason), error=type(exc).__name__)
             if self.is_coordinator:
                 self._broadcast_shutdown("failed", reason)
             else:
                 self._notify_coordinator_of_failure(reason)
         except KeyboardInterrupt:
-            reason = "interrupted"
+            reason = "interrupted by the operator"
             self.result.error = reason
+            self.result.exit_code = int(ExitCode.INTERRUPTED)
             self.audit.record("error", reason=reason, error="KeyboardInterrupt")
+            # Tell the others at once rather than let them wait for a timeout.
+            if self.is_coordinator:
+                self._broadcast_shutdown("failed", f"'{self.me}' was {reason}")
+            else:
+                self._notify_coordinator_of_failure(reason)
         finally:
             self.result.status = status
             self.result.bytes_sent = self.gate.stats.bytes_sent
@@ -294,7 +301,7 @@ class PeerRuntime:
             self.result.messages_received = self.gate.stats.received
             self.result.refused = self.gate.stats.refused_in + self.gate.stats.refused_out
             self.result.wall_s = time.monotonic() - self.started
-            self.audit.close(status, reason[:3000], metrics=self._scalar_metrics())
+            self.audit.close(status, _clip(reason), metrics=self._scalar_metrics())
             # Linger briefly so our last messages leave before the sockets close.
             self.transport.close()
         return self.result
@@ -387,9 +394,9 @@ class PeerRuntime:
             if kind == Kind.ERROR and code in _NOT_SENT_BY_US_CODES:
                 # Our gate never sends an undecodable or misaddressed frame: another holder of our key
                 # did. The counterparty refused it and keeps serving; so do we, with the notice on record.
-                self.audit.record("error", error="RemoteProtocolError", reason=(
+                self.audit.record("error", error="RemoteProtocolError", reason=_clip(
                     f"'{sender}' refused a frame that arrived under our key but was not sent by us ({code}): {reason}"
-                )[:3000])
+                ))
                 return
             raise TrainingError(f"peer '{sender}' reported {code or 'an error'}: {reason}")
         if kind == Kind.AUDIT_RECEIPT:
@@ -697,7 +704,7 @@ class PeerRuntime:
     def _broadcast_shutdown(self, status: str, reason: str) -> None:
         for peer in self.counterparties:
             try:
-                self.gate.send(peer, Kind.SHUTDOWN, meta={"status": status, "reason": reason[:3000]})
+                self.gate.send(peer, Kind.SHUTDOWN, meta={"status": status, "reason": _clip(reason)})
             except SecureSplitError as exc:
                 self.audit.record("error", reason=f"could not tell '{peer}' to shut down: {exc}", error=type(exc).__name__)
 
@@ -846,6 +853,12 @@ class PeerRuntime:
             lambda: [coordinator] if self.current_step is None else self.counterparties,
         )
         self.result.metrics = {"history": self.history, "final": self._scalar_metrics()}
+
+
+def _clip(text: str, limit: int = 3000) -> str:
+    """Cut text to at most `limit` UTF-8 bytes (the audit log refuses strings over 4 KiB)."""
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
 
 
 def _meta_int(msg: Message, key: str, default: int) -> int:
