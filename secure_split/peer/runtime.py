@@ -398,7 +398,12 @@ class PeerRuntime:
                     f"'{sender}' refused a frame that arrived under our key but was not sent by us ({code}): {reason}"
                 ))
                 return
-            raise TrainingError(f"peer '{sender}' reported {code or 'an error'}: {reason}")
+            err = TrainingError(f"peer '{sender}' reported {code or 'an error'}: {reason}")
+            if code.startswith("peer_failed:") and code[len("peer_failed:"):].isdigit():
+                cause = int(code[len("peer_failed:"):])
+                if cause in {int(c) for c in ExitCode} and cause != 0:
+                    err.exit_code = ExitCode(cause)
+            raise err
         if kind == Kind.AUDIT_RECEIPT:
             head = SignedHead.from_meta(dict(msg.meta))
             if head.peer != sender:
@@ -712,7 +717,8 @@ class PeerRuntime:
         coordinator = self.deployment.spec.coordinator
         session = self.gate.sessions.get(coordinator)
         if session is not None and session.state.name == "ESTABLISHED":
-            self.gate.refuse(coordinator, f"'{self.me}' stopped: {reason}", "peer_failed")
+            # The code carries our exit code, so the coordinator can exit with the same cause.
+            self.gate.refuse(coordinator, f"'{self.me}' stopped: {reason}", f"peer_failed:{int(self.result.exit_code)}")
 
     def _announce(self, step: int, phase: str, ids: np.ndarray, epoch: int) -> None:
         self._broadcast(Kind.STEP_BEGIN, step=step, meta={"epoch": epoch, "phase": phase}, tensors=(_ids_wire(ids),))
