@@ -1,8 +1,8 @@
 """Test helpers shipped as a public module (as structlog ships `structlog.testing`).
 
 - `fixed_identity(name)`: a deterministic peer identity, for fixtures and known-answer tests.
-- `SessionPair`: two protocol sessions joined by an in-memory link (no sockets), like h11's
-  test helpers: deliver, drop, reorder or replay the frames the transport would carry.
+- `FakeLink` / `deliver_frames`: two protocol sessions joined by an in-memory link (no sockets),
+  like h11's test helpers: deliver, drop, reorder or replay the frames the transport would carry.
 - `generate_logs` / `SyntheticRun`: signed, hash-chained audit logs of a synthetic three-peer
   run, for verifier tests and benchmarks.
 - `demo_plan` / `generate_deployment`: the demos' generated deployments (keys, data, signed
@@ -22,8 +22,10 @@ from secure_split.crypto.keys import Identity, identity_from_seed
 from secure_split.protocol import Message, PeerSession, decode_body, decode_header, encode
 
 __all__ = [
-    "SessionPair",
+    "MAX_MESSAGE_BYTES",
+    "FakeLink",
     "SyntheticRun",
+    "deliver_frames",
     "demo_plan",
     "fixed_identity",
     "generate_deployment",
@@ -36,27 +38,26 @@ def fixed_identity(name: str) -> Identity:
     return identity_from_seed(name, hashlib.sha256(b"secure-split-test-identity:" + name.encode()).digest())
 
 
+MAX_MESSAGE_BYTES = 1 << 20
+"""The bound `deliver_frames` decodes under (small, so oversize tests stay fast)."""
+
+
+def deliver_frames(frames: list[bytes | memoryview], to: PeerSession) -> Message:
+    """What the gate does with inbound frames: header, session check, then the body."""
+    header = decode_header(frames[0], max_message_bytes=MAX_MESSAGE_BYTES)
+    to.receive(header)
+    return decode_body(header, frames)
+
+
 @dataclass
-class SessionPair:
-    """Two established-or-not sessions and one in-flight queue per direction."""
+class FakeLink:
+    """Two sessions and one in-flight queue per direction (frames as the transport moves them)."""
 
     a: PeerSession
     b: PeerSession
-    max_message_bytes: int = 1 << 24
     in_flight: dict[str, deque[list[bytes | memoryview]]] = field(
         default_factory=lambda: {"a->b": deque(), "b->a": deque()}
     )
-
-    @classmethod
-    def create(cls, deployment_hash: str = "0" * 64, policy_hash: str = "1" * 64) -> SessionPair:
-        """Sessions 'alice' <-> 'bob' on the same deployment and policy, handshake done."""
-        pair = cls(PeerSession("alice", "bob", deployment_hash, policy_hash),
-                   PeerSession("bob", "alice", deployment_hash, policy_hash))
-        pair.send("a->b", pair.a.hello())
-        pair.send("b->a", pair.b.hello())
-        pair.deliver("a->b")
-        pair.deliver("b->a")
-        return pair
 
     def send(self, direction: str, message: Message) -> list[bytes | memoryview]:
         """Encode `message` and queue its frames in `direction` ('a->b' or 'b->a')."""
@@ -65,12 +66,16 @@ class SessionPair:
         return frames
 
     def deliver(self, direction: str) -> Message:
-        """Deliver the oldest frames in `direction` as the gate would: header, session, body."""
+        """Deliver the oldest frames in `direction` as the gate would."""
         frames = self.in_flight[direction].popleft()
-        to = self.b if direction == "a->b" else self.a
-        header = decode_header(frames[0], max_message_bytes=self.max_message_bytes)
-        to.receive(header)
-        return decode_body(header, frames)
+        return deliver_frames(frames, self.b if direction == "a->b" else self.a)
+
+    def handshake(self) -> None:
+        """Both HELLOs, both delivered: the sessions are established."""
+        self.send("a->b", self.a.hello())
+        self.send("b->a", self.b.hello())
+        self.deliver("a->b")
+        self.deliver("b->a")
 
 
 def demo_plan(scenario: str, **options: Any) -> Any:

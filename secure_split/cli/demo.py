@@ -11,6 +11,7 @@ the audit logs verified.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -420,7 +421,7 @@ def watch_peers(launched: dict[str, LaunchedPeer], coordinator: str, *, timeout_
                 time.sleep(0.2)
                 continue
             for _key, _ in sel.select(timeout=0.2):
-                chunk = coord.stdout.read1(65536) if hasattr(coord.stdout, "read1") else coord.stdout.read(1)
+                chunk = os.read(coord.stdout.fileno(), 65536)  # what is there now; never blocks after select
                 if not chunk:
                     open_stream = False
                     sel.unregister(coord.stdout)

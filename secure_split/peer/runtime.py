@@ -32,14 +32,12 @@ from secure_split.engine.data import PeerData, load_peer_data
 from secure_split.engine.executor import Outgoing, PeerExecutor
 from secure_split.engine.schedule import epoch_batches, eval_batches, split_train_test
 from secure_split.engine.tensors import from_wire, to_wire
-from secure_split.engine.topology import Topology
 from secure_split.errors import (
     ConfigError,
     ConfigProblem,
     ExitCode,
     HandshakeRefused,
     PeerTimeout,
-    PolicyDenied,
     RemoteProtocolError,
     SecureSplitError,
     TrainingError,
@@ -51,6 +49,11 @@ from secure_split.transport import Transport, TransportPeer
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
+# Tensors of the current step, processed in step order (the key holder's decryption requests are
+# not: `_dispatch` serves them at once, whatever step the key holder itself is in).
+_STEP_TENSOR_KINDS = frozenset(
+    {Kind.ACTIVATION, Kind.GRADIENT, Kind.ENCRYPTED_ACTIVATION, Kind.AGGREGATE_GRADIENT, Kind.MASKED_AGGREGATE}
+)
 # How long a disconnected counterparty may stay away before we name it as lost.
 _RECONNECT_GRACE_S = 3.0
 # Refusal codes (see gate.Gate.receive) for frames our own gate cannot have produced: a counterparty's
@@ -166,7 +169,6 @@ class PeerRuntime:
             raise ConfigError(problems)
         self.policy: Policy = load_policy(self.deployment.policy_path)
         check_startup(self.policy, self.deployment)
-        self.topology = Topology.from_deployment(self.deployment)
         self.data: PeerData | None = load_peer_data(self.cfg.data_path) if self.cfg.data_path else None
         self.executor = PeerExecutor(self.deployment, self.me, self.data, defer_update=True)
         self.counterparties = _counterparties(self.deployment, self.policy, self.me)
@@ -189,7 +191,6 @@ class PeerRuntime:
         self.current_phase: str = "train"
         self.shutdown_status: str | None = None
         self.shutdown_reason: str = ""
-        self.last_heard: dict[str, float] = {}
         self.lost_since: dict[str, float] = {}
         self.receipts: dict[int, set[str]] = {}
         self.acks: dict[int, dict[str, dict[str, float]]] = {}
@@ -295,8 +296,8 @@ class PeerRuntime:
                 self._notify_coordinator_of_failure(reason)
         finally:
             self.result.status = status
-            self.result.bytes_sent = self.gate.stats.bytes_sent
-            self.result.bytes_received = self.gate.stats.bytes_received
+            self.result.bytes_sent = self.transport.bytes_sent
+            self.result.bytes_received = self.transport.bytes_received
             self.result.messages_sent = self.gate.stats.sent
             self.result.messages_received = self.gate.stats.received
             self.result.refused = self.gate.stats.refused_in + self.gate.stats.refused_out
@@ -352,18 +353,14 @@ class PeerRuntime:
 
     def _receive_one(self, timeout_s: float) -> Message | None:
         """One gated receive. Refusals are audited by the gate; we keep serving."""
+        # A refused handshake and our policy's refusal of an inbound flow end the run (they
+        # propagate); any other bad frame was audited and answered by the gate: keep serving.
         try:
-            msg = self.gate.receive(timeout_s)
+            return self.gate.receive(timeout_s)
         except HandshakeRefused:
-            raise
-        except PolicyDenied:
-            # Our policy refused an inbound flow: the run cannot proceed past it.
             raise
         except RemoteProtocolError:
             return None
-        if msg is not None:
-            self.last_heard[msg.binding.sender] = time.monotonic()
-        return msg
 
     def _wait(self, done: Callable[[], bool], what: Callable[[], str], waiting_on: Callable[[], list[str]]) -> None:
         """Serve messages until `done()`; time out naming the peers we wait on."""
@@ -454,29 +451,17 @@ class PeerRuntime:
             phase = str(msg.meta.get("phase", "train"))
             self._begin(step, phase, ids)
             return True
-        if kind in (Kind.ACTIVATION, Kind.GRADIENT):
+        if kind in _STEP_TENSOR_KINDS:
             if self.current_step is None or step > self.current_step:
                 return False
             if step < self.current_step:
                 raise RemoteProtocolError(f"'{msg.binding.sender}' sent {kind.value} for finished step {step}")
-            tensor = from_wire(msg.tensors[0])
             if kind == Kind.ACTIVATION:
-                outs = self.executor.on_activation(msg.edge, tensor)
+                self._send_outgoing(self.executor.on_activation(msg.edge, from_wire(msg.tensors[0])))
+            elif kind == Kind.GRADIENT:
+                self._send_outgoing(self.executor.on_gradient(msg.edge, from_wire(msg.tensors[0])))
             else:
-                outs = self.executor.on_gradient(msg.edge, tensor)
-            self._send_outgoing(outs)
-            self._maybe_finish_step()
-            return True
-        if kind in (Kind.ENCRYPTED_ACTIVATION, Kind.AGGREGATE_GRADIENT) or (
-            kind == Kind.MASKED_AGGREGATE and msg.binding.sender != self.me
-            and self.me == self.deployment.spec.segments[str(msg.meta.get("segment", ""))].peer
-            if str(msg.meta.get("segment", "")) in self.deployment.spec.segments else False
-        ):
-            if self.current_step is None or step > self.current_step:
-                return False
-            if step < self.current_step:
-                raise RemoteProtocolError(f"'{msg.binding.sender}' sent {kind.value} for finished step {step}")
-            self._on_he_message(msg)
+                self._on_he_message(msg)  # checks that this peer holds the merge it names
             self._maybe_finish_step()
             return True
         if kind == Kind.BARRIER:
@@ -697,7 +682,6 @@ class PeerRuntime:
                 self._dispatch(msg)
         for p in self.counterparties:
             self.audit.record("peer_joined", counterparty=p, reason="handshake complete")
-            self.last_heard[p] = time.monotonic()
 
     # -- coordinator ----------------------------------------------------------------------------
 

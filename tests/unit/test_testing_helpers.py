@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from secure_split.errors import ReplayError
-from secure_split.protocol import Kind
-from secure_split.testing import SessionPair, fixed_identity, generate_deployment
+from secure_split.protocol import Kind, PeerSession
+from secure_split.testing import FakeLink, fixed_identity, generate_deployment
 
 
 def test_fixed_identity_is_deterministic_per_name() -> None:
@@ -16,8 +16,9 @@ def test_fixed_identity_is_deterministic_per_name() -> None:
     assert fixed_identity("alice").public != fixed_identity("bob").public
 
 
-def test_session_pair_delivers_and_refuses_a_replay() -> None:
-    pair = SessionPair.create()
+def test_fake_link_delivers_and_refuses_a_replay() -> None:
+    pair = FakeLink(PeerSession("alice", "bob", "0" * 64, "1" * 64), PeerSession("bob", "alice", "0" * 64, "1" * 64))
+    pair.handshake()
     frames = pair.send("a->b", pair.a.bind(Kind.HEARTBEAT, step=1))
     assert pair.deliver("a->b").kind == Kind.HEARTBEAT
     pair.in_flight["a->b"].append(frames)
