@@ -112,6 +112,16 @@ class TrainingSpec(_Strict):
     micro_batches: int = Field(1, ge=1, le=64, description="pipeline each step in this many micro-batches")
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: Literal["sync", "sequential", "splitfed"] = "sync"
+    handoff: Literal["relay", "direct"] = Field(
+        "relay",
+        description="sequential/splitfed: sealed owner weights travel through the coordinator (relay, "
+        "which cannot open them) or peer to peer (direct)",
+    )
+    average: Literal["sealed", "he"] = Field(
+        "sealed",
+        description="splitfed: owners average their weights among themselves from sealed copies "
+        "(sealed), or the coordinator adds CKKS ciphertexts it cannot decrypt (he)",
+    )
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (tests, quick runs)")
 
 
@@ -195,6 +205,78 @@ class Deployment:
         return [s for s, seg in self.spec.segments.items() if seg.peer == peer]
 
 
+def horizontal_owners(spec: DeploymentSpec) -> dict[str, list[str]]:
+    """The owners of a horizontal schedule (sequential, splitfed) and their segments.
+
+    Owners are the peers, other than the coordinator, that own a segment reading raw features.
+    Each owner's segments are listed in the deployment's order; position i of every owner is the
+    same model (checked by `horizontal_problems`), so weights move between owners by position.
+
+    Returns:
+        owner -> its segments, owners sorted by name; empty for the `sync` schedule.
+    """
+    if spec.training.schedule not in ("sequential", "splitfed"):
+        return {}
+    owners = sorted(
+        {seg.peer for seg in spec.segments.values() if seg.input == "features" and seg.peer != spec.coordinator}
+    )
+    return {o: [s for s, seg in spec.segments.items() if seg.peer == o] for o in owners}
+
+
+def _horizontal_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    owners = horizontal_owners(spec)
+    schedule = spec.training.schedule
+    where = ("training", "schedule")
+    if not owners:
+        return [doc.problem(where, f"schedule '{schedule}' needs data owners: peers other than the coordinator "
+                                   "that own a segment with input: features")]
+    for peer in spec.peers:
+        if peer != spec.coordinator and peer not in owners:
+            problems.append(doc.problem(("peers", peer), f"schedule '{schedule}' runs a coordinator and data owners "
+                                                         "only; this peer owns no input segment"))
+    for sname, seg in spec.segments.items():
+        if seg.input == "features" and seg.peer == spec.coordinator:
+            problems.append(doc.problem(("segments", sname, "input"), f"in schedule '{schedule}' the coordinator "
+                                                                       "reads no raw features; give this segment to an owner"))
+        if seg.he:
+            problems.append(doc.problem(("segments", sname, "he"), f"HE merges are for vertical training; in schedule "
+                                                                   f"'{schedule}' set training.average: he instead"))
+    first, *others = owners
+    ref = owners[first]
+    for o in others:
+        segs = owners[o]
+        same = len(segs) == len(ref) and all(
+            (spec.segments[a].model, spec.segments[a].input, spec.segments[a].loss, spec.segments[a].labels)
+            == (spec.segments[b].model, spec.segments[b].input, spec.segments[b].loss, spec.segments[b].labels)
+            for a, b in zip(ref, segs, strict=False)
+        )
+        if not same:
+            problems.append(doc.problem(("segments",), f"owner '{o}' has segments {segs}, which are not the same models "
+                                                       f"in the same order as '{first}' has ({ref}); every owner trains "
+                                                       "a copy of one model"))
+    seg_peer = {s: seg.peer for s, seg in spec.segments.items()}
+    for i, e in enumerate(spec.edges):
+        a, b = seg_peer.get(e.from_), seg_peer.get(e.to)
+        if a is None or b is None or a == b:
+            continue
+        if spec.coordinator not in (a, b):
+            problems.append(doc.problem(("edges", i), f"edge {e.name} joins two owners ('{a}', '{b}'); in schedule "
+                                                      f"'{schedule}' owners exchange tensors with the coordinator only"))
+    for sname, seg in spec.segments.items():
+        senders = [seg_peer.get(e.from_) for e in spec.edges if e.to == sname]
+        if seg.peer == spec.coordinator and len(senders) > 1:
+            if len(set(senders)) != len(senders):
+                problems.append(doc.problem(("segments", sname), "two edges from one owner enter this segment; "
+                                                                 "each owner feeds it through one edge"))
+            if seg.merge is not None:
+                problems.append(doc.problem(("segments", sname, "merge"), f"in schedule '{schedule}' the owners' edges "
+                                                                          "are alternatives (one owner per step); remove merge"))
+    if spec.training.average == "he" and schedule != "splitfed":
+        problems.append(doc.problem(("training", "average"), "average: he is for schedule: splitfed"))
+    return problems
+
+
 def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     peers = spec.peers
@@ -228,9 +310,12 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
         seen_edges.add(e.name)
         if e.to in incoming:
             incoming[e.to] += 1
+    horizontal = spec.training.schedule in ("sequential", "splitfed")
     for sname, seg in spec.segments.items():
         n_in = incoming.get(sname, 0)
-        if n_in > 1 and seg.merge is None:
+        # In a horizontal schedule the edges from different owners into one segment are
+        # alternatives (one owner per step), not inputs to merge.
+        if n_in > 1 and seg.merge is None and not horizontal:
             problems.append(doc.problem(("segments", sname, "merge"), f"{n_in} edges enter this segment; set merge: concat, sum or mean"))
         if n_in == 0 and seg.input != "features":
             problems.append(doc.problem(("segments", sname, "input"), "no edge enters this segment; set input: features"))
@@ -255,6 +340,8 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
 
     if any(s not in state and visit(s) for s in adj):
         problems.append(doc.problem(("edges",), "the edges form a cycle; the topology must be a DAG"))
+    if horizontal and not problems:
+        problems.extend(_horizontal_problems(doc, spec))
     return problems
 
 

@@ -58,7 +58,14 @@ from torch import nn
 from secure_split.config import Deployment
 from secure_split.engine.data import PeerData, as_id_tensor
 from secure_split.engine.metrics import Phase, StepMetrics, TaskMetrics
-from secure_split.engine.models import InputShape, build_segment, derive_seed, input_shape, validate_layers
+from secure_split.engine.models import (
+    InputShape,
+    build_segment,
+    derive_seed,
+    horizontal_seed_names,
+    input_shape,
+    validate_layers,
+)
 from secure_split.engine.privacy import (
     LabelDefence,
     add_gaussian_noise,
@@ -173,6 +180,7 @@ class _Step:
     dcor: dict[str, float] = field(default_factory=dict)
     predictions: dict[str, torch.Tensor] = field(default_factory=dict)
     stepped: bool = False
+    peers: frozenset[str] | None = None  # remote peers taking part (horizontal schedules); None: all
 
     @property
     def batch(self) -> int:
@@ -232,8 +240,9 @@ class PeerExecutor:
         self.local = topo.local_segments(peer_name)
         self._check_config()
         seed = deployment.spec.training.seed
+        seed_names = horizontal_seed_names(deployment)
         modules = {
-            s: build_segment(topo.segments[s].model, seed=derive_seed(seed, s), name=s).to(self.device)
+            s: build_segment(topo.segments[s].model, seed=derive_seed(seed, seed_names.get(s, s)), name=s).to(self.device)
             for s in self.local
         }
         self._modules: dict[str, nn.Module] = dict(modules)
@@ -320,7 +329,12 @@ class PeerExecutor:
         return None if self._state is None else self._state.phase
 
     def begin_step(
-        self, step: int, phase: Phase, ids: np.ndarray | torch.Tensor | Sequence[int]
+        self,
+        step: int,
+        phase: Phase,
+        ids: np.ndarray | torch.Tensor | Sequence[int],
+        *,
+        peers: Sequence[str] | None = None,
     ) -> list[Outgoing]:
         """Start a step: run every local segment whose inputs are ready.
 
@@ -328,6 +342,10 @@ class PeerExecutor:
             step: the step number (from the coordinator).
             phase: "train", "eval" or "infer".
             ids: the batch's sample ids (one dimension, unique, at least one).
+            peers: the remote peers taking part in this step (horizontal schedules: the one owner
+                whose batch it is). Edges to or from any other remote peer are idle in this step:
+                several edges from different owners into one segment are alternatives, not a
+                merge. None (the default): every edge takes part.
 
         Returns:
             The activations to send now.
@@ -371,7 +389,8 @@ class PeerExecutor:
         if phase == "train" and self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
         self._predictions = {}
-        self._state = _Step(step=step, phase=phase, ids=id_t, rows=rows)
+        self._state = _Step(step=step, phase=phase, ids=id_t, rows=rows,
+                            peers=None if peers is None else frozenset(peers))
         try:
             return self._advance()
         except Exception as exc:
@@ -411,6 +430,10 @@ class PeerExecutor:
             raise RemoteProtocolError(
                 f"plaintext activation on edge {edge} refused: segment '{dst}' merges its inputs under "
                 "HE (he: true), so it takes only their encrypted sum (on_aggregate)"
+            )
+        if not self._active(edge, state):
+            raise RemoteProtocolError(
+                f"activation on edge {edge}: '{topo.peer_of(src)}' takes no part in step {state.step}"
             )
         if edge in state.inputs:
             raise RemoteProtocolError(f"activation on edge {edge} arrived twice in step {state.step}")
@@ -538,10 +561,10 @@ class PeerExecutor:
                     out.append(("aggregate", seg))
             else:
                 out.extend(
-                    ("activation", e) for e in topo.in_edges[seg] if topo.is_remote(e) and e not in s.inputs
+                    ("activation", e) for e in self._ins(seg, s) if topo.is_remote(e) and e not in s.inputs
                 )
             if s.phase == "train":
-                for e in topo.out_edges[seg]:
+                for e in self._outs(seg, s):
                     if topo.is_remote(e) and e not in s.grads:
                         out.append(("gradient", e))
         return out
@@ -745,7 +768,7 @@ class PeerExecutor:
             if msg:
                 raise RemoteProtocolError(f"activation on edge {edge} does not fit segment '{seg}': {msg}")
             return
-        for other in topo.in_edges[seg]:
+        for other in self._ins(seg, state):
             if other == edge or other not in state.inputs:
                 continue
             got = tuple(state.inputs[other].shape[1:])
@@ -786,7 +809,7 @@ class PeerExecutor:
             progress = False
             for seg in self.local:
                 if seg not in s.forwarded and (
-                    seg in s.aggregates or all(e in s.inputs for e in topo.in_edges[seg])
+                    seg in s.aggregates or all(e in s.inputs for e in self._ins(seg, s))
                 ):
                     out.extend(self._forward(seg, s))
                     progress = True
@@ -795,7 +818,7 @@ class PeerExecutor:
                     if (
                         seg in s.forwarded
                         and seg not in s.backwarded
-                        and all(e in s.grads for e in topo.out_edges[seg])
+                        and all(e in s.grads for e in self._outs(seg, s))
                     ):
                         out.extend(self._backward(seg, s))
                         progress = True
@@ -805,6 +828,24 @@ class PeerExecutor:
             if not (self.defer_update and any(o.kind == "gradient" for o in out)):
                 self._optimizer_step(s)
         return out
+
+    def _active(self, edge: str, s: _Step) -> bool:
+        """Whether `edge` takes part in step `s` (see `begin_step(peers=...)`)."""
+        if s.peers is None:
+            return True
+        topo = self.topology
+        src, dst = topo.endpoints(edge)
+        a, b = topo.peer_of(src), topo.peer_of(dst)
+        other = b if a == self.peer else a
+        return other == self.peer or other in s.peers
+
+    def _ins(self, seg: str, s: _Step) -> list[str]:
+        edges = self.topology.in_edges[seg]
+        return list(edges) if s.peers is None else [e for e in edges if self._active(e, s)]
+
+    def _outs(self, seg: str, s: _Step) -> list[str]:
+        edges = self.topology.out_edges[seg]
+        return list(edges) if s.peers is None else [e for e in edges if self._active(e, s)]
 
     def _optimizer_step(self, s: _Step) -> None:
         if self._optimizer is not None:
@@ -825,7 +866,7 @@ class PeerExecutor:
             n_in = len(topo.in_edges[seg])
             x = s.aggregates[seg] / n_in if spec.merge == "mean" else s.aggregates[seg]
         else:
-            x = merge_inputs([s.inputs[e] for e in topo.in_edges[seg]], spec.merge)
+            x = merge_inputs([s.inputs[e] for e in self._ins(seg, s)], spec.merge)
             if spec.merge is not None:
                 msg = self._input_shapes[seg].problem(tuple(x.shape[1:]))
                 if msg:
@@ -842,7 +883,7 @@ class PeerExecutor:
         if s.phase == "infer" and not topo.out_edges[seg]:
             s.predictions[seg] = y.detach().argmax(dim=1).to("cpu")
         out: list[Outgoing] = []
-        for e in topo.out_edges[seg]:
+        for e in self._outs(seg, s):
             prot = topo.edges[e].protections
             act = y.detach()
             if train and prot.nopeek_alpha > 0 and raw is not None:
@@ -895,7 +936,7 @@ class PeerExecutor:
         roots: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         y = s.outputs.pop(seg)
-        out_edges = topo.out_edges[seg]
+        out_edges = self._outs(seg, s)
         if out_edges:
             g = s.grads[out_edges[0]]
             for e in out_edges[1:]:
@@ -911,7 +952,7 @@ class PeerExecutor:
             torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
         s.backwarded.add(seg)
         out: list[Outgoing] = []
-        for e in topo.in_edges[seg]:
+        for e in self._ins(seg, s):
             # An HE merge has one leaf, the sum S of all inputs, and dS/d(input_i) = 1, so dL/dS
             # is every input's gradient (for mean, the 1/n is already in the graph: x = S / n).
             leaf = s.aggregates[seg] if seg in s.aggregates else s.inputs[e]

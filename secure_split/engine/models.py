@@ -383,3 +383,19 @@ def input_shape(layers: Sequence[Mapping[str, Any]]) -> InputShape:
             return InputShape(numel=math.prod(p["shape"]))
         return InputShape()
     return InputShape()
+
+
+def horizontal_seed_names(deployment: Any) -> dict[str, str]:
+    """Seed names that make every owner's copy of a model start from the same weights.
+
+    In a horizontal schedule (sequential, splitfed) owner k's i-th segment is seeded as the first
+    owner's i-th segment (so the centralised baseline, built with the first owner's names, starts
+    from the same weights too). Other segments keep their own names; empty for `sync`.
+    """
+    from secure_split.config import horizontal_owners
+
+    owners = horizontal_owners(deployment.spec)
+    if not owners:
+        return {}
+    first = owners[min(owners)]
+    return {seg: first[i] for segs in owners.values() for i, seg in enumerate(segs) if i < len(first)}

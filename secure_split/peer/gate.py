@@ -12,7 +12,7 @@ keeps serving. Nothing else in a peer talks to the transport.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -97,6 +97,7 @@ class Gate:
         transport: FrameTransport,
         sessions: Mapping[str, PeerSession],
         max_message_bytes: int,
+        session_factory: Callable[[str], PeerSession] | None = None,
     ) -> None:
         self.me = me
         self.deployment_hash = deployment_hash
@@ -105,7 +106,10 @@ class Gate:
         self.transport = transport
         self.sessions = dict(sessions)
         self.max_message_bytes = max_message_bytes
+        self.session_factory = session_factory
         self.stats = GateStats()
+        # Peers that started a fresh session since the last call of `take_rejoined()`.
+        self._rejoined: list[str] = []
 
     # -- outbound ---------------------------------------------------------------------------
 
@@ -224,6 +228,17 @@ class Gate:
             self._refuse_inbound(sender, header, exc2, code="spoofed")
             raise exc2
         session = self.sessions.get(sender)
+        if (
+            session is not None
+            and header.kind is Kind.HELLO
+            and self.session_factory is not None
+            and session.remote_hello_meta is not None
+        ):
+            # A restarted counterparty (its key authenticated it) opens a new session; messages
+            # still in flight from its old one fail the session binding and are refused.
+            session = self.sessions[sender] = self.session_factory(sender)
+            self.audit.record("peer_joined", counterparty=sender, reason="restarted: new session")
+            self._rejoined.append(sender)
         if session is None:
             exc3 = RemoteProtocolError(f"peer '{sender}' is not a counterparty of '{self.me}' in this deployment")
             self._refuse_inbound(sender, header, exc3, code="not_a_counterparty")
@@ -273,6 +288,12 @@ class Gate:
         self.stats.received += 1
         self.stats.by_kind[header.kind.value] = self.stats.by_kind.get(header.kind.value, 0) + 1
         return msg
+
+    def take_rejoined(self) -> list[str]:
+        """Peers that opened a new session (restarted) since the last call; answer each with
+        `send_hello` (only with a `session_factory`: otherwise a second HELLO is refused)."""
+        out, self._rejoined = self._rejoined, []
+        return out
 
     def _record_denied(self, flow: Flow, step: int, decision: Decision) -> None:
         self.audit.record(

@@ -25,7 +25,7 @@ decoded (the codec turns it into `CodecError`: the peer sent it). In short:
 kind                   meta (required; optional)                                   tensors  edge    blob
 =====================  ==========================================================  =======  ======  ====
 hello                  protocol, deployment, policy, nonce(16 B); checkpoints,     0        no      no
-                       software
+                       software, rows
 refuse, error          reason (<= 4000 chars), code; ref_seq                       0        no      no
 heartbeat              -                                                           0        no      no
 shutdown               reason, status                                              0        no      no
@@ -33,7 +33,7 @@ step_begin             epoch, phase (train|eval|infer); micro_batches           
 activation, gradient,  -; phase, micro                                             1        yes     no
 aggregate_gradient
 prediction             any plain values                                            1        opt     no
-metrics, barrier,      epoch (>= -1); phase, values (str -> number), reason        0        no      no
+metrics, barrier,      epoch (>= -1); phase, values (str -> number), reason, to    0        no      no
 barrier_ack
 audit_receipt          peer, seq, head, signature                                  0        no      no
 he_context,            any keys with str / int / bytes values                      0        opt     yes
@@ -403,7 +403,13 @@ _PHASE = MetaField("str", choices=_PHASES)
 _TENSOR_KIND = KindRule(optional={"phase": _PHASE, "micro": _COUNT}, tensors=(1, 1), edge=Presence.REQUIRED)
 _SYNC_KIND = KindRule(
     required={"epoch": MetaField("int", min_value=-1)},  # -1: the start barrier, before any epoch
-    optional={"phase": _SHORT, "values": MetaField("number_map", max_len=1024), "reason": _REASON},
+    optional={
+        "phase": _SHORT,
+        "values": MetaField("number_map", max_len=1024),
+        "reason": _REASON,
+        # horizontal schedules: the owner a barrier concerns (hand weights to it, or it dropped)
+        "to": MetaField("str", pattern=NAME_PATTERN),
+    },
 )
 _SEALED_KIND = KindRule(
     other_meta=MetaField("scalar", max_len=4096), edge=Presence.OPTIONAL, blob=Presence.REQUIRED
@@ -418,7 +424,8 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
                 "policy": _HASH,
                 "nonce": MetaField("bytes", exact_len=16),
             },
-            optional={"checkpoints": MetaField("int_list", max_len=4096), "software": _SHORT},
+            # rows: an owner's row count, for a coordinator that schedules row positions, not ids
+            optional={"checkpoints": MetaField("int_list", max_len=4096), "software": _SHORT, "rows": _COUNT},
         ),
         Kind.REFUSE: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
         Kind.ERROR: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
