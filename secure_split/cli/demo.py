@@ -31,6 +31,14 @@ from secure_split.cli.output import console, err_console
 from secure_split.errors import ConfigError, ConfigProblem, ExitCode
 
 ACCURACY_TOLERANCE = 0.02
+HORIZONTAL_ACCURACY_TOLERANCE = 0.03
+"""Horizontal demos (sequential, splitfed) train one model over N owners' shards, so their updates
+differ from the centralised run's; the issue asks for accuracy within 3 points for N = 5."""
+HORIZONTAL_SCHEDULES = ("sequential", "splitfed")
+SHARD_SEED = 13
+"""Seed of the demos' partition of the digits among owners (IID shuffle, non-IID shard deal)."""
+MAX_OWNERS = 200
+"""Each owner needs a few training and test rows of the 1,797 digits (about 9 each at 200)."""
 
 
 @dataclass
@@ -44,8 +52,28 @@ class PeerPlan:
 
 
 @dataclass
+class BaselineTopology:
+    """The network the centralised baseline trains, where it is not the deployment's own.
+
+    A horizontal deployment holds one copy of the owners' segments per owner; the baseline is the
+    same architecture once, in one process, on all the data: the first owner's segments (whose
+    names seed every owner's copies, `engine.models.horizontal_seed_names`) and the coordinator's.
+    """
+
+    segments: dict[str, dict[str, Any]]
+    edges: list[dict[str, Any]]
+
+
+@dataclass
 class ScenarioPlan:
-    """Everything a scenario decides: peers and their data, topology, and baseline inputs."""
+    """Everything a scenario decides: peers and their data, topology, and baseline inputs.
+
+    `baseline_features` and `baseline_labels` are keyed by the baseline's segment names: the
+    deployment's, or `baseline_topology`'s where a scenario sets one. `baseline_split` (train ids,
+    test ids) replaces the baseline's own split of `baseline_ids` where the split run splits
+    differently. `tolerance` is how far (in accuracy) the split run may be from the baseline for
+    the demo to pass.
+    """
 
     name: str
     peers: list[PeerPlan]
@@ -57,6 +85,10 @@ class ScenarioPlan:
     baseline_labels: dict[str, Any]
     baseline_ids: Any
     main_task: str
+    baseline_topology: BaselineTopology | None = None
+    baseline_split: tuple[Any, Any] | None = None
+    tolerance: float = ACCURACY_TOLERANCE
+    variant: dict[str, Any] = field(default_factory=dict)
 
 
 # -- scenarios -------------------------------------------------------------------------------
@@ -237,6 +269,157 @@ def scenario_vertical_he(epochs: int, **_: Any) -> ScenarioPlan:
     return _vertical(epochs, he=True)
 
 
+def owner_shards(labels: Any, owners: int, *, non_iid: bool, seed: int = SHARD_SEED) -> list[Any]:
+    """Partition the row indices 0..len(labels)-1 among `owners` owners.
+
+    IID: a seeded random permutation cut into `owners` near-equal shards. Non-IID (the usual
+    pathological split of the FedAvg paper): rows sorted by label are cut into 2 x `owners` shards
+    of consecutive rows, and each owner is dealt 2 of them at random, so each owner holds only a
+    few classes (digits, 5 owners: 2 to 5 of the 10, 3.4 on average; 20 owners: 2.25).
+
+    Args:
+        labels: int class per row (numpy array or tensor).
+        owners: how many shards (>= 1).
+        non_iid: split by label instead of at random.
+        seed: the partition's seed.
+
+    Returns:
+        One sorted int64 numpy array of row indices per owner; disjoint, together all rows.
+    """
+    import numpy as np
+
+    y = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    if not non_iid:
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(y)), owners)]
+    by_label = np.argsort(y, kind="stable")
+    pieces = np.array_split(by_label, 2 * owners)
+    deal = rng.permutation(2 * owners)
+    return [np.sort(np.concatenate([pieces[deal[2 * k]], pieces[deal[2 * k + 1]]])) for k in range(owners)]
+
+
+def _horizontal_split(shards: list[Any], test_fraction: float, seed: int, *, ordinal: bool) -> tuple[Any, Any]:
+    """The rows a horizontal run trains and tests on: (union of train ids, union of test ids).
+
+    The coordinator splits each owner's rows on their own (`split_train_test` with the training
+    seed): the ids the owner shares with the label holder, or (U-shaped, `ordinal`: the server
+    knows no ids) the row positions 0..n-1, which the owner maps to its ids in sorted order.
+    """
+    import numpy as np
+
+    from secure_split.engine.schedule import split_train_test
+
+    train, test = [], []
+    for shard in shards:
+        ids = np.sort(np.asarray(shard))
+        if ordinal:
+            tr, te = split_train_test(np.arange(len(ids)), test_fraction, seed)
+            tr, te = ids[tr], ids[te]
+        else:
+            tr, te = split_train_test(ids, test_fraction, seed)
+        train.append(tr)
+        test.append(te)
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _horizontal(schedule: str, epochs: int, *, owners: int | None = None, non_iid: bool = False,
+                labels: str | None = None, handoff: str | None = None, he: bool = False, **_: Any) -> ScenarioPlan:
+    """N data owners with the same model, each holding a shard of the digits (rows, not columns).
+
+    labels "holder": owner_k.bottom_k -> label_holder.top; the label holder holds every id's
+    label, each owner its shard's images (the runtime aligns ids per owner by PSI).
+    labels "owners" (U-shaped): owner_k.head_k -> server.middle -> owner_k.tail_k; each owner
+    holds its shard's images and labels, the server no data at all.
+    """
+    from secure_split.engine import zoo
+
+    n = 5 if owners is None else owners
+    labels = labels or "holder"
+    handoff = handoff or "relay"
+    problems = []
+    if not 2 <= n <= MAX_OWNERS:
+        problems.append(ConfigProblem("--owners", "owners", f"needs 2 to {MAX_OWNERS} data owners, got {n} "
+                                      "(one owner is the vanilla demo: `secure-split demo vanilla`)"))
+    if labels not in ("holder", "owners"):
+        problems.append(ConfigProblem("--labels", "labels", f"'{labels}' is not a choice: 'holder' (a label holder "
+                                      "coordinates) or 'owners' (U-shaped: each owner keeps its labels)"))
+    if handoff not in ("relay", "direct"):
+        problems.append(ConfigProblem("--handoff", "handoff", f"'{handoff}' is not a choice: 'relay' (sealed weights "
+                                      "through the coordinator) or 'direct' (owner to owner)"))
+    if he and schedule != "splitfed":
+        problems.append(ConfigProblem("--he", "he", "--he averages SplitFed rounds under CKKS; the sequential "
+                                      "schedule hands weights on sealed instead: use `demo splitfed --he`"))
+    if problems:
+        raise ConfigError(problems)
+    ids, x, y = _digits()
+    shards = owner_shards(y, n, non_iid=non_iid)
+    names = [f"owner_{k}" for k in range(1, n + 1)]
+    segments: dict[str, dict[str, Any]] = {}
+    edges: list[dict[str, Any]] = []
+    if labels == "holder":
+        coordinator = "label_holder"
+        peers = [PeerPlan(o, ids[rows], features=x[rows]) for o, rows in zip(names, shards, strict=True)]
+        peers.append(PeerPlan(coordinator, ids, labels={"labels": y}))
+        for k, o in enumerate(names, 1):
+            segments[f"bottom_{k}"] = {"peer": o, "input": "features", "model": zoo.DIGITS_CNN_BOTTOM}
+        segments["top"] = {"peer": coordinator, "loss": "cross_entropy", "model": zoo.DIGITS_CNN_TOP}
+        edges = [{"from": f"bottom_{k}", "to": "top"} for k in range(1, n + 1)]
+        baseline = BaselineTopology(
+            segments={"bottom_1": segments["bottom_1"], "top": segments["top"]},
+            edges=[{"from": "bottom_1", "to": "top"}],
+        )
+        baseline_features, baseline_labels = {"bottom_1": x}, {"top": y}
+    else:
+        coordinator = "server"
+        peers = [PeerPlan(o, ids[rows], features=x[rows], labels={"labels": y[rows]})
+                 for o, rows in zip(names, shards, strict=True)]
+        peers.append(PeerPlan(coordinator, None))
+        for k, o in enumerate(names, 1):
+            segments[f"head_{k}"] = {"peer": o, "input": "features", "model": zoo.DIGITS_U_HEAD}
+            segments[f"tail_{k}"] = {"peer": o, "loss": "cross_entropy", "model": zoo.DIGITS_U_TAIL}
+        segments["middle"] = {"peer": coordinator, "model": zoo.DIGITS_U_MIDDLE}
+        for k in range(1, n + 1):
+            edges += [{"from": f"head_{k}", "to": "middle"}, {"from": "middle", "to": f"tail_{k}"}]
+        baseline = BaselineTopology(
+            segments={s: segments[s] for s in ("head_1", "middle", "tail_1")},
+            edges=[{"from": "head_1", "to": "middle"}, {"from": "middle", "to": "tail_1"}],
+        )
+        baseline_features, baseline_labels = {"head_1": x}, {"tail_1": y}
+    training = {**_training(epochs), "schedule": schedule, "handoff": handoff}
+    split = _horizontal_split([ids[rows] for rows in shards], training["test_fraction"], training["seed"],
+                              ordinal=labels == "owners")
+    if schedule == "splitfed":
+        training["average"] = "he" if he else "sealed"
+    variant = {"owners": n, "labels": labels, "handoff": handoff, "non_iid": non_iid,
+               **({"average": training["average"]} if schedule == "splitfed" else {})}
+    return ScenarioPlan(
+        name=schedule,
+        peers=peers,
+        coordinator=coordinator,
+        segments=segments,
+        edges=edges,
+        training=training,
+        baseline_features=baseline_features,
+        baseline_labels=baseline_labels,
+        baseline_ids=ids,
+        main_task="labels",
+        baseline_topology=baseline,
+        baseline_split=split,
+        tolerance=HORIZONTAL_ACCURACY_TOLERANCE,
+        variant=variant,
+    )
+
+
+def scenario_sequential(epochs: int, **options: Any) -> ScenarioPlan:
+    """N owners take turns on one model: each trains on its shard, then seals the weights to the next."""
+    return _horizontal("sequential", epochs, **options)
+
+
+def scenario_splitfed(epochs: int, **options: Any) -> ScenarioPlan:
+    """N owners train in parallel against one coordinator; their weights are averaged every epoch."""
+    return _horizontal("splitfed", epochs, **options)
+
+
 SCENARIOS: dict[str, Callable[..., ScenarioPlan]] = {
     "vanilla": scenario_vanilla,
     "u-shaped": scenario_u_shaped,
@@ -244,7 +427,16 @@ SCENARIOS: dict[str, Callable[..., ScenarioPlan]] = {
     "multi-task": scenario_multi_task,
     "vertical": scenario_vertical,
     "vertical-he": scenario_vertical_he,
+    "sequential": scenario_sequential,
+    "splitfed": scenario_splitfed,
 }
+_HORIZONTAL_OPTIONS = ("owners", "non_iid", "labels", "handoff", "he")
+SCENARIO_OPTIONS: dict[str, tuple[str, ...]] = {
+    "multi-hop": ("hops",),
+    "sequential": _HORIZONTAL_OPTIONS,
+    "splitfed": _HORIZONTAL_OPTIONS,
+}
+"""The scenario-specific options (keyword arguments of the scenario function) each accepts."""
 
 
 # -- generation --------------------------------------------------------------------------------
@@ -285,7 +477,7 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-    for f in ("deployment.yaml", "policy.yaml"):
+    for f in ("deployment.yaml", "policy.yaml", "baseline.yaml"):
         (workdir / f).unlink(missing_ok=True)
     sigdir = workdir / "signatures"
     if sigdir.exists():
@@ -464,14 +656,20 @@ def run_demo(
     """Generate, launch, watch, compare, verify. Returns the exit code."""
     if scenario not in SCENARIOS:
         raise ConfigError(ConfigProblem("SCENARIO", "scenario", f"unknown scenario '{scenario}'; choose one of {sorted(SCENARIOS)}"))
+    foreign = sorted(k for k in options if k not in SCENARIO_OPTIONS.get(scenario, ()))
+    if foreign:
+        raise ConfigError([ConfigProblem(f"--{k.replace('_', '-')}", k, f"does not apply to scenario '{scenario}'; "
+                                         f"it applies to: {', '.join(s for s, o in SCENARIO_OPTIONS.items() if k in o)}")
+                           for k in foreign])
     started = time.monotonic()
     plan = SCENARIOS[scenario](epochs if epochs is not None else 5, **options)
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     gen = generate(plan, workdir)
     if not quiet:
-        err_console.print(f"[bold]{scenario}[/]: {len(plan.peers)} peers ({', '.join(p.name for p in plan.peers)}) "
-                          f"in {workdir}")
+        names = [p.name for p in plan.peers]
+        shown = ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"
+        err_console.print(f"[bold]{scenario}[/]: {len(plan.peers)} peers ({shown}) in {workdir}")
     launched = launch_peers(gen, plan.coordinator)
     watch_peers(launched, plan.coordinator, timeout_s=timeout_s, quiet=quiet)
 
@@ -496,23 +694,27 @@ def run_demo(
     from secure_split.config import load_deployment
     from secure_split.engine.baseline import train_centralized
 
-    dep = load_deployment(gen.deployment)
-    base = train_centralized(dep, features=plan.baseline_features, labels=plan.baseline_labels, ids=plan.baseline_ids)
+    base = train_centralized(baseline_deployment(plan, gen), features=plan.baseline_features,
+                             labels=plan.baseline_labels, ids=plan.baseline_ids, split=plan.baseline_split)
     base_acc: dict[str, float] = {str(k): float(v) for k, v in base["accuracy"].items()}
     baseline_accuracy = base_acc.get(plan.main_task, next(iter(base_acc.values()), None))
 
     audit_ok, audit_summary = _verify_audit(gen)
     wall = time.monotonic() - started
     within = accuracy is not None and baseline_accuracy is not None and (
-        all(abs(accuracies.get(t, -1.0) - a) <= ACCURACY_TOLERANCE for t, a in base_acc.items())
+        all(abs(accuracies.get(t, -1.0) - a) <= plan.tolerance for t, a in base_acc.items())
     )
+    dep = load_deployment(gen.deployment)
     out = {
         "scenario": scenario,
+        "schedule": dep.spec.training.schedule,
+        "owners": len(data_owners(dep)),
+        **({"variant": plan.variant} if plan.variant else {}),
         "accuracy": accuracy,
         "baseline_accuracy": baseline_accuracy,
         "tasks": {t: {"accuracy": accuracies.get(t), "baseline_accuracy": a} for t, a in base_acc.items()},
         "within_tolerance": within,
-        "tolerance": ACCURACY_TOLERANCE,
+        "tolerance": plan.tolerance,
         "audit_verified": audit_ok,
         "audit": audit_summary,
         "peers": [
@@ -525,7 +727,7 @@ def run_demo(
         "workdir": str(workdir),
     }
     if not quiet:
-        _print_table(out)
+        _print_table(out, data_owners(dep))
     if leakage:
         from secure_split.cli.leakage import run_leakage_report
 
@@ -537,19 +739,66 @@ def run_demo(
         summary.parent.mkdir(parents=True, exist_ok=True)
         summary.write_text(json.dumps(out, indent=1, sort_keys=True))
     if not all_ok:
+        # Peers that failed the same way (many owners refused for one reason) are named once.
+        by_error: dict[str, list[str]] = {}
         for r in results.values():
             if r.get("status") != "ok":
-                err_console.print(f"peer '{r['name']}' failed: {r.get('error')} (log: {workdir}/logs/{r['name']}.log)",
-                                  markup=False, soft_wrap=True)
+                by_error.setdefault(str(r.get("error")), []).append(r["name"])
+        for error, names in by_error.items():
+            who = (f"peer '{names[0]}'" if len(names) == 1 else
+                   f"{len(names)} peers ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+            err_console.print(f"{who} failed: {error} (log: {workdir}/logs/{names[0]}.log)", markup=False,
+                              soft_wrap=True)
         return int(ExitCode.FAILED)
     if not within:
-        err_console.print(f"split accuracy {accuracy} is not within {ACCURACY_TOLERANCE:.0%} of the baseline "
+        err_console.print(f"split accuracy {accuracy} is not within {plan.tolerance:.0%} of the baseline "
                           f"{baseline_accuracy}", markup=False)
         return int(ExitCode.FAILED)
     if not audit_ok:
         err_console.print("audit verification found problems; see the table above", markup=False)
         return int(ExitCode.FAILED)
     return int(ExitCode.OK)
+
+
+def data_owners(dep: Any) -> list[str]:
+    """Peers other than the coordinator that own a segment reading raw features, in name order."""
+    from secure_split.config import horizontal_owners
+
+    owners = horizontal_owners(dep.spec)
+    if owners:
+        return list(owners)
+    spec = dep.spec
+    return sorted({seg.peer for seg in spec.segments.values() if seg.input == "features"} - {spec.coordinator})
+
+
+def baseline_deployment(plan: ScenarioPlan, gen: GeneratedDeployment) -> Any:
+    """The deployment whose network the centralised baseline trains.
+
+    The generated deployment itself, unless the plan names a `baseline_topology`: then
+    `WORKDIR/baseline.yaml`, the generated deployment with only that topology's segments, edges
+    and peers, on the plain `sync` schedule (same seed, batch size, optimizer and epochs), so an
+    auditor can read which network the split run was compared with.
+    """
+    from secure_split.config import load_deployment
+
+    if plan.baseline_topology is None:
+        return load_deployment(gen.deployment)
+    raw = yaml.safe_load(gen.deployment.read_text())
+    topo = plan.baseline_topology
+    peers = {seg["peer"] for seg in topo.segments.values()}
+    training = {k: v for k, v in raw["training"].items() if k not in ("schedule", "handoff", "average")}
+    raw.update(
+        name=f"{raw['name']}-baseline",
+        peers={name: p for name, p in raw["peers"].items() if name in peers},
+        segments=topo.segments,
+        edges=topo.edges,
+        training={**training, "schedule": "sync"},
+    )
+    path = gen.workdir / "baseline.yaml"
+    path.write_text("# The centralised baseline's network: the split run's architecture once, trained in one "
+                    "process on all the data.\n# Not a deployment to run; the demo compares the split run "
+                    "with it.\n" + yaml.safe_dump(raw, sort_keys=False))
+    return load_deployment(path)
 
 
 def _verify_audit(gen: GeneratedDeployment) -> tuple[bool, dict[str, Any]]:
@@ -573,7 +822,26 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def _print_table(out: dict[str, Any]) -> None:
+OWNER_ROWS = 10
+"""With more data owners than this, the peer table shows them as one row (min-max per column)."""
+
+
+def _owners_row(rows: list[dict[str, Any]]) -> list[str]:
+    """One table row for many owners: how many are ok, and each column's min-max."""
+    def span(key: str, fmt: Callable[[Any], str]) -> str:
+        vals = [r.get(key) or 0 for r in rows]
+        return f"{fmt(min(vals))} - {fmt(max(vals))}" if vals else "-"
+
+    ok = sum(1 for r in rows if r.get("status") == "ok" and r.get("exit_code") == 0)
+    failed = [r["name"] for r in rows if not (r.get("status") == "ok" and r.get("exit_code") == 0)]
+    status = f"{ok}/{len(rows)} ok" + (f" (failed: {', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})"
+                                       if failed else "")
+    msgs = span("messages_sent", str) + " / " + span("messages_received", str)
+    return [f"{len(rows)} owners", "-", status, span("bytes_sent", _fmt_bytes), span("bytes_received", _fmt_bytes),
+            msgs]
+
+
+def _print_table(out: dict[str, Any], owners: list[str]) -> None:
     t = Table(title=f"secure-split demo: {out['scenario']}")
     t.add_column("task")
     t.add_column("split accuracy", justify="right")
@@ -587,9 +855,12 @@ def _print_table(out: dict[str, Any]) -> None:
     p = Table(title="peers")
     for col in ("peer", "pid", "status", "sent", "received", "messages out/in"):
         p.add_column(col, justify="right" if col not in ("peer", "status") else "left")
-    for r in out["peers"]:
+    listed = [r for r in out["peers"] if len(owners) <= OWNER_ROWS or r["name"] not in owners]
+    for r in listed:
         p.add_row(r["name"], str(r["pid"]), str(r["status"]), _fmt_bytes(r.get("bytes_sent")),
                   _fmt_bytes(r.get("bytes_received")), f"{r.get('messages_sent') or 0}/{r.get('messages_received') or 0}")
+    if len(owners) > OWNER_ROWS:
+        p.add_row(*_owners_row([r for r in out["peers"] if r["name"] in set(owners)]))
     console.print(p)
     verdict = "[green]verified: intact[/]" if out["audit_verified"] else "[red]PROBLEMS FOUND[/]"
     console.print(f"audit logs: {verdict} ({out['audit']['findings']} findings)   wall time: {out['wall_s']:.1f} s")
@@ -604,11 +875,23 @@ def register(app: typer.Typer) -> None:
         workdir: Annotated[Path | None, typer.Option(help="where to generate everything (default demo-work/SCENARIO)")] = None,
         epochs: Annotated[int | None, typer.Option(help="training epochs (default 5)")] = None,
         summary: Annotated[Path | None, typer.Option(help="write the summary as JSON here")] = None,
-        hops: Annotated[int, typer.Option(help="multi-hop: number of intermediate peers K >= 1")] = 2,
+        hops: Annotated[int | None, typer.Option(help="multi-hop: number of intermediate peers K >= 1 (default 2)")] = None,
+        owners: Annotated[int | None, typer.Option(help="sequential/splitfed: number of data owners N (default 5)")] = None,
+        non_iid: Annotated[bool, typer.Option("--non-iid", help="sequential/splitfed: split the digits among owners "
+                                              "by label (2 of 2N label-sorted shards each) instead of at random")] = False,
+        labels: Annotated[str | None, typer.Option(help="sequential/splitfed: 'holder' (a label holder coordinates; "
+                                                   "default) or 'owners' (U-shaped: labels stay at each owner)")] = None,
+        handoff: Annotated[str | None, typer.Option(help="sequential/splitfed: sealed weights travel 'relay' (through "
+                                                    "the coordinator; default) or 'direct' (owner to owner)")] = None,
+        he: Annotated[bool, typer.Option("--he", help="splitfed: average the owners' weights under CKKS at the "
+                                         "coordinator, which cannot decrypt them")] = False,
         quiet: Annotated[bool, typer.Option(help="no progress display or tables")] = False,
         leakage: Annotated[bool, typer.Option(help="also measure leakage (quick sweep) into WORKDIR/leakage")] = False,
     ) -> None:
         """Run a whole multi-peer deployment on loopback on bundled data, with its audit verified."""
+        options: dict[str, Any] = {"hops": hops, "owners": owners, "non_iid": non_iid, "labels": labels,
+                                   "handoff": handoff, "he": he}
         rc = run_demo(scenario, workdir=workdir or Path("demo-work") / scenario, epochs=epochs,
-                      summary=summary, quiet=quiet, hops=hops, leakage=leakage)
+                      summary=summary, quiet=quiet, leakage=leakage,
+                      **{k: v for k, v in options.items() if v is not None and v is not False})
         raise typer.Exit(rc)

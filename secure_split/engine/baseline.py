@@ -149,6 +149,7 @@ def train_centralized(
     epochs: int | None = None,
     protections: bool = False,
     noise_seed: int | None = None,
+    split: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the deployment's whole network in one process, on the split run's schedule.
 
@@ -160,6 +161,9 @@ def train_centralized(
         epochs: override `training.epochs`.
         protections: apply the edges' protections (default: the unprotected reference).
         noise_seed: seed for protection noise (None: from the OS).
+        split: (train ids, test ids) to use instead of splitting `ids` with `training.seed`; a
+            horizontal run splits each owner's rows on its own, so its baseline trains on the
+            union of the owners' training rows and is tested on the union of their test rows.
 
     Returns:
         {"accuracy": {task: test accuracy}, "test_loss": {task: mean test loss},
@@ -169,13 +173,21 @@ def train_centralized(
          "train_ids": ndarray, "test_ids": ndarray}.
 
     Raises:
-        ConfigError: if an input or loss segment has no (aligned) tensor.
+        ConfigError: if an input or loss segment has no (aligned) tensor, or `split` is not two
+            disjoint, non-empty sets of `ids`.
     """
     training = deployment.spec.training
     id_t = as_id_tensor(ids)
     net = _Network(deployment, features, labels, id_t, protections, noise_seed)
     _check_inputs(net.topo, features, labels, int(id_t.shape[0]))
-    train_ids, test_ids = split_train_test(id_t.numpy(), training.test_fraction, training.seed)
+    if split is None:
+        train_ids, test_ids = split_train_test(id_t.numpy(), training.test_fraction, training.seed)
+    else:
+        train_ids, test_ids = (np.sort(as_id_tensor(part).numpy()) for part in split)
+        known = id_t.numpy()
+        if (not len(train_ids) or not len(test_ids) or np.intersect1d(train_ids, test_ids).size
+                or not np.isin(train_ids, known).all() or not np.isin(test_ids, known).all()):
+            raise ConfigError("split must be two disjoint, non-empty sets of the given ids (train, test)")
     n_epochs = training.epochs if epochs is None else epochs
     losses: list[float] = []
     task_losses: list[dict[str, float]] = []
