@@ -213,14 +213,21 @@ def horizontal_owners(spec: DeploymentSpec) -> dict[str, list[str]]:
     same model (checked by `horizontal_problems`), so weights move between owners by position.
 
     Returns:
-        owner -> its segments, owners sorted by name; empty for the `sync` schedule.
+        owner -> its segments, owners in natural name order (owner_2 before owner_10); empty for
+        the `sync` schedule. The first owner's segment names seed every owner's copies.
     """
     if spec.training.schedule not in ("sequential", "splitfed"):
         return {}
     owners = sorted(
-        {seg.peer for seg in spec.segments.values() if seg.input == "features" and seg.peer != spec.coordinator}
+        {seg.peer for seg in spec.segments.values() if seg.input == "features" and seg.peer != spec.coordinator},
+        key=_natural_key,
     )
     return {o: [s for s, seg in spec.segments.items() if seg.peer == o] for o in owners}
+
+
+def _natural_key(name: str) -> tuple[Any, ...]:
+    """owner_2 before owner_10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
 def _horizontal_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:

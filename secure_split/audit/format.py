@@ -58,6 +58,8 @@ GATE_EVENTS: Final[dict[str, frozenset[str]]] = {
     "run_end": frozenset({"status", "reason", "metrics"}),
     # Vertical training: sizes of the PSI, never ids.
     "ids_aligned": frozenset({"parties", "own_size", "intersection_size"}),
+    # Horizontal training: an owner replaced its weights (hand-off from `counterparty`, or an average).
+    "weights_loaded": frozenset({"counterparty", "reason"}),
 }
 GATE_EVENTS["message_received"] = GATE_EVENTS["message_sent"]
 

@@ -96,9 +96,9 @@ def peer_run(
     endpoints = [p.endpoint for p in dep.spec.peers.values()]
     apply_thread_policy(choose_threads(threads or cfg.spec.threads, endpoints))
 
-    from secure_split.peer.runtime import PeerRuntime
+    from secure_split.peer.runtime import make_runtime
 
-    runtime = PeerRuntime(config, resume=resume, progress=_progress_printer(progress))
+    runtime = make_runtime(config, resume=resume, progress=_progress_printer(progress))
     res = runtime.run()
     if result is not None:
         result.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +133,15 @@ def _register_demo() -> None:
 
 
 _register_demo()
+
+
+def _register_serving() -> None:
+    from secure_split.cli import serving
+
+    serving.register(app)
+
+
+_register_serving()
 
 
 def main() -> None:

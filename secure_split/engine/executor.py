@@ -598,6 +598,47 @@ class PeerExecutor:
         s = self._state
         return dict(s.predictions) if s is not None and s.predictions else dict(self._predictions)
 
+    # --- weights of horizontal owners ------------------------------------------------------
+
+    def _float_state(self) -> list[torch.Tensor]:
+        return [
+            v for s in self.local for v in self._modules[s].state_dict().values() if v.is_floating_point()
+        ]
+
+    def weights_vector(self) -> np.ndarray:
+        """Every floating-point state entry of this peer's segments, flattened into one float32
+        vector (segments in topology order, entries in `state_dict` order). Owners of a
+        horizontal schedule hold the same models, so position i means the same weight at each."""
+        parts = [v.detach().to("cpu", torch.float32).reshape(-1) for v in self._float_state()]
+        return torch.cat(parts).numpy().copy() if parts else np.zeros(0, dtype=np.float32)
+
+    def load_weights_vector(self, vector: np.ndarray) -> None:
+        """Replace this peer's weights with a vector from `weights_vector()` (another owner's, or
+        an average). The optimizer state is kept.
+
+        Raises:
+            LocalProtocolError: during an active step.
+            RemoteProtocolError: wrong length or non-finite values (it came from another peer).
+        """
+        if self._state is not None:
+            raise LocalProtocolError("cannot load weights during an active step")
+        values = np.asarray(vector)
+        entries = self._float_state()
+        total = sum(int(v.numel()) for v in entries)
+        if values.ndim != 1 or values.shape[0] != total:
+            raise RemoteProtocolError(
+                f"weights vector has shape {list(values.shape)}; this peer's segments have {total} weights"
+            )
+        if not np.isfinite(values).all():
+            raise RemoteProtocolError("weights vector holds NaN or infinite values")
+        flat = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        offset = 0
+        with torch.no_grad():
+            for v in entries:
+                n = int(v.numel())
+                v.copy_(flat[offset:offset + n].reshape(v.shape).to(v.dtype))
+                offset += n
+
     # --- state for checkpoints -----------------------------------------------------------
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -802,7 +843,6 @@ class PeerExecutor:
         """Run every forward and backward that has become possible; return what to send."""
         s = self._state
         assert s is not None
-        topo = self.topology
         out: list[Outgoing] = []
         progress = True
         while progress:

@@ -397,5 +397,5 @@ def horizontal_seed_names(deployment: Any) -> dict[str, str]:
     owners = horizontal_owners(deployment.spec)
     if not owners:
         return {}
-    first = owners[min(owners)]
+    first = next(iter(owners.values()))
     return {seg: first[i] for segs in owners.values() for i, seg in enumerate(segs) if i < len(first)}

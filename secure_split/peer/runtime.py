@@ -144,12 +144,6 @@ class PeerRuntime:
         self.deployment: Deployment = load_deployment(self.cfg.deployment_path)
         self.me = self.cfg.name
         spec = self.deployment.spec
-        if spec.training.schedule != "sync":
-            raise ConfigError(ConfigProblem(
-                str(self.deployment.path), "training.schedule",
-                f"schedule '{spec.training.schedule}' is not implemented yet (see docs/horizontal-design.md); "
-                "use 'sync'",
-            ))
         problems: list[ConfigProblem] = []
         if self.me not in spec.peers:
             raise ConfigError(ConfigProblem(str(self.cfg.path), "peer", f"'{self.me}' is not a peer of deployment {self.deployment.path}"))
@@ -234,17 +228,7 @@ class PeerRuntime:
             handshake_timeout_s=spec.limits.handshake_timeout_s,
         )
         self.transport.start()
-        checkpoints: list[Any] = list(self.available_checkpoints)
-        sessions = {
-            name: PeerSession(
-                self.me,
-                name,
-                self.deployment.hash,
-                self.policy.hash,
-                hello_meta={"checkpoints": checkpoints, "software": secure_split.__version__},
-            )
-            for name in self.counterparties
-        }
+        sessions = {name: self._new_session(name) for name in self.counterparties}
         self.gate = Gate(
             me=self.me,
             deployment_hash=self.deployment.hash,
@@ -253,7 +237,17 @@ class PeerRuntime:
             transport=self.transport,
             sessions=sessions,
             max_message_bytes=spec.limits.max_message_bytes,
+            session_factory=self._new_session if self.accepts_restarted_peers else None,
         )
+
+    # A restarted counterparty may open a new session (horizontal schedules: an owner rejoins).
+    accepts_restarted_peers = False
+
+    def _hello_meta(self) -> dict[str, Any]:
+        return {"checkpoints": list(self.available_checkpoints), "software": secure_split.__version__}
+
+    def _new_session(self, peer: str) -> PeerSession:
+        return PeerSession(self.me, peer, self.deployment.hash, self.policy.hash, hello_meta=self._hello_meta())
 
     def run(self) -> PeerResult:
         """Run the peer to completion. Never raises for expected failures: see `result.status`.
@@ -264,36 +258,21 @@ class PeerRuntime:
         self._open()
         status, reason = "failed", ""
         try:
-            self._handshake()
-            self._setup_he()
-            self._align_ids()
-            if self.is_coordinator:
-                self._coordinate()
-                status = "ok"
-            else:
-                self._follow()
-                status = self.shutdown_status or "failed"
-                reason = self.shutdown_reason
+            status, reason = self._main()
             self.result.error = None if status == "ok" else (reason or "coordinator ended the run as failed")
         except SecureSplitError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self.result.error = reason
             self.result.exit_code = int(exc.exit_code)
             self.audit.record("error", reason=_clip(reason), error=type(exc).__name__)
-            if self.is_coordinator:
-                self._broadcast_shutdown("failed", reason)
-            else:
-                self._notify_coordinator_of_failure(reason)
+            self._tell_others_we_stopped(reason)
         except KeyboardInterrupt:
             reason = "interrupted by the operator"
             self.result.error = reason
             self.result.exit_code = int(ExitCode.INTERRUPTED)
             self.audit.record("error", reason=reason, error="KeyboardInterrupt")
             # Tell the others at once rather than let them wait for a timeout.
-            if self.is_coordinator:
-                self._broadcast_shutdown("failed", f"'{self.me}' was {reason}")
-            else:
-                self._notify_coordinator_of_failure(reason)
+            self._tell_others_we_stopped(reason)
         finally:
             self.result.status = status
             self.result.bytes_sent = self.transport.bytes_sent
@@ -306,6 +285,24 @@ class PeerRuntime:
             # Linger briefly so our last messages leave before the sockets close.
             self.transport.close()
         return self.result
+
+    def _main(self) -> tuple[str, str]:
+        """The run between opening and closing: handshake, setup, schedule. Returns (status, reason)."""
+        self._handshake()
+        self._setup_he()
+        self._align_ids()
+        if self.is_coordinator:
+            self._coordinate()
+            return "ok", ""
+        self._follow()
+        return self.shutdown_status or "failed", self.shutdown_reason
+
+    def _tell_others_we_stopped(self, reason: str) -> None:
+        """This peer stopped on an error: the coordinator ends the run, a follower tells it why."""
+        if self.is_coordinator:
+            self._broadcast_shutdown("failed", f"'{self.me}' stopped: {reason}")
+        else:
+            self._notify_coordinator_of_failure(reason)
 
     def _scalar_metrics(self) -> dict[str, float]:
         last = self.history[-1]["values"] if self.history else {}
@@ -374,13 +371,18 @@ class PeerRuntime:
             msg = self._receive_one(0.2)
             if msg is None:
                 if time.monotonic() - last_progress > limit:
-                    names = waiting_on() or ["(unknown)"]
-                    for n in names:
-                        self.audit.record("peer_lost", counterparty=n, reason=f"no answer within {limit:.0f} s while {what()}")
-                    raise PeerTimeout(", ".join(names), limit, what())
+                    self._timed_out(waiting_on() or ["(unknown)"], what(), limit)
+                    last_progress = time.monotonic()
                 continue
             last_progress = time.monotonic()
             self._dispatch(msg)
+
+    def _timed_out(self, names: list[str], what: str, limit: float) -> None:
+        """Nothing arrived for `limit` seconds while waiting on `names`: stop (subclasses may
+        instead carry on without them, and return)."""
+        for n in names:
+            self.audit.record("peer_lost", counterparty=n, reason=f"no answer within {limit:.0f} s while {what}")
+        raise PeerTimeout(", ".join(names), limit, what)
 
     def _dispatch(self, msg: Message) -> None:
         kind = msg.kind
@@ -810,15 +812,19 @@ class PeerRuntime:
         meta = head.to_meta()
         # Receipts are keyed by barrier id (= epoch + 1; the start barrier of a fresh run is 0).
         key = epoch + 1
-        for peer in self.counterparties:
+        for peer in self._receipt_peers():
             self.gate.send(peer, Kind.AUDIT_RECEIPT, step=key, meta=meta)
         self._wait(
-            lambda: self.receipts.get(key, set()) >= set(self.counterparties),
+            lambda: self.receipts.get(key, set()) >= set(self._receipt_peers()),
             lambda: f"exchanging signed audit heads at epoch {epoch}",
-            lambda: sorted(set(self.counterparties) - self.receipts.get(key, set())),
+            lambda: sorted(set(self._receipt_peers()) - self.receipts.get(key, set())),
         )
         values = self.epoch_metrics.values() if reason == "epoch_end" else {}
         return values
+
+    def _receipt_peers(self) -> list[str]:
+        """The peers this one exchanges signed audit heads with at a barrier."""
+        return self.counterparties
 
     def _on_barrier(self, msg: Message) -> None:
         epoch = _meta_int(msg, "epoch", -1)
@@ -895,6 +901,17 @@ def _checkpoint_digest(directory: Path, epoch: int) -> str:
     return sha256_hex(meta.read_bytes()) if meta.is_file() else ""
 
 
+def make_runtime(config_path: str | Path, *, resume: bool = False, progress: ProgressFn | None = None) -> PeerRuntime:
+    """The runtime for a peer config: `PeerRuntime`, or `HorizontalRuntime` for the sequential
+    and splitfed schedules."""
+    cfg = load_peer_config(config_path)
+    if load_deployment(cfg.deployment_path).spec.training.schedule in ("sequential", "splitfed"):
+        from secure_split.peer.horizontal import HorizontalRuntime
+
+        return HorizontalRuntime(config_path, resume=resume, progress=progress)
+    return PeerRuntime(config_path, resume=resume, progress=progress)
+
+
 def run_peer(config_path: str | Path, *, resume: bool = False, progress: ProgressFn | None = None) -> PeerResult:
-    """Load a peer config and run the peer. See PeerRuntime."""
-    return PeerRuntime(config_path, resume=resume, progress=progress).run()
+    """Load a peer config and run the peer (see `make_runtime`)."""
+    return make_runtime(config_path, resume=resume, progress=progress).run()

@@ -58,7 +58,9 @@ class Party:
     """One signatory of the policy: its peer name, key fingerprint and assets.
 
     `aggregates` names models whose encrypted weights this party may receive to average them
-    homomorphically without being able to decrypt them (SplitFed with HE averaging).
+    homomorphically without being able to decrypt them (SplitFed with HE averaging). `relays`
+    names models whose weights this party may carry between their owners, sealed end to end to
+    the receiving owner (it cannot open them).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Party:
     assets: Assets = Assets()
     aggregates: tuple[str, ...] = ()
     description: str | None = None
+    relays: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -320,7 +323,8 @@ class Policy:
         of a model (both list it under `assets.weights`); (b) from an owner of a model to a party
         that `aggregates` it, if that aggregator holds no CKKS secret key and an owner of the model
         does (homomorphic averaging: the aggregator cannot decrypt); (c) from such an aggregator
-        back to an owner of the model.
+        back to an owner of the model; (d) between an owner of a model and a party that `relays`
+        it (sealed to the final owner), both ways.
         """
         if sender not in self.parties or receiver not in self.parties:
             return "only parties of the policy may exchange weights"
@@ -344,6 +348,8 @@ class Policy:
                 "would not aggregate them under encryption"
             )
         if set(s.aggregates) & set(r.assets.weights):
+            return None
+        if set(s.assets.weights) & set(r.relays) or set(s.relays) & set(r.assets.weights):
             return None
         return (
             f"'{sender}' and '{receiver}' own no model in common (assets.weights) and neither "

@@ -102,6 +102,7 @@ class PartySpec(_Strict):
     description: str | None = None
     assets: AssetsSpec = Field(default_factory=AssetsSpec)
     aggregates: list[str] = Field(default_factory=list)
+    relays: list[str] = Field(default_factory=list)
 
 
 class DenySpec(_Strict):
@@ -495,6 +496,7 @@ def policy_from_document(doc: YamlDocument) -> Policy:
         for wkey, names in (
             ((*key, "assets", "weights"), pspec.assets.weights),
             ((*key, "aggregates"), pspec.aggregates),
+            ((*key, "relays"), pspec.relays),
         ):
             for w in names:
                 if not NAME_RE.match(w):
@@ -506,8 +508,14 @@ def policy_from_document(doc: YamlDocument) -> Policy:
             )
         a = pspec.assets
         assets = Assets(a.features, a.labels, tuple(dict.fromkeys(a.weights)), a.ckks_secret_key)
+        both = sorted(set(pspec.assets.weights) & set(pspec.relays))
+        if both:
+            problems.append(
+                doc.problem((*key, "relays"), f"{both} are owned by this party already (assets.weights)")
+            )
         parties[pname] = Party(
-            pname, pspec.fingerprint, assets, tuple(dict.fromkeys(pspec.aggregates)), pspec.description
+            pname, pspec.fingerprint, assets, tuple(dict.fromkeys(pspec.aggregates)), pspec.description,
+            relays=tuple(dict.fromkeys(pspec.relays)),
         )
 
     seen: dict[str, KeyPath] = {}

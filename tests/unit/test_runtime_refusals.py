@@ -13,14 +13,15 @@ from secure_split.testing import generate_deployment
 
 
 @pytest.mark.parametrize("schedule", ["sequential", "splitfed"])
-def test_horizontal_schedules_are_refused_until_built(tmp_path: Path, schedule: str) -> None:
-    gen = generate_deployment("vanilla", tmp_path)
-    dep = yaml.safe_load(gen.deployment.read_text())
-    dep["training"]["schedule"] = schedule
-    gen.deployment.write_text(yaml.safe_dump(dep))
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        PeerRuntime(gen.peer_configs["owner"])
-    assert not (tmp_path / "audit" / "owner.jsonl").exists()
+def test_horizontal_schedules_get_the_horizontal_runtime(tmp_path: Path, schedule: str) -> None:
+    from secure_split.peer.horizontal import HorizontalRuntime
+    from secure_split.peer.runtime import make_runtime
+
+    gen = generate_deployment("vanilla", tmp_path / "sync")
+    assert type(make_runtime(gen.peer_configs["owner"])) is PeerRuntime
+    gen = generate_deployment(schedule, tmp_path / schedule, owners=2)
+    assert isinstance(make_runtime(gen.peer_configs["owner_1"]), HorizontalRuntime)
+    assert not (tmp_path / schedule / "audit" / "owner_1.jsonl").exists()
 
 
 def test_a_key_that_does_not_match_the_deployment_is_refused(tmp_path: Path) -> None:

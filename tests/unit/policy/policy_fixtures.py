@@ -97,8 +97,10 @@ def vertical_he_spec(ids: dict[str, Identity]) -> dict[str, Any]:
     }
 
 
-def horizontal_spec(ids: dict[str, Identity], schedule: str) -> dict[str, Any]:
-    """Two owners with the same bottom model feed a mean merge at a server (sequential or splitfed)."""
+def horizontal_spec(
+    ids: dict[str, Identity], schedule: str, *, handoff: str = "direct", average: str = "he"
+) -> dict[str, Any]:
+    """Two owners with the same bottom model take turns feeding a server's top (sequential or splitfed)."""
     model = [{"linear": {"in": 6, "out": 4}}]
     return {
         "version": 1,
@@ -115,13 +117,17 @@ def horizontal_spec(ids: dict[str, Identity], schedule: str) -> dict[str, Any]:
             "bottom_b": {"peer": "hospital_b", "input": "features", "model": model},
             "top": {
                 "peer": "server",
-                "merge": "mean",
                 "loss": "cross_entropy",
                 "model": [{"linear": {"in": 4, "out": 2}}],
             },
         },
         "edges": [{"from": "bottom_a", "to": "top"}, {"from": "bottom_b", "to": "top"}],
-        "training": {"batch_size": 32, "schedule": schedule},
+        "training": {
+            "batch_size": 32,
+            "schedule": schedule,
+            "handoff": handoff,
+            **({"average": average} if schedule == "splitfed" else {}),
+        },
     }
 
 

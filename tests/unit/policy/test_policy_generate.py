@@ -59,19 +59,35 @@ def test_generated_assets_follow_the_deployment(
     assert all(r["max_bytes"] == deployment.spec.limits.max_message_bytes for r in act)
 
 
-@pytest.mark.parametrize("schedule", ["sequential", "splitfed"])
+@pytest.mark.parametrize(
+    ("schedule", "handoff", "average", "route"),
+    [
+        ("sequential", "direct", "sealed", "owners"),
+        ("sequential", "relay", "sealed", "relay"),
+        ("splitfed", "direct", "sealed", "owners"),
+        ("splitfed", "relay", "sealed", "relay"),
+        ("splitfed", "relay", "he", "aggregate"),
+        ("splitfed", "direct", "he", "aggregate"),
+    ],
+)
 def test_horizontal_weight_hand_off_is_allowed_only_as_generated(
-    schedule: str, identities: dict[str, Identity], write_setup: WriteSetup
+    schedule: str, handoff: str, average: str, route: str,
+    identities: dict[str, Identity], write_setup: WriteSetup,
 ) -> None:
-    deployment, path = write_setup(horizontal_spec(identities, schedule))
+    deployment, path = write_setup(horizontal_spec(identities, schedule, handoff=handoff, average=average))
     policy = policy_from_mapping(yaml.safe_load(path.read_text()))
     assert [f for f in check_deployment(policy, deployment) if f.severity == "error"] == []
     a_to_b = policy.decide_route("hospital_a", "hospital_b", "encrypted_weights").allowed
     a_to_server = policy.decide_route("hospital_a", "server", "encrypted_weights").allowed
-    assert (a_to_b, a_to_server) == ((True, False) if schedule == "sequential" else (False, True))
-    if schedule == "splitfed":
-        assert policy.parties["server"].aggregates == ("shared_bottom_a",)
-        assert not policy.parties["server"].assets.ckks_secret_key
+    assert (a_to_b, a_to_server) == (route == "owners", route != "owners")
+    server = policy.parties["server"]
+    assert not server.assets.ckks_secret_key
+    assert server.aggregates == (("shared_bottom_a",) if route == "aggregate" else ())
+    assert server.relays == (("shared_bottom_a",) if route == "relay" else ())
+    # The label holder learns each owner's labelled ids by two-party PSI, never the owners' others.
+    assert policy.decide_route("hospital_a", "server", "psi").allowed
+    assert not policy.decide_route("hospital_a", "hospital_b", "psi").allowed
+    assert policy.parties["hospital_a"].assets.ckks_secret_key == (average == "he" and schedule == "splitfed")
 
 
 def test_min_batch_never_exceeds_the_micro_batch(

@@ -20,7 +20,7 @@ def data_flows(dep: Deployment) -> set[tuple[str, str, str, str | None]]:
     return {
         (f.sender, f.receiver, f.kind, f.edge)
         for f in required_flows(dep)
-        if f.kind not in CONTROL_KINDS and f.kind not in SESSION_KINDS
+        if f.kind not in CONTROL_KINDS and f.kind not in SESSION_KINDS and not f.serving
     }
 
 
@@ -102,7 +102,10 @@ def test_sequential_schedule_hands_weights_between_owners(
     flows = data_flows(dep)
     assert ("hospital_a", "hospital_b", "encrypted_weights", None) in flows
     assert ("hospital_b", "hospital_a", "encrypted_weights", None) in flows
-    assert not any(k == "psi" for _, _, k, _ in flows)
+    # PSI only between the label-holding coordinator and each owner, never between owners.
+    assert {(s, r) for s, r, k, _ in flows if k == "psi"} == {
+        ("server", "hospital_a"), ("hospital_a", "server"), ("server", "hospital_b"), ("hospital_b", "server"),
+    }
     assert not any(k == "encrypted_weights" and "server" in (s, r) for s, r, k, _ in flows)
 
 
