@@ -354,6 +354,8 @@ def _flow_findings(policy: Policy, deployment: Deployment) -> list[Finding]:
     training = deployment.spec.training
     micro = max(1, training.batch_size // training.micro_batches)
     for rf in required_flows(deployment, policy=policy):
+        if rf.serving:
+            continue  # split inference only: `predict` checks these before it sends anything
         d = policy.decide_route(rf.sender, rf.receiver, rf.kind, rf.edge, now=t)
         if not d.allowed:
             key = (rf.sender, rf.receiver, rf.edge, d.rule_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from secure_split.config import Deployment, peer_fingerprint
+from secure_split.config import Deployment, horizontal_owners, peer_fingerprint
 from secure_split.policy.kinds import CONTROL_KINDS, KINDS, SESSION_KINDS
 from secure_split.policy.schema import LANGUAGE_VERSION
 from secure_split.policy.topology import he_key_holder, required_flows, shared_models
@@ -33,7 +33,8 @@ def policy_for_deployment(
     Each peer becomes a party with its fingerprint and the assets the deployment puts there
     (raw features where a segment reads them, labels where a loss is computed, the weights of
     its segments, the CKKS secret key at the HE key holder). Tensor flows get max_bytes from
-    `limits.max_message_bytes`, min_batch min(8, micro-batch size) and dtype float32; control
+    `limits.max_message_bytes`, min_batch min(8, micro-batch size) and dtype float32 (served
+    predictions: dtype int64, see `required_flows`); control
     and session kinds one rule per ordered pair of peers, at most 1 MiB. Protections configured
     on the deployment's edges become requirements, so they cannot be dropped without re-signing.
 
@@ -57,9 +58,12 @@ def policy_for_deployment(
     horizontal = spec.training.schedule in ("sequential", "splitfed")
     shared = shared_models(deployment) if horizontal else {}
     splitfed = spec.training.schedule == "splitfed"
-    if splitfed and shared:
-        for segs in shared.values():
-            holders |= {seg_peer[s] for s in segs}
+    he_average = splitfed and spec.training.average == "he"
+    relay = horizontal and spec.training.handoff == "relay" and not he_average
+    if he_average and shared:
+        owners = list(horizontal_owners(spec))
+        if owners:
+            holders.add(owners[0])  # the CKKS key holder; the others get its secret context
 
     parties: dict[str, Any] = {}
     for peer, pspec in sorted(spec.peers.items()):
@@ -74,10 +78,10 @@ def policy_for_deployment(
                 "ckks_secret_key": peer in holders,
             },
         }
-        if splitfed and peer == spec.coordinator:
-            aggregated = sorted(m for m, ms in shared.items() if all(seg_peer[s] != peer for s in ms))
-            if aggregated:
-                party["aggregates"] = aggregated
+        if (he_average or relay) and peer == spec.coordinator:
+            carried = sorted(m for m, ms in shared.items() if all(seg_peer[s] != peer for s in ms))
+            if carried:
+                party["aggregates" if he_average else "relays"] = carried
         parties[peer] = party
 
     micro = max(1, spec.training.batch_size // spec.training.micro_batches)
@@ -101,6 +105,8 @@ def policy_for_deployment(
         if rf.kind in _TENSOR_KINDS:
             rule["min_batch"] = min(DEFAULT_MIN_BATCH, micro)
             rule["dtype"] = "float32"
+        elif rf.kind == "prediction":
+            rule["dtype"] = "int64"  # one argmax class per sample
         allow.append(rule)
     for (sender, receiver), kinds in sorted(control.items()):
         allow.append(
@@ -140,7 +146,7 @@ def policy_for_deployment(
     he_segments = sorted(s for s, seg in spec.segments.items() if seg.he)
     if he_segments:
         require["he_merge"] = he_segments
-    if he_segments or (splitfed and shared):
+    if he_segments or (he_average and shared):
         require["ckks"] = {"min_poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40, 60]}
 
     out: dict[str, Any] = {

@@ -10,13 +10,22 @@ never starts only to be refused on its first step. The rules, one per kind of tr
 - the coordinator and every other peer: all control kinds, both ways;
 - every pair of peers that exchange anything: `hello`, `refuse`, `error`, `heartbeat`,
   `audit_receipt`, both ways;
+- serving (split inference, `secure-split serve` / `predict`): `prediction` from the peer of an
+  output segment (one without out-edges, and no merge) to each feature owner that feeds it
+  through a direct cut edge, on that edge. These flows have `serving=True`: a training run does not need them, so
+  the startup check leaves them out, and a training-only policy may deny them;
 - each HE merge point: the CKKS key holder sends `he_context` (public context) to the merge
   holder and the other owners; `masked_aggregate` both ways between merge holder and key holder;
 - vertical training (schedule `sync`) with two or more peers reading raw features: `psi`
   between the coordinator and every such peer, both ways (private set intersection of ids);
-- horizontal training: owners of segments with the same model hand weights on as
-  `encrypted_weights` — between every two owners (`sequential`), or to and from the
-  coordinator, which averages them under HE (`splitfed`).
+- horizontal training (schedule `sequential` or `splitfed`; owners per
+  `config.horizontal_owners`): owners' weights travel as `encrypted_weights`, sealed to the
+  receiving owner, between every two owners (`handoff: direct`) or to and from the coordinator,
+  which relays what it cannot open (`handoff: relay`); with `splitfed` and `average: he`
+  instead to and from the coordinator, which adds CKKS ciphertexts, and the first owner (the
+  CKKS key holder) sends `he_context`: public to the coordinator, secret sealed to each other
+  owner (relayed by the coordinator or direct, per `handoff`). Where the coordinator holds
+  labels, `psi` both ways with each owner (which labelled ids the owner holds).
 """
 
 from __future__ import annotations
@@ -24,20 +33,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from secure_split.canonical import digest_of
-from secure_split.config import Deployment
+from secure_split.config import Deployment, horizontal_owners
 from secure_split.policy.kinds import CONTROL_KINDS, KINDS, SESSION_KINDS
 from secure_split.policy.model import Policy
 
 
 @dataclass(frozen=True)
 class RequiredFlow:
-    """One route a deployment needs: sender -> receiver, kind, edge (None for no edge), and why."""
+    """One route a deployment needs: sender -> receiver, kind, edge (None for no edge), and why.
+
+    `serving` marks a route only split inference uses (`prediction`), not training.
+    """
 
     sender: str
     receiver: str
     kind: str
     edge: str | None
     why: str
+    serving: bool = False
 
 
 def he_merge_owners(deployment: Deployment, merge_segment: str) -> list[str]:
@@ -136,6 +149,15 @@ def required_flows(deployment: Deployment, *, policy: Policy | None = None) -> l
             add(pf, pt, "activation", e.name, f"edge {e.name} carries '{e.from_}' outputs forward")
             add(pt, pf, "gradient", e.name, f"edge {e.name} carries gradients back to '{e.from_}'")
 
+    feature_owners = {seg.peer for seg in spec.segments.values() if seg.input == "features"}
+    feeds = {e.from_ for e in spec.edges}
+    for e in spec.edges:
+        pf, pt = seg_peer.get(e.from_), seg_peer.get(e.to)
+        # A merge needs every owner's input at once, which one owner's request cannot give.
+        if pf in feature_owners and pt is not None and e.to not in feeds and spec.segments[e.to].merge is None:
+            add(pt, pf, "prediction", e.name, f"serving: {pt} returns the predictions of '{e.to}' to {pf}, "
+                f"which fed it on edge {e.name}")
+
     for sname, seg in sorted(spec.segments.items()):
         if not seg.he:
             continue
@@ -161,19 +183,41 @@ def required_flows(deployment: Deployment, *, policy: Policy | None = None) -> l
     for a in parties:
         for b in parties:
             add(a, b, "psi", None, f"vertical training: {', '.join(parties)} align sample ids by PSI")
-    if spec.training.schedule in ("sequential", "splitfed"):
-        for model, segs in shared_models(deployment).items():
-            owners = sorted({seg_peer[s] for s in segs})
-            if spec.training.schedule == "sequential":
-                why = f"sequential schedule hands the weights of '{model}' from owner to owner"
-                for a in owners:
+    owners = list(horizontal_owners(spec))
+    if len(owners) >= 2:
+        training = spec.training
+        relay = training.handoff == "relay"
+        if training.schedule == "splitfed" and training.average == "he":
+            why = f"splitfed schedule averages the owners' weights at {coordinator} under HE"
+            for a in owners:
+                add(a, coordinator, "encrypted_weights", None, why)
+                add(coordinator, a, "encrypted_weights", None, why)
+            key_holder = owners[0]
+            add(key_holder, coordinator, "he_context", None,
+                f"{key_holder} holds the CKKS secret key for weight averaging ({coordinator} gets the public context)")
+            for o in owners[1:]:
+                why = f"{key_holder} shares the CKKS secret context with {o}, sealed to it"
+                if relay:
+                    add(key_holder, coordinator, "he_context", None, why + f" and relayed by {coordinator}")
+                    add(coordinator, o, "he_context", None, why + f" and relayed by {coordinator}")
+                else:
+                    add(key_holder, o, "he_context", None, why)
+        else:
+            what = ("hands the owners' weights from owner to owner" if training.schedule == "sequential"
+                    else "averages the owners' weights among the owners")
+            why = f"{training.schedule} schedule {what}, sealed to the receiving owner"
+            for a in owners:
+                if relay:
+                    add(a, coordinator, "encrypted_weights", None, why + f" and relayed by {coordinator}")
+                    add(coordinator, a, "encrypted_weights", None, why + f" and relayed by {coordinator}")
+                else:
                     for b in owners:
                         add(a, b, "encrypted_weights", None, why)
-            else:
-                why = f"splitfed schedule averages the weights of '{model}' at {coordinator} under HE"
-                for a in owners:
-                    add(a, coordinator, "encrypted_weights", None, why)
-                    add(coordinator, a, "encrypted_weights", None, why)
+        if any(spec.segments[s].peer == coordinator and spec.segments[s].loss for s in spec.segments):
+            for o in owners:
+                why = f"{coordinator} learns which of its labelled ids {o} holds by two-party PSI"
+                add(coordinator, o, "psi", None, why)
+                add(o, coordinator, "psi", None, why)
 
     for peer in sorted(spec.peers):
         if peer == coordinator:
@@ -189,4 +233,4 @@ def required_flows(deployment: Deployment, *, policy: Policy | None = None) -> l
             add(a, b, kind, None, f"{a} and {b} hold a session")
             add(b, a, kind, None, f"{a} and {b} hold a session")
 
-    return [RequiredFlow(s, r, k, e, why) for (s, r, k, e), why in flows.items()]
+    return [RequiredFlow(s, r, k, e, why, serving=k == "prediction") for (s, r, k, e), why in flows.items()]
