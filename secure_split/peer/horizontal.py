@@ -89,6 +89,10 @@ class _Pending:
     ids: np.ndarray
 
 
+class _ShutdownDuringSetup(Exception):
+    """The coordinator ended the run while this (restarted) owner was still setting up."""
+
+
 class HorizontalRuntime(PeerRuntime):
     """A peer of a `sequential` or `splitfed` deployment (see the module docstring)."""
 
@@ -103,6 +107,10 @@ class HorizontalRuntime(PeerRuntime):
         self.schedule = spec.training.schedule
         self.relay = spec.training.handoff == "relay"
         self.he_average = self.schedule == "splitfed" and spec.training.average == "he"
+        # Sealed weights go through the coordinator when relayed, and always under HE averaging
+        # (the policy then allows weights only to and from the coordinator).
+        self.via_coordinator = self.relay or self.he_average
+        self.training_started = False
         # Where the coordinator holds no labels, steps name row positions rather than ids.
         self.ordinal = not any(seg.loss and seg.peer == self.coordinator for seg in spec.segments.values())
         self.lost: set[str] = set()
@@ -189,7 +197,9 @@ class HorizontalRuntime(PeerRuntime):
                 raise PeerTimeout(peer, now - since, "the connection dropped (stalled or stopped peer)")
 
     def _timed_out(self, names: list[str], what: str, limit: float) -> None:
-        if self.is_coordinator and names and all(n in self.owners for n in names):
+        # Once training runs, the coordinator carries on without silent owners; during set-up
+        # (handshake, PSI, CKKS contexts) every owner must be there.
+        if self.is_coordinator and self.training_started and names and all(n in self.owners for n in names):
             for n in names:
                 self._lose(n, f"no answer within {limit:.0f} s while {what}")
             return
@@ -207,6 +217,17 @@ class HorizontalRuntime(PeerRuntime):
             self._maybe_average()
             return
         self.progress({"event": "owner_lost", "owner": peer, "reason": reason})
+        self._forget_steps(peer)
+        for o in self._live():
+            try:
+                self.gate.send(o, Kind.BARRIER, step=self.epoch + 1,
+                               meta={"epoch": self.epoch, "reason": _LOST, "to": peer})
+            except SecureSplitError as exc:  # pragma: no cover - another owner going down too
+                self.audit.record("error", reason=f"could not tell '{o}' that '{peer}' dropped: {exc}", error=type(exc).__name__)
+
+    def _forget_steps(self, peer: str) -> None:
+        """Coordinator: drop everything scheduled for `peer` (lost or restarted)."""
+        self.psi.pop(peer, None)
         self.plans.pop(peer, None)
         for step in [s for s, p in self.pending.items() if p.owner == peer]:
             del self.pending[step]
@@ -216,12 +237,6 @@ class HorizontalRuntime(PeerRuntime):
                 self.current_step = None
         self.outstanding.pop(peer, None)
         self.queue = deque(m for m in self.queue if m.binding.sender != peer)
-        for o in self._live():
-            try:
-                self.gate.send(o, Kind.BARRIER, step=self.epoch + 1,
-                               meta={"epoch": self.epoch, "reason": _LOST, "to": peer})
-            except SecureSplitError as exc:  # pragma: no cover - another owner going down too
-                self.audit.record("error", reason=f"could not tell '{o}' that '{peer}' dropped: {exc}", error=type(exc).__name__)
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -232,6 +247,11 @@ class HorizontalRuntime(PeerRuntime):
         if kind == Kind.HELLO:
             return  # a restarted peer's new session, answered above
         if self.is_coordinator:
+            if kind in (Kind.ERROR, Kind.REFUSE) and self.training_started and sender in self.owners:
+                # One owner's failure costs the run that owner, as a drop-out does.
+                if str(msg.meta.get("code", "")) not in ("bad_frame", "spoofed"):
+                    self._lose(sender, f"'{sender}' reported {msg.meta.get('code', 'an error')!s}: {msg.meta.get('reason', '')!s}")
+                    return
             if kind == Kind.ENCRYPTED_WEIGHTS and "to" in msg.meta:
                 self._relay(msg)
                 return
@@ -258,6 +278,9 @@ class HorizontalRuntime(PeerRuntime):
         self.gate.send_hello(peer)
         self.lost_since.pop(peer, None)
         if self.is_coordinator and peer in self.owners:
+            if peer not in self.lost and self.training_started:
+                # Restarted before we noticed it was gone: what it had scheduled died with it.
+                self._lose(peer, "restarted with a new session")
             self.lost.discard(peer)
             self.joining[peer] = False
             self.progress({"event": "owner_joined", "owner": peer})
@@ -275,6 +298,27 @@ class HorizontalRuntime(PeerRuntime):
                 self._send_secret_context(peer)
 
     # -- set-up: ids -------------------------------------------------------------------------------
+
+    def _setup_message(self, kinds: tuple[Kind, ...], what: str, from_peers: list[str]) -> Message:
+        def ready() -> bool:
+            return self.shutdown_status is not None or any(m.kind in kinds for m in self.setup_inbox)
+
+        self._wait(ready, lambda: what, lambda: from_peers)
+        if self.shutdown_status is not None:
+            raise _ShutdownDuringSetup
+        return super()._setup_message(kinds, what, from_peers)
+
+    def _setup_he(self) -> None:
+        try:
+            self._setup_weights_he()
+        except _ShutdownDuringSetup:
+            return
+
+    def _align_ids(self) -> None:
+        try:
+            self._align_own_ids()
+        except _ShutdownDuringSetup:
+            return
 
     def _psi_salt(self) -> bytes:
         return b"secure-split-psi-v1:" + bytes.fromhex(self.deployment.hash)
@@ -319,7 +363,7 @@ class HorizontalRuntime(PeerRuntime):
             raise RemoteProtocolError(f"owner '{owner}' announced {rows!r} rows in its HELLO; it needs at least 2")
         self.owner_ids[owner] = np.arange(rows, dtype=np.int64)
 
-    def _align_ids(self) -> None:
+    def _align_own_ids(self) -> None:
         if self.is_coordinator:
             if self.ordinal:
                 for o in self.owners:
@@ -363,7 +407,7 @@ class HorizontalRuntime(PeerRuntime):
 
     # -- set-up: CKKS for weight averaging -----------------------------------------------------------
 
-    def _setup_he(self) -> None:
+    def _setup_weights_he(self) -> None:
         if not self.he_average:
             return
         from secure_split.crypto.he import CkksParams, KeyHolderContext, PublicContext
@@ -429,7 +473,7 @@ class HorizontalRuntime(PeerRuntime):
     def _relay(self, msg: Message) -> None:
         """Coordinator: forward an owner's sealed weights to another owner (it cannot open them)."""
         sender, to = msg.binding.sender, str(msg.meta.get("to", ""))
-        if not self.relay or sender not in self.owners or to not in self.owners or to == sender:
+        if not self.via_coordinator or sender not in self.owners or to not in self.owners or to == sender:
             raise RemoteProtocolError(f"'{sender}' asked to relay weights to {to!r}, which this deployment does not do")
         if to in self.lost:
             self.audit.record("error", error="PeerTimeout", reason=f"dropped weights from '{sender}' for '{to}', which is lost")
@@ -445,7 +489,7 @@ class HorizontalRuntime(PeerRuntime):
         vec = np.ascontiguousarray(self.executor.weights_vector(), dtype="<f4")
         sealed = seal_to(self.deployment.spec.peers[to].transport_key, self.identity, vec.tobytes())
         meta: dict[str, Any] = {"mode": mode, "phase": phase}
-        if self.relay:
+        if self.via_coordinator:
             self.gate.send(self.coordinator, Kind.ENCRYPTED_WEIGHTS, meta={**meta, "to": to}, blob=sealed)
         else:
             self.gate.send(to, Kind.ENCRYPTED_WEIGHTS, meta=meta, blob=sealed)
@@ -453,8 +497,8 @@ class HorizontalRuntime(PeerRuntime):
     def _open_weights(self, msg: Message) -> tuple[str, np.ndarray]:
         from secure_split.crypto.seal import open_from
 
-        origin = str(msg.meta.get("from", "")) if self.relay else msg.binding.sender
-        via_ok = msg.binding.sender == (self.coordinator if self.relay else origin)
+        origin = str(msg.meta.get("from", "")) if self.via_coordinator else msg.binding.sender
+        via_ok = msg.binding.sender == (self.coordinator if self.via_coordinator else origin)
         if origin not in self.owners or origin == self.me or not via_ok:
             raise RemoteProtocolError(f"weights from '{msg.binding.sender}' (origin {origin!r}) do not come from another owner")
         plain = open_from(self.identity, self.deployment.spec.peers[origin].transport_key, bytes(msg.blob))
@@ -526,7 +570,7 @@ class HorizontalRuntime(PeerRuntime):
         if self.me not in members or not members <= set(self.owners):
             raise RemoteProtocolError(f"averaging round {phase!r} names owners {sorted(members)}")
         self.avg_round, self.avg_got = phase, {}
-        self.avg_expect = (members - {self.me}) - self.lost
+        self.avg_expect = members - {self.me}
         for o in sorted(self.avg_expect):
             self._seal_weights(o, "average", phase)
         self._maybe_average()
@@ -650,7 +694,7 @@ class HorizontalRuntime(PeerRuntime):
 
     def _wait_acks(self, reason: str, phase: str, expect: list[str], what: str) -> None:
         def missing() -> list[str]:
-            return sorted(set(expect) - self.lost - self.hacks.get((reason, phase), set()))
+            return sorted((set(expect) & set(self._live())) - self.hacks.get((reason, phase), set()))
 
         self._wait(lambda: not missing(), lambda: what, missing)
         self.hacks.pop((reason, phase), None)
@@ -683,7 +727,7 @@ class HorizontalRuntime(PeerRuntime):
             from secure_split.crypto.he import EncryptedTensor, sum_encrypted
 
             def missing() -> list[str]:
-                return sorted(set(members) - self.lost - set(self.he_parts[phase]))
+                return sorted((set(members) & set(self._live())) - set(self.he_parts[phase]))
 
             self._wait(lambda: not missing(), lambda: "collecting the owners' encrypted weights", missing)
             parts = self.he_parts.pop(phase)
@@ -722,6 +766,7 @@ class HorizontalRuntime(PeerRuntime):
                 common &= {int(x) for x in theirs if isinstance(x, int)} if isinstance(theirs, list) else set()
             resume_epoch = max(common) if common else -1
             start_epoch = resume_epoch + 1
+        self.training_started = True
         self._barrier(resume_epoch, "start")
         holder = next(iter(self._live()), None)
         timing: list[dict[str, float]] = []
@@ -775,7 +820,7 @@ class HorizontalRuntime(PeerRuntime):
         own = self._barrier_local(epoch, reason)
 
         def missing() -> list[str]:
-            return sorted(set(members) - self.lost - set(self.acks.get(epoch, {})))
+            return sorted((set(members) & set(self._live())) - set(self.acks.get(epoch, {})))
 
         self._wait(lambda: not missing(), lambda: f"waiting for every owner at the {reason} barrier of epoch {epoch}", missing)
         sums: dict[str, float] = {}
