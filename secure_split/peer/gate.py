@@ -27,6 +27,7 @@ from secure_split.errors import (
 )
 from secure_split.policy import Decision, Flow, Policy, check_egress
 from secure_split.protocol import (
+    ZERO_SESSION,
     Header,
     Kind,
     Message,
@@ -243,6 +244,18 @@ class Gate:
             exc3 = RemoteProtocolError(f"peer '{sender}' is not a counterparty of '{self.me}' in this deployment")
             self._refuse_inbound(sender, header, exc3, code="not_a_counterparty")
             raise exc3
+        if header.binding.session != ZERO_SESSION and session.session_id is None:
+            # Bound to a session we never had: left over from a counterparty's previous session
+            # with our previous process (zmq delivers what it queued once we are back). Nothing we
+            # sent can be its cause, so it gets no reply; audited and dropped.
+            exc4 = RemoteProtocolError(
+                f"'{sender}' sent {header.kind.value} bound to session {header.binding.session.hex()} "
+                "before our handshake: a message of an earlier session, dropped"
+            )
+            self.stats.refused_in += 1
+            self.audit.record("refused", direction="receive", counterparty=sender, reason=str(exc4)[:2000],
+                              error="RemoteProtocolError", kind=header.kind.value)
+            raise exc4
         try:
             session.receive(header)
         except HandshakeRefused as exc:
@@ -288,6 +301,24 @@ class Gate:
         self.stats.received += 1
         self.stats.by_kind[header.kind.value] = self.stats.by_kind.get(header.kind.value, 0) + 1
         return msg
+
+    def check_route(self, sender: str, receiver: str, kind: Kind, *, edge: str = "") -> Decision:
+        """Ask the policy now whether `kind` may ever flow `sender` -> `receiver` on `edge`: a route
+        this peer is about to depend on, so that it sends nothing for a run the policy would stop
+        halfway (a split prediction whose result could not come back).
+
+        Returns:
+            The decision (allowed).
+
+        Raises:
+            PolicyDenied: the policy denies the route; the denial is audited like a refused message.
+        """
+        decision = self.policy.decide_route(sender, receiver, kind.value, edge or None)
+        if not decision.allowed:
+            flow = Flow(sender, receiver, kind.value, edge or None, "receive" if receiver == self.me else "send", 0)
+            self._record_denied(flow, 0, decision)
+            raise PolicyDenied(decision.reason, decision)
+        return decision
 
     def take_rejoined(self) -> list[str]:
         """Peers that opened a new session (restarted) since the last call; answer each with
