@@ -277,6 +277,15 @@ class HorizontalRuntime(PeerRuntime):
         """A counterparty restarted and said HELLO again: answer, and bring it up to date."""
         self.gate.send_hello(peer)
         self.lost_since.pop(peer, None)
+        if self.is_coordinator and peer == self.owners[0] and self.he_average:
+            # A restarted key holder would bring a new CKKS key: its ciphertexts would not add up
+            # with the others'. The others keep averaging under the old key without it.
+            if peer not in self.lost:
+                self._lose(peer, "the CKKS key holder restarted")
+            self.gate.refuse(peer, f"'{peer}' holds the CKKS key of this run and cannot rejoin it after a restart "
+                                   "(it would bring a new key); the others go on without it; restart the whole run "
+                                   "to bring it back", "rejoin_refused", kind=Kind.REFUSE)
+            return
         if self.is_coordinator and peer in self.owners:
             if peer not in self.lost and self.training_started:
                 # Restarted before we noticed it was gone: what it had scheduled died with it.
@@ -453,7 +462,7 @@ class HorizontalRuntime(PeerRuntime):
     def _relay_context(self, msg: Message) -> None:
         """Coordinator: pass the key holder's sealed secret context on (it cannot open it)."""
         kh, to = self.owners[0], str(msg.meta.get("to", ""))
-        if msg.binding.sender != kh or to not in self.owners or to == kh or not self.relay:
+        if msg.binding.sender != kh or kh in self.lost or to not in self.owners or to == kh or not self.relay:
             raise RemoteProtocolError(f"'{msg.binding.sender}' asked to relay a CKKS secret context to {to!r}")
         self.sealed_contexts[to] = bytes(msg.blob)
         self._forward_contexts()

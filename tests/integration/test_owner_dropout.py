@@ -101,3 +101,35 @@ def test_sequential_owner_drop_passes_the_turn(sequential_template: Deploy, tmp_
     result = procs["label_holder"].result_json()
     assert result["metrics"]["lost"] == ["owner_2"]
     assert result["status"] == "ok" and result["epochs_done"] == 2
+
+
+@pytest.mark.slow
+def test_splitfed_he_owner_rejoins_but_the_key_holder_cannot(tmp_path_factory: pytest.TempPathFactory,
+                                                            tmp_path: Path) -> None:
+    template = generate_template(tmp_path_factory.mktemp("splitfed_he3"), "splitfed", owners=3, he=True)
+    # Far more epochs than the test waits for: it stops the run once it has seen what it needs.
+    d = clone_deployment(template, tmp_path / "d", epochs=10_000, max_steps=2, limits=LIMITS)
+    procs = start_peers(d)
+    try:
+        assert wait_for(lambda: _activations_from(d, "owner_3") >= 2, 180, interval=0.05), procs["label_holder"].stderr
+        for name in ("owner_3", "owner_1"):  # owner_1 holds the CKKS key
+            procs[name].proc.send_signal(signal.SIGKILL)
+            procs[name].proc.wait(timeout=30)
+            procs[f"{name}_again"] = start_peer(d.peer_configs[name], workdir=d.workdir, tag="-again", resume=True)
+            del procs[name]
+        # The restarted key holder is refused with advice, not admitted with a new key.
+        code = procs["owner_1_again"].wait(240)
+        assert code != 0 and "cannot rejoin" in procs["owner_1_again"].stderr, procs["owner_1_again"].stderr
+
+        def averaged_after_restart() -> bool:
+            entries = d.audit("owner_3")
+            resumed = max((i for i, e in enumerate(entries) if e["event"] == "log_resumed"), default=None)
+            return resumed is not None and any(
+                e["event"] == "weights_loaded" and "HE average" in e["data"]["reason"] for e in entries[resumed:]
+            )
+
+        # owner_3 got the secret context relayed again and averages under HE with owner_2.
+        assert wait_for(averaged_after_restart, 240, interval=0.2), procs["owner_3_again"].stderr
+        assert procs["label_holder"].proc.poll() is None and procs["owner_2"].proc.poll() is None
+    finally:
+        kill_all(procs)
