@@ -122,6 +122,11 @@ def _progress_printer(mode: str) -> Any:
             if event.get("event") == "epoch":
                 vals = ", ".join(f"{k}={v:.4f}" for k, v in sorted(event.get("values", {}).items()))
                 err_console.print(f"epoch {event['epoch'] + 1}/{event['epochs']}: {vals}", markup=False)
+            elif event.get("event") == "owner_lost":
+                err_console.print(f"owner '{event['owner']}' dropped out ({event.get('reason', '')}); "
+                                  "carrying on with the others", markup=False)
+            elif event.get("event") == "owner_joined":
+                err_console.print(f"owner '{event['owner']}' rejoined", markup=False)
         return show
     return None
 
