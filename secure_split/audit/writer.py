@@ -272,17 +272,22 @@ class AuditLog:
         clk = clock or time.time_ns
         seq, head = -1, genesis_hash(peer, deployment_hash)
         resumed: dict[str, Any] | None = None
-        existing = p.stat().st_size if p.exists() else 0
-        if existing and not resume:
-            raise AuditError(
-                f"audit log {p} already exists and is not empty: one file per peer per run. "
-                "Resume the run (--resume) to continue its chain, or start the run in a fresh folder."
-            )
-        if existing:
-            seq, head, resumed = _prepare_resume(p, peer=peer, key_hex=identity.sign_key_hex,
-                                                 deployment_hash=deployment_hash)
+        if not resume and p.exists() and p.stat().st_size:
+            raise _exists_error(p)
         created = not p.exists()
         fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _lock_for_writing(fd, p)
+            # Read the size under the lock: another writer may have appended until it let go.
+            existing = os.fstat(fd).st_size
+            if existing and not resume:
+                raise _exists_error(p)
+            if existing:
+                seq, head, resumed = _prepare_resume(p, peer=peer, key_hex=identity.sign_key_hex,
+                                                     deployment_hash=deployment_hash)
+        except BaseException:
+            os.close(fd)
+            raise
         if created:
             _fsync_dir(p.parent)
         log = cls(p, fd, peer=peer, identity=identity, deployment_hash=deployment_hash,
@@ -480,6 +485,30 @@ class AuditLog:
     def closed(self) -> bool:
         """True after `close`."""
         return self._closed
+
+
+def _exists_error(path: Path) -> AuditError:
+    return AuditError(
+        f"audit log {path} already exists and is not empty: one file per peer per run. "
+        "Resume the run (--resume) to continue its chain, or start the run in a fresh folder."
+    )
+
+
+def _lock_for_writing(fd: int, path: Path) -> None:
+    """Take the log's exclusive write lock (held until the file is closed), or refuse.
+
+    Two processes of one peer (a `peer run` and a `predict`, or two `predict`s) appending to one
+    chain would fork it; the second one is refused instead.
+    """
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise AuditError(
+            f"audit log {path} is open for writing in another process of this peer (a running `peer run`, "
+            "`serve` or `predict`); wait until it ends, or stop it, then run this again"
+        ) from None
 
 
 def _prepare_resume(path: Path, *, peer: str, key_hex: str, deployment_hash: str) -> tuple[int, str, dict[str, Any]]:

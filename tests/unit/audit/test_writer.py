@@ -207,6 +207,7 @@ def _crashed_log(path: Path, ident: Identity, torn: bytes) -> int:
     log.record("message_sent", **MESSAGE)
     with open(path, "ab") as fh:  # the process died in the middle of the next write
         fh.write(torn)
+    log._sink.close()  # ... and the OS closed its file, releasing the write lock
     return log.seq
 
 
@@ -295,3 +296,15 @@ def test_resume_under_another_deployment_says_so_without_accusing_the_log(tmp_pa
         AuditLog.open(path, peer="alice", identity=alice, deployment_hash="e" * 64, policy_hash=POL, resume=True)
     assert DEP in str(info.value) and "e" * 64 in str(info.value) and "forged" not in str(info.value)
     assert path.stat().st_size == size
+
+
+def test_a_second_writer_of_the_same_log_is_refused_until_the_first_closes(tmp_path: Path, alice: Identity) -> None:
+    path = tmp_path / "alice.jsonl"
+    first = open_log(path, alice)
+    start(first)
+    with pytest.raises(AuditError, match="open for writing in another process"):
+        open_log(path, alice, resume=True)  # e.g. `predict` while `peer run` still trains
+    first.close("ok")
+    second = open_log(path, alice, resume=True)
+    second.close("ok")
+    assert verify_file(path, context(alice)).findings == []
