@@ -1,0 +1,128 @@
+"""`secure-split serve` and `secure-split predict`: split inference with a trained deployment.
+
+Both run as peers (same config, keys, signed policy, gate and audit chain as `peer run`); the
+logic lives in `secure_split.peer.inference`. torch is imported only after the thread policy is set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from secure_split.cli.output import console, err_console
+from secure_split.errors import ExitCode
+
+SERVE_HELP = (
+    "Serve split predictions from a trained peer to the data owners that ask (`secure-split predict`).\n\n"
+    "Every request passes this peer's policy gate and is written to its audit log, which continues the "
+    "training run's chain. Train-phase tensors, gradients and malformed input are refused, audited and "
+    "answered with an error; the server keeps serving. Stops on SIGTERM (exit 0), Ctrl-C (exit 130), "
+    "--max-requests or --idle-exit (exit 0)."
+)
+PREDICT_HELP = (
+    "Predict the samples of a data file with the trained split network; the other peers run "
+    "`secure-split serve`.\n\n"
+    "Only cut-layer activations leave this peer, through its policy gate (egress guards included) and "
+    "into its audit log. A vanilla label holder returns each batch's predicted classes: the policy must "
+    "allow kind 'prediction' to this owner, else exit 4 before anything is sent. U-shaped, the owner's "
+    "tail predicts and the server never sees a prediction. Labels in the file are only used here, to "
+    "report accuracy.\n\n"
+    "Exit codes: 2 bad configuration, 3 a server did not answer (named), 4 the policy refused a flow, "
+    "5 a server broke the protocol."
+)
+_SERVED = ("Topologies served: vanilla, U-shaped, multi-task and horizontal owners (every segment a request "
+           "reaches is at the owner or fed by it directly); not multi-hop chains or vertical merges.")
+
+
+def _set_threads(config: Path, threads: str) -> None:
+    from secure_split.cli.threads import apply_thread_policy, choose_threads
+    from secure_split.config import load_deployment, load_peer_config
+
+    cfg = load_peer_config(config)
+    endpoints = [p.endpoint for p in load_deployment(cfg.deployment_path).spec.peers.values()]
+    apply_thread_policy(choose_threads(threads or cfg.spec.threads, endpoints))
+
+
+def _write_result(path: Path | None, res: Any) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res.to_json(), indent=1, sort_keys=True))
+
+
+def _exit_for(res: Any, what: str) -> None:
+    if res.status != "ok":
+        err_console.print(f"{what} '{res.name}' failed: {res.error}", markup=False, soft_wrap=True)
+        raise typer.Exit(int(res.exit_code or ExitCode.FAILED))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `serve` and `predict` commands to the main CLI."""
+
+    @app.command("serve", help=SERVE_HELP, epilog=_SERVED)
+    def serve(
+        config: Annotated[Path, typer.Argument(help="this organisation's peers/NAME.yaml (a trained peer)")],
+        epoch: Annotated[int | None, typer.Option(help="serve this epoch's checkpoint (default: the newest)")] = None,
+        max_requests: Annotated[int | None, typer.Option(
+            help="stop after this many finished requests (one request = one `predict` run)")] = None,
+        idle_exit: Annotated[float | None, typer.Option(help="stop after this many seconds without a message")] = None,
+        threads: Annotated[str, typer.Option(help="torch threads: a number, or 'auto' (cores / local peers)")] = "",
+        result: Annotated[Path | None, typer.Option(help="write this server's result as JSON here")] = None,
+        quiet: Annotated[bool, typer.Option(help="no line per request")] = False,
+    ) -> None:
+        """Serve split predictions from a trained peer (see SERVE_HELP)."""
+        _set_threads(config, threads)
+        from secure_split.peer.inference import InferenceServer
+
+        def show(event: dict[str, Any]) -> None:
+            if event.get("event") == "request" and not quiet:
+                err_console.print(f"request {event['requests']} from '{event['owner']}' done "
+                                  f"({event['batches']} batches served in all)", markup=False)
+
+        server = InferenceServer(config, epoch=epoch, max_requests=max_requests, idle_exit_s=idle_exit, progress=show)
+        if not quiet:
+            err_console.print(f"'{server.me}' serves the checkpoint of epoch {server.epoch} to "
+                              f"{', '.join(server.counterparties)}", markup=False)
+        res = server.run()
+        _write_result(result, res)
+        _exit_for(res, "server")
+        raise typer.Exit(int(res.exit_code))
+
+    @app.command("predict", help=PREDICT_HELP, epilog=_SERVED)
+    def predict(
+        config: Annotated[Path, typer.Argument(help="the data owner's peers/OWNER.yaml")],
+        input: Annotated[Path, typer.Option("--input", help="data file (safetensors: ids, features; labels optional)")],
+        output: Annotated[Path, typer.Option("--output", help="CSV `id,prediction`, or JSON when it ends in .json")],
+        batch_size: Annotated[int | None, typer.Option(help="samples per batch (default: the training batch size)")] = None,
+        epoch: Annotated[int | None, typer.Option(help="use this epoch's checkpoint (default: the newest)")] = None,
+        threads: Annotated[str, typer.Option(help="torch threads: a number, or 'auto' (cores / local peers)")] = "",
+        result: Annotated[Path | None, typer.Option(help="write the run's result (throughput, bytes) as JSON here")] = None,
+        quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    ) -> None:
+        """Predict a data file with the trained split network (see PREDICT_HELP)."""
+        _set_threads(config, threads)
+        from secure_split.peer.inference import PredictClient, write_predictions
+
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
+                      disable=quiet) as prog:
+            task = prog.add_task("predicting", total=None, info="")
+
+            def show(event: dict[str, Any]) -> None:
+                if event.get("event") == "batch":
+                    prog.update(task, total=event["batches"], completed=event["done"],
+                                info=f"{event['samples']} samples")
+
+            client = PredictClient(config, input, epoch=epoch, batch_size=batch_size, progress=show)
+            res = client.run()
+        _write_result(result, res)
+        _exit_for(res, "predict for")
+        path = write_predictions(output, client.inputs.ids.numpy(), client.predictions())
+        m = res.metrics
+        console.print(f"{int(m['samples'])} predictions written to {path} (epoch {client.epoch}): "
+                      f"{m['samples_per_s']:.0f} samples/s over {m['seconds']:.2f} s", markup=False)
+        for key in sorted(k for k in m if k.startswith("accuracy/")):
+            console.print(f"{key} (labels of {input.name}, kept here): {m[key]:.4f}", markup=False)
