@@ -37,8 +37,6 @@ differ from the centralised run's; the issue asks for accuracy within 3 points f
 HORIZONTAL_SCHEDULES = ("sequential", "splitfed")
 SHARD_SEED = 13
 """Seed of the demos' partition of the digits among owners (IID shuffle, non-IID shard deal)."""
-MAX_OWNERS = 200
-"""Each owner needs a few training and test rows of the 1,797 digits (about 9 each at 200)."""
 
 
 @dataclass
@@ -72,7 +70,7 @@ class ScenarioPlan:
     deployment's, or `baseline_topology`'s where a scenario sets one. `baseline_split` (train ids,
     test ids) replaces the baseline's own split of `baseline_ids` where the split run splits
     differently. `tolerance` is how far (in accuracy) the split run may be from the baseline for
-    the demo to pass.
+    the demo to pass; None where no such claim is made (non-IID shards: the demo measures the gap).
     """
 
     name: str
@@ -87,7 +85,7 @@ class ScenarioPlan:
     main_task: str
     baseline_topology: BaselineTopology | None = None
     baseline_split: tuple[Any, Any] | None = None
-    tolerance: float = ACCURACY_TOLERANCE
+    tolerance: float | None = ACCURACY_TOLERANCE
     variant: dict[str, Any] = field(default_factory=dict)
 
 
@@ -322,24 +320,56 @@ def _horizontal_split(shards: list[Any], test_fraction: float, seed: int, *, ord
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def _too_many_owners(n_rows: int, owners: int, test_fraction: float) -> str | None:
+    """Why `owners` near-equal shards of `n_rows` rows are too small to train and test on, or None.
+
+    Each owner's rows are split on their own (`training.test_fraction`), and every batch that
+    crosses the wire must hold at least `MIN_BATCH` rows (the generated policy's `min_batch`):
+    an owner with 7 test rows would be refused at its first evaluation.
+    """
+    from secure_split.engine.schedule import MIN_BATCH
+
+    def smallest(k: int) -> int:
+        rows = n_rows // k
+        n_test = round(rows * test_fraction)
+        return min(n_test, rows - n_test)
+
+    if smallest(owners) >= MIN_BATCH:
+        return None
+    most = max((k for k in range(2, owners) if smallest(k) >= MIN_BATCH), default=None)
+    rows = n_rows // owners
+    return (f"with {owners} owners each holds about {rows} of the {n_rows} digits and trains or tests on as few as "
+            f"{smallest(owners)} of them (test_fraction {test_fraction}): fewer than {MIN_BATCH}, the smallest "
+            "batch the policy lets cross the wire (min_batch)"
+            + (f"; use at most {most} owners" if most else ""))
+
+
 def _horizontal(schedule: str, epochs: int, *, owners: int | None = None, non_iid: bool = False,
-                labels: str | None = None, handoff: str | None = None, he: bool = False, **_: Any) -> ScenarioPlan:
+                labels: str | None = None, handoff: str | None = None, he: bool = False,
+                test_fraction: float | None = None, **_: Any) -> ScenarioPlan:
     """N data owners with the same model, each holding a shard of the digits (rows, not columns).
 
     labels "holder": owner_k.bottom_k -> label_holder.top; the label holder holds every id's
     label, each owner its shard's images (the runtime aligns ids per owner by PSI).
     labels "owners" (U-shaped): owner_k.head_k -> server.middle -> owner_k.tail_k; each owner
     holds its shard's images and labels, the server no data at all.
+    `test_fraction` (not a CLI option; benchmarks with many owners raise it) overrides 0.2.
     """
     from secure_split.engine import zoo
 
     n = 5 if owners is None else owners
     labels = labels or "holder"
     handoff = handoff or "relay"
+    training = {**_training(epochs), "schedule": schedule, "handoff": handoff}
+    if test_fraction is not None:
+        training["test_fraction"] = test_fraction
+    ids, x, y = _digits()
     problems = []
-    if not 2 <= n <= MAX_OWNERS:
-        problems.append(ConfigProblem("--owners", "owners", f"needs 2 to {MAX_OWNERS} data owners, got {n} "
+    if n < 2:
+        problems.append(ConfigProblem("--owners", "owners", f"needs at least 2 data owners, got {n} "
                                       "(one owner is the vanilla demo: `secure-split demo vanilla`)"))
+    elif (why := _too_many_owners(len(ids), n, training["test_fraction"])) is not None:
+        problems.append(ConfigProblem("--owners", "owners", why))
     if labels not in ("holder", "owners"):
         problems.append(ConfigProblem("--labels", "labels", f"'{labels}' is not a choice: 'holder' (a label holder "
                                       "coordinates) or 'owners' (U-shaped: each owner keeps its labels)"))
@@ -351,7 +381,6 @@ def _horizontal(schedule: str, epochs: int, *, owners: int | None = None, non_ii
                                       "schedule hands weights on sealed instead: use `demo splitfed --he`"))
     if problems:
         raise ConfigError(problems)
-    ids, x, y = _digits()
     shards = owner_shards(y, n, non_iid=non_iid)
     names = [f"owner_{k}" for k in range(1, n + 1)]
     segments: dict[str, dict[str, Any]] = {}
@@ -385,7 +414,6 @@ def _horizontal(schedule: str, epochs: int, *, owners: int | None = None, non_ii
             edges=[{"from": "head_1", "to": "middle"}, {"from": "middle", "to": "tail_1"}],
         )
         baseline_features, baseline_labels = {"head_1": x}, {"tail_1": y}
-    training = {**_training(epochs), "schedule": schedule, "handoff": handoff}
     split = _horizontal_split([ids[rows] for rows in shards], training["test_fraction"], training["seed"],
                               ordinal=labels == "owners")
     if schedule == "splitfed":
@@ -405,7 +433,9 @@ def _horizontal(schedule: str, epochs: int, *, owners: int | None = None, non_ii
         main_task="labels",
         baseline_topology=baseline,
         baseline_split=split,
-        tolerance=HORIZONTAL_ACCURACY_TOLERANCE,
+        # Pathological non-IID shards cost accuracy by design (sequential training forgets
+        # earlier owners' classes): the demo reports the gap and gates only the IID claim.
+        tolerance=None if non_iid else HORIZONTAL_ACCURACY_TOLERANCE,
         variant=variant,
     )
 
@@ -470,7 +500,7 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
     from secure_split.config import load_deployment
     from secure_split.crypto.keys import generate_identity, write_key_files
     from secure_split.engine.data import write_peer_data
-    from secure_split.policy import policy_for_deployment, sign_policy
+    from secure_split.policy import load_policy, policy_for_deployment, sign_policy
 
     for sub in ("keys", "data", "peers", "audit", "checkpoints", "results", "logs"):
         d = workdir / sub
@@ -508,7 +538,9 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
         "segments": plan.segments,
         "edges": plan.edges,
         "training": plan.training,
-        "limits": {"max_message_bytes": 16 * 1024 * 1024, "handshake_timeout_s": 60.0,
+        # Peers start one after another (about 1-2 s of CPU each to import torch): with many of
+        # them on one host the first waits for the last to come up.
+        "limits": {"max_message_bytes": 16 * 1024 * 1024, "handshake_timeout_s": max(60.0, 2.0 * len(plan.peers)),
                    "peer_timeout_s": 60.0, "heartbeat_s": 1.0, **(limits or {})},
     }
     dep_path = workdir / "deployment.yaml"
@@ -523,8 +555,9 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
         "# Data-sharing policy every party signs. Default deny: only the flows below may cross the wire.\n"
         + yaml.safe_dump(policy, sort_keys=False)
     )
+    signed = load_policy(policy_path)  # once: a many-owner policy takes a while to parse
     for ident in identities.values():
-        sign_policy(policy_path, ident)
+        sign_policy(signed, ident)
     configs = {}
     for p in plan.peers:
         cfg = {
@@ -628,8 +661,13 @@ def watch_peers(launched: dict[str, LaunchedPeer], coordinator: str, *, timeout_
                     if quiet:
                         continue
                     if ev.get("event") == "step":
-                        prog.update(task, description=f"epoch {ev['epoch'] + 1}/{ev['epochs']}", total=ev["steps"],
+                        # Horizontal schedules name the owner whose batch it was (sequential: whose turn).
+                        who = f" {ev['owner']}" if ev.get("owner") else ""
+                        prog.update(task, description=f"epoch {ev['epoch'] + 1}/{ev['epochs']}{who}", total=ev["steps"],
                                     completed=ev["step"], info=f"loss {ev['loss']:.3f}" if ev.get("loss") is not None else "")
+                    elif ev.get("event") in ("owner_lost", "owner_joined"):
+                        why = f": {ev['reason']}" if ev.get("reason") else ""
+                        prog.console.print(f"{ev['owner']} {ev['event'].split('_')[1]}{why}", markup=False)
                     elif ev.get("event") == "epoch":
                         acc = {k: v for k, v in ev.get("values", {}).items() if k.startswith("accuracy/")}
                         prog.console.print(f"epoch {ev['epoch'] + 1}/{ev['epochs']} done: "
@@ -689,6 +727,10 @@ def run_demo(
     coord = results[plan.coordinator]
     final = (coord.get("metrics") or {}).get("final") or {}
     accuracies = {k.split("/", 1)[1]: v for k, v in final.items() if k.startswith("accuracy/")}
+    if plan.main_task not in accuracies and plan.baseline_topology is not None:
+        pooled = pooled_owner_accuracy([r for n, r in results.items() if n != plan.coordinator])
+        if pooled is not None:
+            accuracies[plan.main_task] = pooled
     accuracy = accuracies.get(plan.main_task, next(iter(accuracies.values()), None)) if accuracies else None
 
     from secure_split.config import load_deployment
@@ -701,8 +743,9 @@ def run_demo(
 
     audit_ok, audit_summary = _verify_audit(gen)
     wall = time.monotonic() - started
-    within = accuracy is not None and baseline_accuracy is not None and (
-        all(abs(accuracies.get(t, -1.0) - a) <= plan.tolerance for t, a in base_acc.items())
+    tolerance = plan.tolerance
+    within = None if tolerance is None else accuracy is not None and baseline_accuracy is not None and (
+        all(abs(accuracies.get(t, -1.0) - a) <= tolerance for t, a in base_acc.items())
     )
     dep = load_deployment(gen.deployment)
     out = {
@@ -750,14 +793,36 @@ def run_demo(
             err_console.print(f"{who} failed: {error} (log: {workdir}/logs/{names[0]}.log)", markup=False,
                               soft_wrap=True)
         return int(ExitCode.FAILED)
-    if not within:
-        err_console.print(f"split accuracy {accuracy} is not within {plan.tolerance:.0%} of the baseline "
+    if tolerance is None:
+        err_console.print(f"non-IID shards: no accuracy gate (the demo measures the gap); split accuracy {accuracy}, "
+                          f"baseline {baseline_accuracy}", markup=False)
+    elif not within:
+        err_console.print(f"split accuracy {accuracy} is not within {tolerance:.0%} of the baseline "
                           f"{baseline_accuracy}", markup=False)
         return int(ExitCode.FAILED)
     if not audit_ok:
         err_console.print("audit verification found problems; see the table above", markup=False)
         return int(ExitCode.FAILED)
     return int(ExitCode.OK)
+
+
+def pooled_owner_accuracy(owner_results: list[dict[str, Any]]) -> float | None:
+    """Test accuracy over every owner's test rows, from the owners' own final counts.
+
+    In a U-shaped horizontal run each owner's tail is a loss segment of its own, so the runtime
+    reports one task per owner (`accuracy/tail_k`); the model they share is judged on all their
+    test rows together, the rows the baseline is tested on. None if an owner reported no counts.
+    """
+    correct = count = 0.0
+    for r in owner_results:
+        final = (r.get("metrics") or {}).get("final") or {}
+        counts = {k: v for k, v in final.items() if k.startswith("n/eval_count/")}
+        if not counts:
+            return None
+        for key, n in counts.items():
+            count += float(n)
+            correct += float(final.get("n/eval_correct/" + key.split("/", 2)[2], 0.0))
+    return correct / count if count else None
 
 
 def data_owners(dep: Any) -> list[str]:

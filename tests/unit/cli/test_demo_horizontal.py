@@ -210,3 +210,22 @@ def test_baseline_trains_on_all_owners_training_rows_and_tests_on_their_test_row
     with pytest.raises(ConfigError, match="disjoint"):
         train_centralized(baseline_deployment(plan, generate(plan, tmp_path)), features=plan.baseline_features,
                           labels=plan.baseline_labels, ids=plan.baseline_ids, split=(train, train[:5]), epochs=0)
+
+
+def test_too_many_owners_for_the_smallest_batch_are_refused_with_the_largest_n_that_works() -> None:
+    from secure_split.engine.schedule import MIN_BATCH
+
+    with pytest.raises(ConfigError) as exc:
+        SCENARIOS["splitfed"](1, owners=100)
+    assert "use at most 47 owners" in str(exc.value) and "min_batch" in str(exc.value)
+    plan = SCENARIOS["splitfed"](1, owners=47)  # the largest N at test_fraction 0.2
+    shards = [np.asarray(p.ids) for p in plan.peers if p.name.startswith("owner_")]
+    assert min(round(len(s) * 0.2) for s in shards) >= MIN_BATCH
+    wide = SCENARIOS["splitfed"](1, owners=100, test_fraction=0.5)  # what bench/many_owners.py runs
+    assert wide.training["test_fraction"] == 0.5 and len(wide.peers) == 101
+
+
+def test_only_iid_variants_carry_the_three_point_gate() -> None:
+    assert SCENARIOS["sequential"](1, owners=3).tolerance == HORIZONTAL_ACCURACY_TOLERANCE == 0.03
+    assert SCENARIOS["splitfed"](1, owners=3, non_iid=True).tolerance is None
+    assert SCENARIOS["vanilla"](1).tolerance == 0.02
