@@ -287,7 +287,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             if key == "owner_bytes_sent":
                 pts = [(n, v["median"] / 1024) for n, v in pts]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=schedule)
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=schedule)
+            if key == "peak_pss_total_mib":  # runs stopped for memory: where they stood
+                stopped = [(r["owners"], r[key]) for r in rows
+                           if r["schedule"] == schedule and r.get("memory_stop") and r[key] is not None]
+                if stopped:
+                    ax.scatter([p[0] for p in stopped], [p[1] for p in stopped], marker="x", s=60,
+                               color=line[0].get_color() if pts else None, label=f"{schedule}: stopped, memory")
+        if key == "peak_pss_total_mib":
+            ax.axhline(host_total_kib() / 1024, color="red", linestyle="--", linewidth=1, label="host memory")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("owners N")
         ax.set_xscale("log")
@@ -311,7 +319,14 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     ap.add_argument("--keep", action="store_true", help="keep each run's workdir (logs, audit)")
     ap.add_argument("--quick", action="store_true", help="N = 5, 20; splitfed only")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON of the last run")
     args = ap.parse_args()
+    stem = "many_owners_quick" if args.quick else "many_owners"
+    if args.plot_only:
+        rows = json.loads((RESULTS / f"{stem}.json").read_text())["runs"]
+        print_table(rows)
+        plot(rows, RESULTS / f"{stem}.png")
+        return 0
     owners = [5, 20] if args.quick else [int(x) for x in args.owners.split(",")]
     schedules = ["splitfed"] if args.quick else args.schedules.split(",")
     rows = []
@@ -323,7 +338,6 @@ def main() -> int:
                   f"peak PSS {row['peak_pss_total_mib']:.0f} MiB", file=sys.stderr, flush=True)
             rows.append(row)
     print_table(rows)
-    stem = "many_owners_quick" if args.quick else "many_owners"
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -229,3 +229,30 @@ def test_only_iid_variants_carry_the_three_point_gate() -> None:
     assert SCENARIOS["sequential"](1, owners=3).tolerance == HORIZONTAL_ACCURACY_TOLERANCE == 0.03
     assert SCENARIOS["splitfed"](1, owners=3, non_iid=True).tolerance is None
     assert SCENARIOS["vanilla"](1).tolerance == 0.02
+
+
+def _readme_demo_commands() -> list[list[str]]:
+    import re
+    import shlex
+
+    readme = Path(__file__).resolve().parents[3] / "README.md"
+    lines = re.findall(r"^secure-split demo (.+?)(?:\s+#.*)?$", readme.read_text(), flags=re.MULTILINE)
+    return [shlex.split(line) for line in lines]
+
+
+@pytest.mark.parametrize("argv", _readme_demo_commands(), ids=lambda a: " ".join(a))
+def test_every_demo_command_in_the_readme_parses_and_plans(argv: list[str]) -> None:
+    import typer
+
+    from secure_split.cli.demo import SCENARIO_OPTIONS
+    from secure_split.cli.main import app
+
+    demo = typer.main.get_command(app).commands["demo"]  # type: ignore[attr-defined]
+    params = demo.make_context("demo", list(argv)).params
+    scenario = params["scenario"]
+    options = {k: v for k, v in params.items() if k in SCENARIO_OPTIONS.get(scenario, ()) and v not in (None, False)}
+    given = {k for k, v in params.items() if k in ("hops", "owners", "non_iid", "labels", "handoff", "he")
+             and v not in (None, False)}
+    assert given <= set(options), f"options {given - set(options)} do not apply to {scenario}"
+    plan = SCENARIOS[scenario](1, **options)
+    assert plan.peers
