@@ -794,11 +794,12 @@ def run_demo(
                               soft_wrap=True)
         return int(ExitCode.FAILED)
     if tolerance is None:
-        err_console.print(f"non-IID shards: no accuracy gate (the demo measures the gap); split accuracy {accuracy}, "
-                          f"baseline {baseline_accuracy}", markup=False)
+        err_console.print(f"non-IID shards: no accuracy gate (the demo measures the gap): split accuracy "
+                          f"{_fmt_acc(accuracy)}, baseline {_fmt_acc(baseline_accuracy)}", markup=False)
     elif not within:
-        err_console.print(f"split accuracy {accuracy} is not within {tolerance:.0%} of the baseline "
-                          f"{baseline_accuracy}", markup=False)
+        gap = f" ({(accuracy - baseline_accuracy) * 100:+.1f} points)" if accuracy is not None and baseline_accuracy is not None else ""
+        err_console.print(f"split accuracy {_fmt_acc(accuracy)} is not within {tolerance * 100:.0f} points of the "
+                          f"baseline {_fmt_acc(baseline_accuracy)}{gap}", markup=False)
         return int(ExitCode.FAILED)
     if not audit_ok:
         err_console.print("audit verification found problems; see the table above", markup=False)
@@ -875,6 +876,10 @@ def _verify_audit(gen: GeneratedDeployment) -> tuple[bool, dict[str, Any]]:
     report = verify_logs(gen.workdir / "audit", dep, load_policy(gen.policy))
     return bool(report.clean), {"clean": bool(report.clean), "findings": len(report.findings),
                                 "report": report.to_dict()}
+
+
+def _fmt_acc(a: float | None) -> str:
+    return "-" if a is None else f"{a:.3f}"
 
 
 def _fmt_bytes(n: int | None) -> str:
