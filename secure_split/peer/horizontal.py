@@ -127,6 +127,7 @@ class HorizontalRuntime(PeerRuntime):
         self.steps_done = 0
         self.epoch = 0
         self.hacks: dict[tuple[str, str], set[str]] = {}
+        self.turns: list[str] = []  # sequential: owners in the order they last completed a turn
         self.psi: dict[str, Any] = {}
         self.sealed_contexts: dict[str, bytes] = {}
         self.context_sent: set[str] = set()
@@ -701,24 +702,43 @@ class HorizontalRuntime(PeerRuntime):
 
     # -- coordinator: rounds -------------------------------------------------------------------------
 
-    def _wait_acks(self, reason: str, phase: str, expect: list[str], what: str) -> None:
+    def _wait_acks(self, reason: str, phase: str, expect: list[str], what: str, *, source: str | None = None) -> None:
+        """Wait for `reason` acks of round `phase` from the live owners among `expect` (from none
+        once `source`, the owner whose weights they wait for, is lost)."""
         def missing() -> list[str]:
+            if source is not None and source in self.lost:
+                return []
             return sorted((set(expect) & set(self._live())) - self.hacks.get((reason, phase), set()))
 
         self._wait(lambda: not missing(), lambda: what, missing)
         self.hacks.pop((reason, phase), None)
 
-    def _handoff(self, src: str, dsts: list[str]) -> None:
-        """Have owner `src` seal its weights to each of `dsts`; wait until they loaded them."""
+    def _handoff(self, src: str, dsts: list[str]) -> bool:
+        """Have owner `src` seal its weights to each of `dsts`; wait until they loaded them.
+
+        Returns:
+            False if `src` was lost before every live receiver had its weights.
+        """
         dsts = [d for d in dsts if d != src and d not in self.lost]
-        if not dsts or src in self.lost:
-            return
+        if src in self.lost:
+            return False
+        if not dsts:
+            return True
         self.round_id += 1
         phase = f"h{self.round_id}"
         for d in dsts:
             self.gate.send(src, Kind.BARRIER, step=self.epoch + 1,
                            meta={"epoch": self.epoch, "reason": _HANDOFF, "to": d, "phase": phase})
-        self._wait_acks(_LOADED, phase, dsts, f"'{src}' handing its weights to {', '.join(dsts)}")
+        self._wait_acks(_LOADED, phase, dsts, f"'{src}' handing its weights to {', '.join(dsts)}", source=src)
+        return src not in self.lost
+
+    def _hand_latest(self, dsts: list[str]) -> None:
+        """Sequential: give `dsts` the weights of the owner that completed the latest turn and is
+        still live (if it drops while handing them over, the one before it)."""
+        while True:
+            src = next((h for h in reversed(self.turns) if h in self._live()), None)
+            if src is None or self._handoff(src, dsts):
+                return
 
     def _average(self) -> None:
         """SplitFed round end: the live owners average their weights (sealed, or under CKKS here)."""
@@ -759,7 +779,9 @@ class HorizontalRuntime(PeerRuntime):
         live = self._live()
         for o in ready:
             del self.joining[o]
-        if live:
+        if self.schedule == "sequential":
+            self._hand_latest(ready)
+        elif live:
             self._handoff(live[0], ready)
         for o in ready:
             self.progress({"event": "owner_joined", "owner": o, "epoch": self.epoch})
@@ -777,7 +799,6 @@ class HorizontalRuntime(PeerRuntime):
             start_epoch = resume_epoch + 1
         self.training_started = True
         self._barrier(resume_epoch, "start")
-        holder = next(iter(self._live()), None)
         timing: list[dict[str, float]] = []
         for epoch in range(start_epoch, training.epochs):
             self.epoch = epoch
@@ -796,13 +817,11 @@ class HorizontalRuntime(PeerRuntime):
                 for o in self.owners:
                     if o not in self._live():
                         continue
-                    if holder is not None and holder != o and holder not in self.lost:
-                        self._handoff(holder, [o])
+                    self._hand_latest([o])
                     self._run_steps("train", {o: train_batches(o)})
                     if o not in self.lost:
-                        holder = o
-                if holder is not None:
-                    self._handoff(holder, self._live())
+                        self.turns = [t for t in self.turns if t != o] + [o]
+                self._hand_latest(self._live())
             else:
                 self._run_steps("train", {o: train_batches(o) for o in self._live()})
                 self._average()
