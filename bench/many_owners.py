@@ -99,7 +99,57 @@ def host_total_kib() -> int:
 # -- one run ----------------------------------------------------------------------------------
 
 
-def run_one(schedule: str, owners: int, *, epochs: int, steps: int, timeout_s: float, keep: bool) -> dict[str, Any]:
+class _ForkedPeer:
+    """An owner process forked from this one (`--prefork`): the parts of `Popen` the loop uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def _prefork_parent_ready() -> None:
+    """Import everything a peer needs and build one optimizer (which imports torch._dynamo), so
+    the forked owners share those pages copy-on-write instead of each loading its own."""
+    import torch
+
+    import secure_split.peer.horizontal  # noqa: F401  (torch, the engine, the crypto)
+
+    torch.set_num_threads(1)
+    torch.optim.Adam(torch.nn.Linear(1, 1).parameters())
+
+
+def _fork_peer(cfg: Path, result: Path, log: Path) -> _ForkedPeer:
+    """Fork an owner: a real OS process of its own (own sockets, keys, audit log), started from
+    this process's memory image rather than a fresh interpreter."""
+    pid = os.fork()
+    if pid:
+        return _ForkedPeer(pid)
+    code = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        from secure_split.peer.runtime import make_runtime
+
+        res = make_runtime(cfg).run()
+        result.write_text(json.dumps(res.to_json(), indent=1, sort_keys=True))
+        if res.status != "ok":
+            print(f"peer '{res.name}' failed: {res.error}", flush=True)
+        code = 0 if res.status == "ok" else (int(res.exit_code) or 1)
+    except BaseException as exc:  # the child must never return into the parent's loop
+        print(f"forked peer failed: {type(exc).__name__}: {exc}", flush=True)
+    finally:
+        os._exit(code)
+
+
+def run_one(schedule: str, owners: int, *, epochs: int, steps: int, timeout_s: float, keep: bool,
+            prefork: bool = False) -> dict[str, Any]:
     """Generate, launch N + 1 peers, sample memory until all exit, collect results."""
     from secure_split.cli.demo import SCENARIOS, generate
 
@@ -111,9 +161,14 @@ def run_one(schedule: str, owners: int, *, epochs: int, steps: int, timeout_s: f
     gen = generate(plan, work, limits=limits)
     baseline_used = host_used_kib()
     pids: dict[int, str] = {}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, Any] = {}
     started = time.monotonic()
     for name, cfg in gen.peer_configs.items():
+        if prefork and name != plan.coordinator:
+            forked = _fork_peer(cfg, work / "results" / f"{name}.json", work / "logs" / f"{name}.log")
+            procs[name] = forked
+            pids[forked.pid] = name
+            continue
         with open(work / "logs" / f"{name}.log", "wb") as log:  # the child keeps its own copy
             proc = subprocess.Popen(
                 [sys.executable, "-m", "secure_split", "peer", "run", str(cfg), "--result",
@@ -190,6 +245,7 @@ def run_one(schedule: str, owners: int, *, epochs: int, steps: int, timeout_s: f
         "schedule": schedule,
         "owners": owners,
         "processes": len(procs),
+        "prefork": prefork,
         "ok": problem is None,
         "problem": problem,
         "exit_codes": {str(c): sum(1 for e in exits.values() if e["exit_code"] == c)
@@ -320,8 +376,15 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep each run's workdir (logs, audit)")
     ap.add_argument("--quick", action="store_true", help="N = 5, 20; splitfed only")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from the JSON of the last run")
+    ap.add_argument("--prefork", action="store_true",
+                    help="fork the owner processes from this one after it has imported torch, so they share "
+                         "its read-only pages (what makes 100 owner processes fit in 24 GiB)")
     args = ap.parse_args()
     stem = "many_owners_quick" if args.quick else "many_owners"
+    if args.prefork:
+        stem += "_prefork"
+        os.environ.update(PEER_ENV)  # before torch is imported: the forked owners inherit it
+        _prefork_parent_ready()
     if args.plot_only:
         rows = json.loads((RESULTS / f"{stem}.json").read_text())["runs"]
         print_table(rows)
@@ -333,7 +396,8 @@ def main() -> int:
     for schedule in schedules:
         for n in owners:
             print(f"{schedule}, {n} owners ...", file=sys.stderr, flush=True)
-            row = run_one(schedule, n, epochs=args.epochs, steps=args.steps, timeout_s=args.timeout, keep=args.keep)
+            row = run_one(schedule, n, epochs=args.epochs, steps=args.steps, timeout_s=args.timeout, keep=args.keep,
+                          prefork=args.prefork)
             print(f"  {'ok' if row['ok'] else 'FAILED: ' + str(row['problem'])}: {row['launch_to_exit_s']:.1f} s, "
                   f"peak PSS {row['peak_pss_total_mib']:.0f} MiB", file=sys.stderr, flush=True)
             rows.append(row)
@@ -344,7 +408,7 @@ def main() -> int:
         "host": {"cpus": os.cpu_count(), "memory_gib": round(host_total_kib() / 1024 / 1024, 1),
                  "python": platform.python_version(), "machine": platform.machine()},
         "settings": {"epochs": args.epochs, "steps_per_owner_epoch": args.steps, "batch_size": 64,
-                     "threads_per_peer": 1},
+                     "threads_per_peer": 1, "prefork": args.prefork},
         "runs": rows,
     }
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))

@@ -138,6 +138,8 @@ class HorizontalRuntime(PeerRuntime):
         self.avg_round = ""
         self.avg_expect: set[str] = set()
         self.avg_got: dict[str, np.ndarray] = {}
+        self.avg_early: dict[str, dict[str, np.ndarray]] = {}  # round -> weights that came before its barrier
+        self.avg_done: set[str] = set()
 
     # -- session and liveness -----------------------------------------------------------------
 
@@ -529,6 +531,18 @@ class HorizontalRuntime(PeerRuntime):
             self._ack(_LOADED, phase)
         elif mode == "average":
             origin, vec = self._open_weights(msg)
+            if phase in self.avg_done:  # from an owner the round went on without
+                self.audit.record("error", error="RemoteProtocolError",
+                                  reason=f"weights from '{origin}' came after averaging round {phase!r} ended; ignored")
+                return
+            if phase != self.avg_round:
+                # Peer to peer, another owner's weights can overtake the coordinator's barrier that
+                # opens the round here: keep them for it (one round ahead at most, one copy each).
+                early = self.avg_early.setdefault(phase, {})
+                if len(self.avg_early) > 2 or origin in early:
+                    raise RemoteProtocolError(f"unexpected weights from '{origin}' for averaging round {phase!r}")
+                early[origin] = vec
+                return
             if phase != self.avg_round or origin not in self.avg_expect:
                 raise RemoteProtocolError(f"unexpected weights from '{origin}' for averaging round {phase!r}")
             self.avg_got[origin] = vec
@@ -557,6 +571,7 @@ class HorizontalRuntime(PeerRuntime):
         self.executor.load_weights_vector(np.mean(np.stack(stack), axis=0).astype(np.float32))
         self.audit.record("weights_loaded", counterparty=self.me, reason=f"average of {len(stack)} owners")
         phase, self.avg_round, self.avg_got = self.avg_round, "", {}
+        self.avg_done.add(phase)
         self._ack(_AVERAGED, phase)
 
     def _on_owner_barrier(self, msg: Message) -> None:
@@ -583,6 +598,10 @@ class HorizontalRuntime(PeerRuntime):
         self.avg_expect = members - {self.me}
         for o in sorted(self.avg_expect):
             self._seal_weights(o, "average", phase)
+        for origin, vec in self.avg_early.pop(phase, {}).items():
+            if origin in self.avg_expect:
+                self.avg_got[origin] = vec
+                self.avg_expect.discard(origin)
         self._maybe_average()
 
     def _on_encrypted_contribution(self, msg: Message) -> None:
@@ -806,6 +825,7 @@ class HorizontalRuntime(PeerRuntime):
             self.epoch_metrics = _EpochMetrics()
             t0 = time.perf_counter()
             self._admit_joiners()
+            self._require_owners()
             for o in self.owner_ids:
                 if o not in splits:
                     splits[o] = split_train_test(self.owner_ids[o], training.test_fraction, training.seed)
@@ -826,6 +846,7 @@ class HorizontalRuntime(PeerRuntime):
                 self._run_steps("train", {o: train_batches(o) for o in self._live()})
                 self._average()
             t1 = time.perf_counter()
+            self._require_owners()
             self._run_steps("eval", {o: eval_batches(splits[o][1], training.batch_size) for o in self._live()})
             t2 = time.perf_counter()
             values = self._barrier(epoch, "epoch_end")
@@ -839,6 +860,13 @@ class HorizontalRuntime(PeerRuntime):
         self.result.metrics = {"history": self.history, "final": self._scalar_metrics(), "timing": timing,
                                "lost": sorted(self.lost)}
         self._broadcast_shutdown("ok", "training finished")
+
+    def _require_owners(self) -> None:
+        if not self._live():
+            raise TrainingError(
+                f"every owner dropped out ({', '.join(sorted(self.lost)) or 'none joined'}); nothing left to train "
+                "with: see their logs, then restart the run"
+            )
 
     def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
         """Coordinator: an epoch barrier with the live owners; merges their metric sums."""
