@@ -27,7 +27,6 @@ import errno
 import hashlib
 import math
 import os
-import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from secure_split.cli.demo import free_ports
 from secure_split.crypto.keys import Identity, generate_identity
 from secure_split.crypto.seal import open_from, seal_to
 from secure_split.engine import zoo
@@ -592,16 +592,7 @@ _DELIVERY_TIMEOUT_S = 60.0
 
 
 def _free_endpoints(count: int) -> list[str]:
-    holders: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            holder.bind(("127.0.0.1", 0))
-            holders.append(holder)
-        return [f"tcp://127.0.0.1:{h.getsockname()[1]}" for h in holders]
-    finally:
-        for holder in holders:
-            holder.close()
+    return [f"tcp://127.0.0.1:{port}" for port in free_ports(count)]
 
 
 class LoopbackWire:

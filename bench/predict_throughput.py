@@ -35,7 +35,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _host import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -222,7 +223,7 @@ def main() -> int:
         "method": __doc__.split("\n\n")[1:4],
         "quick": args.quick,
         "repeats": repeats,
-        "machine": _machine() | {"loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": machine() | {"loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "threads_per_process": 1,
         "wall_s": time.monotonic() - started,
         "results": results,
@@ -232,14 +233,6 @@ def main() -> int:
     out.write_text(json.dumps(doc, indent=1, sort_keys=True))
     log(f"wrote {out}")
     return 0
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-    import zmq
-
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "zmq": zmq.zmq_version(), "pyzmq": zmq.__version__, "platform": platform.platform()}
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,6 +50,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _host import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -645,7 +646,7 @@ def _run(args: argparse.Namespace, models: list[str], epochs: dict[str, int], re
                 print_profile(m, profile[m]["peers"])
         if args.profile:
             out = args.out or RESULTS / "split_vs_local_profile.json"
-            out.write_text(json.dumps({"machine": _machine() | {"loadavg_before": load_before},
+            out.write_text(json.dumps({"machine": machine() | {"loadavg_before": load_before},
                                        "profile": profile}, indent=1, sort_keys=True))
             log(f"wrote {out}")
         return 0
@@ -654,7 +655,7 @@ def _run(args: argparse.Namespace, models: list[str], epochs: dict[str, int], re
     doc = {
         "method": __doc__.split("\n\n")[1:4],
         "quick": args.quick,
-        "machine": _machine() | {"loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": machine() | {"loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "threads_per_process": 1,
         "wall_s": time.monotonic() - started,
         "results": results,
@@ -663,14 +664,6 @@ def _run(args: argparse.Namespace, models: list[str], epochs: dict[str, int], re
     out.write_text(json.dumps(doc, indent=1, sort_keys=True))
     log(f"wrote {out}")
     return 0
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-    import zmq
-
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "zmq": zmq.zmq_version(), "pyzmq": zmq.__version__, "platform": platform.platform()}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import socket
 import statistics
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import Protocol
 
 import zmq
 
+from secure_split.cli.demo import free_ports
 from secure_split.errors import TransportError
 from secure_split.transport import Transport, TransportPeer
 
@@ -49,16 +49,7 @@ class Link(Protocol):
 
 
 def _free_endpoints(count: int) -> list[str]:
-    holders = []
-    try:
-        for _ in range(count):
-            holder = socket.socket()
-            holder.bind(("127.0.0.1", 0))
-            holders.append(holder)
-        return [f"tcp://127.0.0.1:{h.getsockname()[1]}" for h in holders]
-    finally:
-        for holder in holders:
-            holder.close()
+    return [f"tcp://127.0.0.1:{port}" for port in free_ports(count)]
 
 
 def _retry_on_taken_port(open_pair: Callable[[list[str]], tuple[Link, Link]]) -> tuple[Link, Link]:

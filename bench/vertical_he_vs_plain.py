@@ -61,7 +61,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -506,8 +508,23 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.0f} ms"
 
 
+def _ms1(x: float) -> str:
+    return f"{x:.1f} ms"
+
+
+def _s1(x: float) -> str:
+    return f"{x:.1f} s"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.1f}x"
+
+
+def _compare_row(
+    t: Any, p: dict[str, Any], h: dict[str, Any], label: str, key: str, fmt: Callable[[Any], str], ratio: bool = True
+) -> None:
+    """One plain-vs-HE line of `key`; the last column is HE / plain unless `ratio` is off."""
+    t.add_row(label, fmt(p[key]), fmt(h[key]), _ratio(h[key], p[key]) if ratio else "")
 
 
 def print_tables(summary: dict[str, Any], variants: list[str]) -> None:
@@ -527,91 +544,37 @@ def print_tables(summary: dict[str, Any], variants: list[str]) -> None:
         )
         for c in ("", "vertical (plain)", "vertical-he", "HE / plain"):
             t.add_column(c, justify="left" if not c else "right")
-        t.add_row(
-            "step time, full batch 64 (progress events)",
-            f"{p['full_step_ms']:.1f} ms",
-            f"{h['full_step_ms']:.1f} ms",
-            _ratio(h["full_step_ms"], p["full_step_ms"]),
-        )
+        row = partial(_compare_row, t, p, h)
+        row("step time, full batch 64 (progress events)", "full_step_ms", _ms1)
         t.add_row(
             "  per run",
             ", ".join(f"{x:.1f}" for x in p["full_step_ms_per_run"]),
             ", ".join(f"{x:.1f}" for x in h["full_step_ms_per_run"]),
             "",
         )
-        t.add_row(
-            "step time, full batch (lab audit log)",
-            f"{p['audit_full_step_ms']:.1f} ms",
-            f"{h['audit_full_step_ms']:.1f} ms",
-            _ratio(h["audit_full_step_ms"], p["audit_full_step_ms"]),
-        )
-        t.add_row(
-            "CPU per full step, all peers' threads (mean)",
-            f"{p['full_step_cpu_ms']:.1f} ms",
-            f"{h['full_step_cpu_ms']:.1f} ms",
-            _ratio(h["full_step_cpu_ms"], p["full_step_cpu_ms"]),
-        )
-        t.add_row(
-            "  run-queue wait per full step, all peers",
-            f"{p['full_step_runq_wait_ms']:.1f} ms",
-            f"{h['full_step_runq_wait_ms']:.1f} ms",
-            "",
-        )
-        t.add_row(
-            "step time, all train steps",
-            f"{p['all_step_ms']:.1f} ms",
-            f"{h['all_step_ms']:.1f} ms",
-            _ratio(h["all_step_ms"], p["all_step_ms"]),
-        )
-        t.add_row(
-            "bytes per full step (payload, all peers)",
-            _mb(p["full_step_payload_bytes"]),
-            _mb(h["full_step_payload_bytes"]),
-            _ratio(h["full_step_payload_bytes"], p["full_step_payload_bytes"]),
-        )
-        t.add_row(
-            "messages per full step",
-            f"{p['full_step_messages']:.0f}",
-            f"{h['full_step_messages']:.0f}",
-            _ratio(h["full_step_messages"], p["full_step_messages"]),
-        )
+        row("step time, full batch (lab audit log)", "audit_full_step_ms", _ms1)
+        row("CPU per full step, all peers' threads (mean)", "full_step_cpu_ms", _ms1)
+        row("  run-queue wait per full step, all peers", "full_step_runq_wait_ms", _ms1, ratio=False)
+        row("step time, all train steps", "all_step_ms", _ms1)
+        row("bytes per full step (payload, all peers)", "full_step_payload_bytes", _mb)
+        row("messages per full step", "full_step_messages", lambda x: f"{x:.0f}")
         for peer in sorted(p["peer_bytes_sent"]):
             a = p["peer_bytes_sent"][peer] + p["peer_bytes_received"][peer]
             b = h["peer_bytes_sent"][peer] + h["peer_bytes_received"][peer]
             t.add_row(f"{peer}: wire bytes sent + received, whole run", _mb(a), _mb(b), _ratio(b, a))
-        t.add_row(
-            "set-up after handshake (critical path)",
-            _ms(p["setup_after_handshake_s"]),
-            _ms(h["setup_after_handshake_s"]),
-            _ratio(h["setup_after_handshake_s"], p["setup_after_handshake_s"]),
-        )
+        row("set-up after handshake (critical path)", "setup_after_handshake_s", _ms)
         t.add_row(
             "  handshake -> all PSI started (HE context + 1st blinding)",
             _ms(p["until_psi_start_s"]),
             _ms(h["until_psi_start_s"]),
             f"+{(h['until_psi_start_s'] - p['until_psi_start_s']) * 1e3:.0f} ms",
         )
-        t.add_row("  PSI rounds -> ids aligned", _ms(p["psi_s"]), _ms(h["psi_s"]), "")
-        t.add_row(
-            "HE context bytes (public to lab + sealed secret)",
-            _mb(p["he_context_bytes"]),
-            _mb(h["he_context_bytes"]),
-            "",
-        )
-        t.add_row("PSI bytes (all peers)", _mb(p["psi_bytes"]), _mb(h["psi_bytes"]), "")
-        t.add_row(
-            "launch -> first training step",
-            f"{p['launch_to_first_step_s']:.1f} s",
-            f"{h['launch_to_first_step_s']:.1f} s",
-            "",
-        )
-        t.add_row(
-            "run wall (launch -> all peers exited)",
-            f"{p['run_wall_s']:.1f} s",
-            f"{h['run_wall_s']:.1f} s",
-            "",
-        )
-        t.add_row("final accuracy", f"{p['accuracy']:.3f}", f"{h['accuracy']:.3f}", "")
+        row("  PSI rounds -> ids aligned", "psi_s", _ms, ratio=False)
+        row("HE context bytes (public to lab + sealed secret)", "he_context_bytes", _mb, ratio=False)
+        row("PSI bytes (all peers)", "psi_bytes", _mb, ratio=False)
+        row("launch -> first training step", "launch_to_first_step_s", _s1, ratio=False)
+        row("run wall (launch -> all peers exited)", "run_wall_s", _s1, ratio=False)
+        row("final accuracy", "accuracy", lambda x: f"{x:.3f}", ratio=False)
         con.print(t)
         b = Table(
             title=f"where a full step goes ({variant} cut), medians from the audit logs", header_style="bold"
