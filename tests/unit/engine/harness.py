@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from secure_split.config import Deployment, load_deployment
+from secure_split.engine import zoo
 from secure_split.engine.data import PeerData
 from secure_split.engine.executor import Outgoing, PeerExecutor
 from secure_split.engine.metrics import Phase, StepMetrics, evaluate, sum_task_metrics
@@ -56,6 +57,53 @@ def deployment_yaml(
         "training": dict(training or {}),
     }
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def vanilla_digits_yaml(training: Mapping[str, Any]) -> str:
+    """Digits CNN split in two: `bottom` at `owner` (features), `top` at `lab` (labels)."""
+    return deployment_yaml(
+        ["owner", "lab"],
+        {
+            "bottom": {"peer": "owner", "model": zoo.DIGITS_CNN_BOTTOM, "input": "features"},
+            "top": {"peer": "lab", "model": zoo.DIGITS_CNN_TOP, "loss": "cross_entropy"},
+        },
+        [{"from": "bottom", "to": "top"}],
+        training,
+    )
+
+
+def u_shaped_digits_yaml(training: Mapping[str, Any]) -> str:
+    """Digits U-shape: `head` and `tail` at `owner` (features and labels), `middle` at `server`."""
+    return deployment_yaml(
+        ["owner", "server"],
+        {
+            "head": {"peer": "owner", "model": zoo.DIGITS_U_HEAD, "input": "features"},
+            "middle": {"peer": "server", "model": zoo.DIGITS_U_MIDDLE},
+            "tail": {"peer": "owner", "model": zoo.DIGITS_U_TAIL, "loss": "cross_entropy"},
+        },
+        [{"from": "head", "to": "middle"}, {"from": "middle", "to": "tail"}],
+        training,
+        coordinator="owner",
+    )
+
+
+def vertical_breast_cancer_yaml(training: Mapping[str, Any]) -> str:
+    """Breast cancer split by columns: `bottom_a`/`bottom_b` at two hospitals, concatenated at `lab`'s `top`."""
+    return deployment_yaml(
+        ["hospital_a", "hospital_b", "lab"],
+        {
+            "bottom_a": {"peer": "hospital_a", "model": zoo.BREAST_CANCER_HALF_BOTTOM, "input": "features"},
+            "bottom_b": {"peer": "hospital_b", "model": zoo.BREAST_CANCER_HALF_BOTTOM, "input": "features"},
+            "top": {
+                "peer": "lab",
+                "model": zoo.BREAST_CANCER_VERTICAL_TOP,
+                "loss": "cross_entropy",
+                "merge": "concat",
+            },
+        },
+        [{"from": "bottom_a", "to": "top"}, {"from": "bottom_b", "to": "top"}],
+        training,
+    )
 
 
 def write_deployment(tmp_path: Path, text: str, name: str = "deployment.yaml") -> Deployment:

@@ -20,7 +20,14 @@ from secure_split.engine import zoo
 from secure_split.engine.baseline import train_centralized
 from secure_split.engine.data import PeerData, breast_cancer, digits
 
-from .harness import deployment_yaml, train_split, write_deployment
+from .harness import (
+    deployment_yaml,
+    train_split,
+    u_shaped_digits_yaml,
+    vanilla_digits_yaml,
+    vertical_breast_cancer_yaml,
+    write_deployment,
+)
 
 FAST = {"seed": 3, "epochs": 2, "batch_size": 32, "max_steps_per_epoch": 6, "test_fraction": 0.2}
 
@@ -36,32 +43,14 @@ class Case:
 
 def vanilla(tmp: Path) -> Case:
     ids, x, y = digits()
-    text = deployment_yaml(
-        ["owner", "lab"],
-        {
-            "bottom": {"peer": "owner", "model": zoo.DIGITS_CNN_BOTTOM, "input": "features"},
-            "top": {"peer": "lab", "model": zoo.DIGITS_CNN_TOP, "loss": "cross_entropy"},
-        },
-        [{"from": "bottom", "to": "top"}],
-        {**FAST, "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}},
-    )
+    text = vanilla_digits_yaml({**FAST, "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}})
     datas = {"owner": PeerData(ids=ids, features=x), "lab": PeerData(ids=ids, labels={"labels": y})}
     return Case(write_deployment(tmp, text), datas, {"bottom": x}, {"top": y}, ids)
 
 
 def u_shaped(tmp: Path) -> Case:
     ids, x, y = digits()
-    text = deployment_yaml(
-        ["owner", "server"],
-        {
-            "head": {"peer": "owner", "model": zoo.DIGITS_U_HEAD, "input": "features"},
-            "middle": {"peer": "server", "model": zoo.DIGITS_U_MIDDLE},
-            "tail": {"peer": "owner", "model": zoo.DIGITS_U_TAIL, "loss": "cross_entropy"},
-        },
-        [{"from": "head", "to": "middle"}, {"from": "middle", "to": "tail"}],
-        {**FAST, "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}},
-        coordinator="owner",
-    )
+    text = u_shaped_digits_yaml({**FAST, "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}})
     datas = {"owner": PeerData(ids=ids, features=x, labels={"labels": y}), "server": None}
     return Case(write_deployment(tmp, text), datas, {"head": x}, {"tail": y}, ids)
 
@@ -92,21 +81,7 @@ def chain(tmp: Path) -> Case:
 def vertical(tmp: Path) -> Case:
     ids, x, y = breast_cancer()
     xa, xb = x[:, :15].contiguous(), x[:, 15:].contiguous()
-    text = deployment_yaml(
-        ["hospital_a", "hospital_b", "lab"],
-        {
-            "bottom_a": {"peer": "hospital_a", "model": zoo.BREAST_CANCER_HALF_BOTTOM, "input": "features"},
-            "bottom_b": {"peer": "hospital_b", "model": zoo.BREAST_CANCER_HALF_BOTTOM, "input": "features"},
-            "top": {
-                "peer": "lab",
-                "model": zoo.BREAST_CANCER_VERTICAL_TOP,
-                "loss": "cross_entropy",
-                "merge": "concat",
-            },
-        },
-        [{"from": "bottom_a", "to": "top"}, {"from": "bottom_b", "to": "top"}],
-        {**FAST, "optimizer": {"type": "adam", "lr": zoo.BREAST_CANCER_LR}},
-    )
+    text = vertical_breast_cancer_yaml({**FAST, "optimizer": {"type": "adam", "lr": zoo.BREAST_CANCER_LR}})
     datas = {
         "hospital_a": PeerData(ids=ids, features=xa),
         "hospital_b": PeerData(ids=ids, features=xb),

@@ -9,22 +9,21 @@ import pytest
 from secure_split.engine import zoo
 from secure_split.engine.data import PeerData, breast_cancer, digits
 
-from .harness import deployment_yaml, train_split, write_deployment
+from .harness import (
+    deployment_yaml,
+    train_split,
+    u_shaped_digits_yaml,
+    vanilla_digits_yaml,
+    vertical_breast_cancer_yaml,
+    write_deployment,
+)
 
 DEMO = {"seed": 0, "epochs": 3, "batch_size": 64, "test_fraction": 0.2}
 
 
 def test_vanilla_digits_cnn_split_exceeds_90_percent(tmp_path: Path) -> None:
     ids, x, y = digits()
-    text = deployment_yaml(
-        ["owner", "lab"],
-        {
-            "bottom": {"peer": "owner", "model": zoo.DIGITS_CNN_BOTTOM, "input": "features"},
-            "top": {"peer": "lab", "model": zoo.DIGITS_CNN_TOP, "loss": "cross_entropy"},
-        },
-        [{"from": "bottom", "to": "top"}],
-        {**DEMO, "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}},
-    )
+    text = vanilla_digits_yaml({**DEMO, "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}})
     result = train_split(
         write_deployment(tmp_path, text),
         {"owner": PeerData(ids=ids, features=x), "lab": PeerData(ids=ids, labels={"labels": y})},
@@ -36,17 +35,7 @@ def test_vanilla_digits_cnn_split_exceeds_90_percent(tmp_path: Path) -> None:
 
 def test_u_shaped_digits_split_exceeds_90_percent(tmp_path: Path) -> None:
     ids, x, y = digits()
-    text = deployment_yaml(
-        ["owner", "server"],
-        {
-            "head": {"peer": "owner", "model": zoo.DIGITS_U_HEAD, "input": "features"},
-            "middle": {"peer": "server", "model": zoo.DIGITS_U_MIDDLE},
-            "tail": {"peer": "owner", "model": zoo.DIGITS_U_TAIL, "loss": "cross_entropy"},
-        },
-        [{"from": "head", "to": "middle"}, {"from": "middle", "to": "tail"}],
-        {**DEMO, "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}},
-        coordinator="owner",
-    )
+    text = u_shaped_digits_yaml({**DEMO, "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR}})
     datas = {"owner": PeerData(ids=ids, features=x, labels={"labels": y}), "server": None}
     assert train_split(write_deployment(tmp_path, text), datas, ids)["accuracy"]["labels"] > 0.90
 
@@ -57,29 +46,7 @@ def test_breast_cancer_mlps_exceed_90_percent(tmp_path: Path, vertical: bool) ->
     training = {**DEMO, "optimizer": {"type": "adam", "lr": zoo.BREAST_CANCER_LR}}
     lab = PeerData(ids=ids, labels={"labels": y})
     if vertical:
-        text = deployment_yaml(
-            ["hospital_a", "hospital_b", "lab"],
-            {
-                "bottom_a": {
-                    "peer": "hospital_a",
-                    "model": zoo.BREAST_CANCER_HALF_BOTTOM,
-                    "input": "features",
-                },
-                "bottom_b": {
-                    "peer": "hospital_b",
-                    "model": zoo.BREAST_CANCER_HALF_BOTTOM,
-                    "input": "features",
-                },
-                "top": {
-                    "peer": "lab",
-                    "model": zoo.BREAST_CANCER_VERTICAL_TOP,
-                    "loss": "cross_entropy",
-                    "merge": "concat",
-                },
-            },
-            [{"from": "bottom_a", "to": "top"}, {"from": "bottom_b", "to": "top"}],
-            training,
-        )
+        text = vertical_breast_cancer_yaml(training)
         datas = {
             "hospital_a": PeerData(ids=ids, features=x[:, :15].contiguous()),
             "hospital_b": PeerData(ids=ids, features=x[:, 15:].contiguous()),

@@ -58,43 +58,21 @@ def test_check_fails_on_expired_policy(tmp_path: Path) -> None:
     assert code == 1 and "[validity]" in out and "expired" in out
 
 
+# `explain` for the owner's activation to the label holder over the vanilla policy's one edge.
+EXPLAIN_FORWARD_ACTIVATION = (
+    "explain", VANILLA, "--from", "owner", "--to", "label_holder", "--kind", "activation", "--edge", "bottom->top",
+)  # fmt: skip
+
+
 def test_explain_allowed_flow() -> None:
-    code, out = invoke(
-        "explain",
-        VANILLA,
-        "--from",
-        "owner",
-        "--to",
-        "label_holder",
-        "--kind",
-        "activation",
-        "--edge",
-        "bottom->top",
-    )
+    code, out = invoke(*EXPLAIN_FORWARD_ACTIVATION)
     assert code == 0
     assert "decision: ALLOW" in out and "rule:     activations-forward" in out
     assert "min_batch=8" in out and "vanilla.yaml:" in out
 
 
 def test_explain_denied_flow_with_message_details() -> None:
-    code, out = invoke(
-        "explain",
-        VANILLA,
-        "--from",
-        "owner",
-        "--to",
-        "label_holder",
-        "--kind",
-        "activation",
-        "--edge",
-        "bottom->top",
-        "--batch",
-        "1",
-        "--dtype",
-        "float32",
-        "--shape",
-        "1,32",
-    )
+    code, out = invoke(*EXPLAIN_FORWARD_ACTIVATION, "--batch", "1", "--dtype", "float32", "--shape", "1,32")
     assert code == 1 and "decision: DENY" in out and "below min_batch 8" in out
     code, out = invoke("explain", VANILLA, "--from", "label_holder", "--to", "owner", "--kind", "prediction")
     assert code == 1 and "rule:     no-predictions-to-owner" in out

@@ -56,6 +56,7 @@ def test_only_parties_with_their_listed_key_may_sign(
 def test_fully_signed_valid_policy_starts(identities: dict[str, Identity], write_setup: WriteSetup) -> None:
     deployment, path = write_setup(vanilla_spec(identities))
     policy = sign_all(path, identities, PEERS)
+    assert signature_problems(policy, deployment) == []
     verify_signatures(policy, deployment)
     check_startup(policy, deployment)
     check_startup(path, deployment)

@@ -8,10 +8,13 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from secure_split.errors import PeerTimeout
+from secure_split.transport import Transport
 
 # A peer in its own process: binds, says hello to the test's transport, then serves until
 # killed. It exits on its own when orphaned or after a minute, so a crashed test leaks nothing.
@@ -105,20 +108,26 @@ def test_stalled_or_dead_peer_shows_up_as_disconnected_within_seconds(kit, stop_
         child.stdout.close()
 
 
-def test_frame_above_max_message_size_is_not_delivered_and_drops_the_connection(kit):
+def _strict_receiver_and_lenient_sender(kit: Any) -> list[Transport]:
+    """A started (receiver, sender) pair; the receiver accepts at most 64 KiB (+ header allowance).
+
+    The sender is more lenient, so its own size check lets an oversized message onto the wire.
+    """
     sender_id, receiver_id = kit.identity("sender"), kit.identity("receiver")
 
-    def build(endpoints):
+    def build(endpoints: Sequence[str]) -> list[Transport]:
         sender_ep, receiver_ep = endpoints
         return [
-            # The receiver accepts at most 64 KiB (+ header allowance); the sender is more lenient,
-            # so its own size check lets the oversized frame onto the wire.
             kit.transport(receiver_id, receiver_ep, {"sender": kit.peer(sender_id, sender_ep)},
                           max_message_bytes=64 * 1024),
             kit.transport(sender_id, sender_ep, {"receiver": kit.peer(receiver_id, receiver_ep)}),
         ]  # fmt: skip
 
-    receiver, sender = kit.start(2, build)
+    return kit.start(2, build)
+
+
+def test_frame_above_max_message_size_is_not_delivered_and_drops_the_connection(kit):
+    receiver, sender = _strict_receiver_and_lenient_sender(kit)
     assert sender.wait_connected({"receiver"}, kit.CONNECT_TIMEOUT_S) == set()
     sender.events()
 
@@ -137,17 +146,7 @@ def test_frame_above_max_message_size_is_not_delivered_and_drops_the_connection(
 
 
 def test_many_frames_each_below_the_bound_but_too_big_together_are_dropped(kit):
-    sender_id, receiver_id = kit.identity("sender"), kit.identity("receiver")
-
-    def build(endpoints):
-        sender_ep, receiver_ep = endpoints
-        return [
-            kit.transport(receiver_id, receiver_ep, {"sender": kit.peer(sender_id, sender_ep)},
-                          max_message_bytes=64 * 1024),
-            kit.transport(sender_id, sender_ep, {"receiver": kit.peer(receiver_id, receiver_ep)}),
-        ]  # fmt: skip
-
-    receiver, sender = kit.start(2, build)
+    receiver, sender = _strict_receiver_and_lenient_sender(kit)
     sender.send("receiver", [b"\x01" * (60 * 1024)] * 4)  # each frame fits, the message does not
     sender.send("receiver", [b"after"])
     received = receiver.recv(kit.CONNECT_TIMEOUT_S)
