@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from secure_split.config import horizontal_owners
 from secure_split.errors import ConfigError, ConfigProblem
 
 __all__ = [
@@ -392,8 +393,6 @@ def horizontal_seed_names(deployment: Any) -> dict[str, str]:
     owner's i-th segment (so the centralised baseline, built with the first owner's names, starts
     from the same weights too). Other segments keep their own names; empty for `sync`.
     """
-    from secure_split.config import horizontal_owners
-
     owners = horizontal_owners(deployment.spec)
     if not owners:
         return {}

@@ -54,13 +54,11 @@ from secure_split.engine.tensors import from_wire
 from secure_split.errors import (
     ConfigError,
     ConfigProblem,
-    PeerTimeout,
     RemoteProtocolError,
     SecureSplitError,
     TrainingError,
 )
 from secure_split.peer.runtime import (
-    _RECONNECT_GRACE_S,
     PeerRuntime,
     ProgressFn,
     _clip,
@@ -87,10 +85,6 @@ class _Pending:
     owner: str
     phase: str
     ids: np.ndarray
-
-
-class _ShutdownDuringSetup(Exception):
-    """The coordinator ended the run while this (restarted) owner was still setting up."""
 
 
 class HorizontalRuntime(PeerRuntime):
@@ -145,7 +139,7 @@ class HorizontalRuntime(PeerRuntime):
 
     def _hello_meta(self) -> dict[str, Any]:
         meta = super()._hello_meta()
-        if self.ordinal and self.me in horizontal_owners(self.deployment.spec) and self.data is not None:
+        if self.ordinal and self.is_owner and self.data is not None:
             meta["rows"] = len(self.data)
         return meta
 
@@ -158,46 +152,16 @@ class HorizontalRuntime(PeerRuntime):
             return self._live()
         return [self.coordinator]
 
-    def _broadcast(self, kind: Kind, *, step: int = 0, meta: dict[str, Any] | None = None,
-                   tensors: tuple[Any, ...] = ()) -> None:
-        for peer in self._live() if self.is_coordinator else self.counterparties:
-            self.gate.send(peer, kind, step=step, meta=meta, tensors=tensors)
+    def _reachable(self, peer: str) -> bool:
+        return peer not in self.lost
 
-    def _broadcast_shutdown(self, status: str, reason: str) -> None:
-        for peer in self.counterparties:
-            if peer in self.lost:
-                continue
-            try:
-                self.gate.send(peer, Kind.SHUTDOWN, meta={"status": status, "reason": _clip(reason)})
-            except SecureSplitError as exc:
-                self.audit.record("error", reason=f"could not tell '{peer}' to shut down: {exc}", error=type(exc).__name__)
-
-    def _may_lose(self, peer: str) -> bool:
-        """Whether this peer carries on without `peer` (the coordinator without an owner; an
-        owner without another owner). Nobody carries on without the coordinator."""
-        return peer in self.owners and peer != self.me
-
-    def _poll_events(self) -> None:
-        now = time.monotonic()
-        for ev in self.transport.events():
-            if ev.peer is None or ev.peer not in self.counterparties:
-                continue
-            if ev.kind == "disconnected":
-                self.lost_since.setdefault(ev.peer, now)
-            elif ev.kind == "connected":
-                self.lost_since.pop(ev.peer, None)
-            elif ev.kind == "handshake_failed":
-                self.audit.record("error", reason=f"transport handshake with '{ev.peer}' failed: {ev.detail}", error="TransportError")
-        grace = max(_RECONNECT_GRACE_S, 3 * self.deployment.spec.limits.heartbeat_s)
-        for peer, since in list(self.lost_since.items()):
-            if now - since <= grace:
-                continue
-            del self.lost_since[peer]
-            if self._may_lose(peer):
-                self._lose(peer, "connection lost (heartbeat timeout)")
-            else:
-                self.audit.record("peer_lost", counterparty=peer, reason="connection lost (heartbeat timeout)")
-                raise PeerTimeout(peer, now - since, "the connection dropped (stalled or stopped peer)")
+    def _connection_lost(self, peer: str, down_s: float) -> None:
+        # The coordinator carries on without an owner, an owner without another owner; nobody
+        # carries on without the coordinator.
+        if peer in self.owners and peer != self.me:
+            self._lose(peer, "connection lost (heartbeat timeout)")
+            return
+        super()._connection_lost(peer, down_s)
 
     def _timed_out(self, names: list[str], what: str, limit: float) -> None:
         # Once training runs, the coordinator carries on without silent owners; during set-up
@@ -311,27 +275,6 @@ class HorizontalRuntime(PeerRuntime):
 
     # -- set-up: ids -------------------------------------------------------------------------------
 
-    def _setup_message(self, kinds: tuple[Kind, ...], what: str, from_peers: list[str]) -> Message:
-        def ready() -> bool:
-            return self.shutdown_status is not None or any(m.kind in kinds for m in self.setup_inbox)
-
-        self._wait(ready, lambda: what, lambda: from_peers)
-        if self.shutdown_status is not None:
-            raise _ShutdownDuringSetup
-        return super()._setup_message(kinds, what, from_peers)
-
-    def _setup_he(self) -> None:
-        try:
-            self._setup_weights_he()
-        except _ShutdownDuringSetup:
-            return
-
-    def _align_ids(self) -> None:
-        try:
-            self._align_own_ids()
-        except _ShutdownDuringSetup:
-            return
-
     def _psi_salt(self) -> bytes:
         return b"secure-split-psi-v1:" + bytes.fromhex(self.deployment.hash)
 
@@ -375,7 +318,7 @@ class HorizontalRuntime(PeerRuntime):
             raise RemoteProtocolError(f"owner '{owner}' announced {rows!r} rows in its HELLO; it needs at least 2")
         self.owner_ids[owner] = np.arange(rows, dtype=np.int64)
 
-    def _align_own_ids(self) -> None:
+    def _align_ids(self) -> None:
         if self.is_coordinator:
             if self.ordinal:
                 for o in self.owners:
@@ -419,7 +362,7 @@ class HorizontalRuntime(PeerRuntime):
 
     # -- set-up: CKKS for weight averaging -----------------------------------------------------------
 
-    def _setup_weights_he(self) -> None:
+    def _setup_he(self) -> None:
         if not self.he_average:
             return
         from secure_split.crypto.he import CkksParams, KeyHolderContext, PublicContext
@@ -807,15 +750,9 @@ class HorizontalRuntime(PeerRuntime):
 
     def _coordinate(self) -> None:
         training = self.deployment.spec.training
-        splits = {o: split_train_test(ids, training.test_fraction, training.seed) for o, ids in self.owner_ids.items()}
-        start_epoch, resume_epoch = 0, -1
-        if self.resume:
-            common = set(self.available_checkpoints)
-            for p in self.counterparties:
-                theirs = (self.gate.sessions[p].remote_hello_meta or {}).get("checkpoints")
-                common &= {int(x) for x in theirs if isinstance(x, int)} if isinstance(theirs, list) else set()
-            resume_epoch = max(common) if common else -1
-            start_epoch = resume_epoch + 1
+        splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # owner -> train, test ids (joiners added later)
+        resume_epoch = self._resume_epoch()
+        start_epoch = resume_epoch + 1
         self.training_started = True
         self._barrier(resume_epoch, "start")
         timing: list[dict[str, float]] = []

@@ -61,6 +61,10 @@ _RECONNECT_GRACE_S = 3.0
 _NOT_SENT_BY_US_CODES = frozenset({"bad_frame", "spoofed"})
 
 
+class _ShutdownDuringSetup(Exception):
+    """The coordinator ended the run while this peer was still setting up (PSI, CKKS context)."""
+
+
 @dataclass
 class PeerResult:
     """What a peer reports when it exits (the demo's table and summary read these)."""
@@ -289,8 +293,11 @@ class PeerRuntime:
     def _main(self) -> tuple[str, str]:
         """The run between opening and closing: handshake, setup, schedule. Returns (status, reason)."""
         self._handshake()
-        self._setup_he()
-        self._align_ids()
+        try:
+            self._setup_he()
+            self._align_ids()
+        except _ShutdownDuringSetup:  # the coordinator ended the run before we were set up
+            return self.shutdown_status or "failed", self.shutdown_reason
         if self.is_coordinator:
             self._coordinate()
             return "ok", ""
@@ -345,8 +352,14 @@ class PeerRuntime:
         grace = max(_RECONNECT_GRACE_S, 3 * self.deployment.spec.limits.heartbeat_s)
         for peer, since in list(self.lost_since.items()):
             if now - since > grace:
-                self.audit.record("peer_lost", counterparty=peer, reason="connection lost (heartbeat timeout)")
-                raise PeerTimeout(peer, now - since, "the connection dropped (stalled or stopped peer)")
+                del self.lost_since[peer]
+                self._connection_lost(peer, now - since)
+
+    def _connection_lost(self, peer: str, down_s: float) -> None:
+        """`peer`'s connection stayed down past the grace period: stop (subclasses may instead
+        carry on without it, and return)."""
+        self.audit.record("peer_lost", counterparty=peer, reason="connection lost (heartbeat timeout)")
+        raise PeerTimeout(peer, down_s, "the connection dropped (stalled or stopped peer)")
 
     def _receive_one(self, timeout_s: float) -> Message | None:
         """One gated receive. Refusals are audited by the gate; we keep serving."""
@@ -496,11 +509,18 @@ class PeerRuntime:
     # -- vertical: private ID alignment ------------------------------------------------------------
 
     def _setup_message(self, kinds: tuple[Kind, ...], what: str, from_peers: list[str]) -> Message:
-        """The next PSI / HE-context message, serving everything else meanwhile."""
+        """The next PSI / HE-context message, serving everything else meanwhile.
+
+        Raises:
+            _ShutdownDuringSetup: the coordinator ended the run first (e.g. it finished while a
+                restarted owner was still setting up).
+        """
         def ready() -> bool:
-            return any(m.kind in kinds for m in self.setup_inbox)
+            return self.shutdown_status is not None or any(m.kind in kinds for m in self.setup_inbox)
 
         self._wait(ready, lambda: what, lambda: from_peers)
+        if self.shutdown_status is not None:
+            raise _ShutdownDuringSetup
         for m in list(self.setup_inbox):
             if m.kind in kinds:
                 self.setup_inbox.remove(m)
@@ -694,10 +714,16 @@ class PeerRuntime:
 
     def _broadcast_shutdown(self, status: str, reason: str) -> None:
         for peer in self.counterparties:
+            if not self._reachable(peer):
+                continue
             try:
                 self.gate.send(peer, Kind.SHUTDOWN, meta={"status": status, "reason": _clip(reason)})
             except SecureSplitError as exc:
                 self.audit.record("error", reason=f"could not tell '{peer}' to shut down: {exc}", error=type(exc).__name__)
+
+    def _reachable(self, peer: str) -> bool:
+        """Whether to send `peer` anything still (subclasses leave out peers they carry on without)."""
+        return True
 
     def _notify_coordinator_of_failure(self, reason: str) -> None:
         coordinator = self.deployment.spec.coordinator
@@ -735,16 +761,8 @@ class PeerRuntime:
             raise ConfigError(ConfigProblem(str(self.cfg.path), "data", "the coordinator needs a data file with the sample ids"))
         ids = self.data.ids.numpy() if hasattr(self.data.ids, "numpy") else np.asarray(self.data.ids)
         train_ids, test_ids = split_train_test(ids, training.test_fraction, training.seed)
-        # Resume from the newest checkpoint every peer has.
-        start_epoch = 0
-        resume_epoch = -1
-        if self.resume:
-            common = set(self.available_checkpoints)
-            for p in self.counterparties:
-                theirs = (self.gate.sessions[p].remote_hello_meta or {}).get("checkpoints")
-                common &= {int(x) for x in theirs if isinstance(x, int)} if isinstance(theirs, list) else set()
-            resume_epoch = max(common) if common else -1
-            start_epoch = resume_epoch + 1
+        resume_epoch = self._resume_epoch()
+        start_epoch = resume_epoch + 1
         self._barrier(resume_epoch, "start")
         step = 0
         n_epochs = training.epochs
@@ -778,6 +796,16 @@ class PeerRuntime:
             self.progress({"event": "epoch", "epoch": epoch, "epochs": n_epochs, "values": values})
         self.result.metrics = {"history": self.history, "final": self._scalar_metrics(), "timing": timing}
         self._broadcast_shutdown("ok", "training finished")
+
+    def _resume_epoch(self) -> int:
+        """Coordinator: the newest checkpoint every peer has (-1: none, or not resuming)."""
+        if not self.resume:
+            return -1
+        common = set(self.available_checkpoints)
+        for p in self.counterparties:
+            theirs = (self.gate.sessions[p].remote_hello_meta or {}).get("checkpoints")
+            common &= {int(x) for x in theirs if isinstance(x, int)} if isinstance(theirs, list) else set()
+        return max(common) if common else -1
 
     def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
         """Coordinator side of a barrier. Returns the merged metrics of every peer."""

@@ -21,7 +21,7 @@ def test_u_shaped_owners_announce_a_row_count_and_the_server_holds_no_data(tmp_p
     assert owner._hello_meta()["rows"] == len(data)
     assert server.data is None and "rows" not in server._hello_meta()
     # Steps name row positions; only the owner maps them to its ids.
-    owner._align_own_ids()
+    owner._align_ids()
     assert owner.positions is not None
     assert np.array_equal(owner.positions, np.sort(data.ids.numpy()))
     assert not np.array_equal(owner.positions, np.arange(len(data))), "ids are not positions here"
