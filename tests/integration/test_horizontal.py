@@ -51,6 +51,14 @@ def _assert_audit_clean(d: Deploy) -> None:
 
     report = verify_logs(d.audit_dir, load_deployment(d.deployment), load_policy(d.policy))
     assert report.clean, report.to_dict()
+    # No peer's secret (signing seed, transport secret, the key file's own text) reaches any log.
+    import json
+
+    logs = "".join(p.read_text() for p in d.audit_dir.glob("*.jsonl"))
+    for key_file in (d.workdir / "keys").glob("*.key"):
+        secret = json.loads(key_file.read_text())
+        for field in ("sign_seed", "transport_secret"):
+            assert secret[field] not in logs, f"{key_file.name}: {field} found in an audit log"
 
 
 def _coordinator_saw_no_plain_weights(d: Deploy, *, expect_weights: bool) -> None:
