@@ -115,7 +115,6 @@ class HorizontalRuntime(PeerRuntime):
         self.owner_ids: dict[str, np.ndarray] = {}
         self.pending: dict[int, _Pending] = {}
         self.plans: dict[str, deque[tuple[int, str, np.ndarray]]] = {}
-        self.outstanding: dict[str, int] = {}
         self.next_step = 0
         self.steps_total = 0
         self.steps_done = 0
@@ -202,7 +201,6 @@ class HorizontalRuntime(PeerRuntime):
             if step == self.current_step:
                 self.executor.abort_step()
                 self.current_step = None
-        self.outstanding.pop(peer, None)
         self.queue = deque(m for m in self.queue if m.binding.sender != peer)
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -621,7 +619,6 @@ class HorizontalRuntime(PeerRuntime):
         if info is None:
             return
         self.steps_done += 1
-        self.outstanding[info.owner] = self.outstanding.get(info.owner, 1) - 1
         if info.phase == "train":
             tasks = getattr(self, "last_step_metrics", None)
             task_m = getattr(tasks, "tasks", {}) or {}
@@ -633,10 +630,9 @@ class HorizontalRuntime(PeerRuntime):
 
     def _feed(self, owner: str) -> None:
         plan = self.plans.get(owner)
-        while plan and self.outstanding.get(owner, 0) < _WINDOW:
+        while plan and sum(p.owner == owner for p in self.pending.values()) < _WINDOW:
             step, phase, ids = plan.popleft()
             self.pending[step] = _Pending(owner, phase, ids)
-            self.outstanding[owner] = self.outstanding.get(owner, 0) + 1
             self.gate.send(owner, Kind.STEP_BEGIN, step=step, meta={"epoch": self.epoch, "phase": phase},
                            tensors=(_ids_wire(ids),))
         if plan is not None and not plan:
