@@ -1,8 +1,8 @@
 """CKKS vs plaintext for one 64x128 cut tensor: time and bytes per step, as ratios, one run.
 
 Plaintext baseline: what an unencrypted sum merge does with the same tensor (float32 bytes on
-the wire, numpy add). Encrypted: TenSEAL CKKS, N=8192 [60,40,40,60], scale 2**40, packed into
-4096-slot ciphertexts. Each timing is the median of --repeat runs in this one process. Also the
+the wire, numpy add). Encrypted: TenSEAL CKKS with the default parameters (N=4096 [60,29,20], scale 2**40), packed into
+2048-slot ciphertexts. Each timing is the median of --repeat runs in this one process. Also the
 full masked-aggregate exchange for K owners and SplitFed weight averaging of a flat vector.
 
     .venv/bin/python bench/he_vs_plain.py

@@ -36,29 +36,12 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from secure_split.errors import ConfigError, ConfigProblem, CryptoError
-
-SECURITY_TABLE_128: dict[int, int] = {
-    1024: 27,
-    2048: 54,
-    4096: 109,
-    8192: 218,
-    16384: 438,
-    32768: 881,
-}
-"""Largest total coefficient-modulus bits per poly_modulus_degree for 128-bit classical security
-(HomomorphicEncryption.org security standard, ternary secrets; the table SEAL enforces)."""
-
-DEFAULT_PRECISION_BITS = 20
-"""Decryptions handed to another party are rounded to multiples of 2**-20 (about 9.5e-7)."""
-
-DEFAULT_MASK_BITS = 24
-"""The label holder's mask is uniform on the 2**-20 grid in [-2**24, 2**24)."""
-
-PRECISION_BUDGET_BITS = 44
-"""mask_bits + precision_bits may not exceed this. CKKS decoding works in double precision, so
-the absolute error of a decrypted value of magnitude 2**B is about 2**(B-50) (measured: 2**-25.7
-at B = 24 with N = 8192, scale 2**40); 44 bits keeps that 5 bits below the rounding grid."""
+from secure_split.crypto.ckks_params import DEFAULT_MASK_BITS as DEFAULT_MASK_BITS
+from secure_split.crypto.ckks_params import DEFAULT_PRECISION_BITS as DEFAULT_PRECISION_BITS
+from secure_split.crypto.ckks_params import PRECISION_BUDGET_BITS as PRECISION_BUDGET_BITS
+from secure_split.crypto.ckks_params import SECURITY_TABLE_128 as SECURITY_TABLE_128
+from secure_split.crypto.ckks_params import CkksParams as CkksParams
+from secure_split.errors import CryptoError
 
 DEFAULT_MAX_CONTEXT_BYTES = 64 << 20
 """Default bound on a serialised context (public: 0.46 MB, with relin keys 1.9 MB, Galois 35 MB)."""
@@ -68,91 +51,6 @@ _TENSOR_VERSION = 1
 _TENSOR_HEADER = struct.Struct("<4sBBHII")  # magic, version, ndim, reserved, count, chunks
 _MAX_NDIM = 8
 _TENSEAL_ERRORS = (ValueError, RuntimeError, TypeError)
-
-
-# --------------------------------------------------------------------------------------------
-# Parameters
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CkksParams:
-    """CKKS encryption parameters, checked against the 128-bit security table when built.
-
-    Args:
-        poly_modulus_degree: N, a power of two in `SECURITY_TABLE_128`; N/2 slots per ciphertext.
-        coeff_mod_bit_sizes: bit sizes of the coefficient-modulus primes (first and last are the
-            outer primes; the last is the key-switching prime).
-        global_scale_bits: log2 of the encoding scale.
-
-    Raises:
-        ConfigError: listing every problem at once, e.g. a total modulus above the security limit.
-    """
-
-    poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)
-    global_scale_bits: int = 40
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(self.coeff_mod_bit_sizes))
-        self.check_security()
-
-    @property
-    def slots(self) -> int:
-        """Values per ciphertext (N/2)."""
-        return self.poly_modulus_degree // 2
-
-    @property
-    def total_coeff_bits(self) -> int:
-        """Total bits of the coefficient modulus (what the security table bounds)."""
-        return sum(self.coeff_mod_bit_sizes)
-
-    @property
-    def scale(self) -> float:
-        """The encoding scale, 2**global_scale_bits."""
-        return float(2**self.global_scale_bits)
-
-    def check_security(self) -> None:
-        """Check the parameters against the 128-bit security table and CKKS's structural rules.
-
-        Raises:
-            ConfigError: with every problem found, each naming the limit it breaks.
-        """
-        problems: list[ConfigProblem] = []
-
-        def problem(key: str, message: str) -> None:
-            problems.append(ConfigProblem(file="ckks parameters", key=key, message=message))
-
-        n = self.poly_modulus_degree
-        sizes = self.coeff_mod_bit_sizes
-        limit = SECURITY_TABLE_128.get(n) if isinstance(n, int) else None
-        if limit is None:
-            problem("poly_modulus_degree", f"{n} is not one of {sorted(SECURITY_TABLE_128)}")
-        if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) for b in sizes):
-            problem("coeff_mod_bit_sizes", "must be a non-empty list of integers")
-        else:
-            if len(sizes) < 2:
-                problem("coeff_mod_bit_sizes", "needs at least 2 primes (data + key-switching prime)")
-            if any(not 20 <= b <= 60 for b in sizes):
-                problem("coeff_mod_bit_sizes", f"every prime must be 20..60 bits, got {list(sizes)}")
-            if limit is not None and sum(sizes) > limit:
-                problem(
-                    "coeff_mod_bit_sizes",
-                    f"total {sum(sizes)} bits exceeds {limit}, the 128-bit security limit for "
-                    f"N={n} (HomomorphicEncryption.org standard); use fewer or smaller primes "
-                    "or a larger poly_modulus_degree",
-                )
-        scale = self.global_scale_bits
-        if not isinstance(scale, int) or isinstance(scale, bool) or not 20 <= scale <= 60:
-            problem("global_scale_bits", f"must be an integer 20..60, got {scale!r}")
-        elif sizes and all(isinstance(b, int) for b in sizes) and scale >= sizes[0]:
-            problem(
-                "global_scale_bits",
-                f"{scale} must be below the first prime ({sizes[0]} bits) to leave room for the "
-                "integer part of the values",
-            )
-        if problems:
-            raise ConfigError(problems)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +128,7 @@ class KeyHolderContext(CkksContext):
         """Generate fresh keys.
 
         Args:
-            params: the parameters (default: N=8192, [60, 40, 40, 60], scale 2**40).
+            params: the parameters (default: N=4096, [60, 29, 20], scale 2**40).
 
         Returns:
             A new context holding a secret key, a public key and nothing else.
@@ -370,7 +268,7 @@ class EncryptedTensor:
     def serialize(self) -> bytes:
         """Wire form: header, shape, chunk lengths, then each TenSEAL ckks_vector serialisation.
 
-        A 64x128 float batch (2 ciphertexts at N=8192) is about 0.66 MB.
+        A 64x128 float batch (4 ciphertexts at N=4096) is about 0.44 MB.
         """
         blobs = [bytes(v.serialize()) for v in self._vectors]
         header = _TENSOR_HEADER.pack(
@@ -716,6 +614,13 @@ def mask_aggregate(
         CryptoError: TenSEAL refused a ciphertext.
     """
     _check_budget(mask_bits, precision_bits)
+    params = ctx.params
+    if params.data_bits < params.global_scale_bits + mask_bits + 2:
+        raise ValueError(
+            f"a 2**{mask_bits} mask at scale 2**{params.global_scale_bits} does not fit the "
+            f"{params.data_bits}-bit data modulus of {params.coeff_mod_bit_sizes}; use a smaller "
+            "mask or larger data primes"
+        )
     if len(contributions) < 2:
         raise ValueError("a masked aggregate needs at least two contributions")
     total = sum_encrypted(contributions)

@@ -363,13 +363,14 @@ class HorizontalRuntime(PeerRuntime):
     def _setup_he(self) -> None:
         if not self.he_average:
             return
-        from secure_split.crypto.he import CkksParams, KeyHolderContext, PublicContext
+        from secure_split.crypto.he import KeyHolderContext, PublicContext
         from secure_split.crypto.seal import open_from
 
         kh = self.owners[0]
         limit = self.deployment.spec.limits.max_message_bytes
+        params = self.policy.requirements.ckks.params()  # exactly the policy's: every party checks them
         if self.me == kh:
-            ctx = KeyHolderContext.create(CkksParams())
+            ctx = KeyHolderContext.create(params)
             self.weights_ctx = ctx
             self.gate.send(self.coordinator, Kind.HE_CONTEXT, meta={"part": "public"}, blob=ctx.public_context_bytes())
             self.secret_context = ctx.serialize_secret()
@@ -379,7 +380,7 @@ class HorizontalRuntime(PeerRuntime):
             msg = self._setup_message((Kind.HE_CONTEXT,), f"receiving the CKKS public context from '{kh}'", [kh])
             if msg.binding.sender != kh or msg.meta.get("part") != "public":
                 raise RemoteProtocolError(f"unexpected CKKS context from '{msg.binding.sender}'; expected the public context from '{kh}'")
-            pub = PublicContext.from_bytes(bytes(msg.blob), max_bytes=limit)
+            pub = PublicContext.from_bytes(bytes(msg.blob), params=params, max_bytes=limit)
             if pub.is_private():  # the coordinator must never be able to decrypt
                 raise RemoteProtocolError(f"'{kh}' sent a context with a secret key to the coordinator")
             self.weights_ctx = pub
@@ -391,7 +392,7 @@ class HorizontalRuntime(PeerRuntime):
             if msg.binding.sender != via or origin != kh or msg.meta.get("part") != "secret":
                 raise RemoteProtocolError(f"unexpected CKKS context from '{msg.binding.sender}'; expected the secret context of '{kh}'")
             secret = open_from(self.identity, self.deployment.spec.peers[kh].transport_key, bytes(msg.blob))
-            self.weights_ctx = KeyHolderContext.from_secret_bytes(secret, max_bytes=limit)
+            self.weights_ctx = KeyHolderContext.from_secret_bytes(secret, params=params, max_bytes=limit)
 
     def _send_secret_context(self, owner: str) -> None:
         from secure_split.crypto.seal import seal_to

@@ -572,11 +572,12 @@ class PeerRuntime:
         feature owners, and gives the merge holder a public context (which cannot decrypt)."""
         if not self.he_segments:
             return
-        from secure_split.crypto.he import CkksParams, KeyHolderContext, PublicContext
+        from secure_split.crypto.he import KeyHolderContext, PublicContext
         from secure_split.crypto.seal import open_from, seal_to
 
         spec = self.deployment.spec
         limit = spec.limits.max_message_bytes
+        params = self.policy.requirements.ckks.params()  # exactly the policy's: every party checks them
         for seg in self.he_segments:
             kh = self.he_key_holders[seg]
             holder = spec.segments[seg].peer
@@ -584,7 +585,7 @@ class PeerRuntime:
             if kh is None:
                 raise ConfigError(ConfigProblem(str(self.deployment.path), f"segments.{seg}.he", "no key holder for this HE merge"))
             if self.me == kh:
-                ctx = KeyHolderContext.create(CkksParams())
+                ctx = KeyHolderContext.create(params)
                 self.he_ctx[seg] = ctx
                 self.gate.send(holder, Kind.HE_CONTEXT, meta={"segment": seg, "part": "public"},
                                blob=ctx.public_context_bytes())
@@ -597,7 +598,7 @@ class PeerRuntime:
             elif self.me == holder:
                 msg = self._setup_message((Kind.HE_CONTEXT,), f"receiving the CKKS public context for '{seg}'", [kh])
                 self._check_he_context(msg, seg, kh, "public")
-                pub = PublicContext.from_bytes(bytes(msg.blob), max_bytes=limit)
+                pub = PublicContext.from_bytes(bytes(msg.blob), params=params, max_bytes=limit)
                 if pub.is_private():  # the merge holder must never be able to decrypt
                     raise RemoteProtocolError(f"'{kh}' sent a context with a secret key to the merge holder")
                 self.he_ctx[seg] = pub
@@ -605,7 +606,7 @@ class PeerRuntime:
                 msg = self._setup_message((Kind.HE_CONTEXT,), f"receiving the CKKS context for '{seg}'", [kh])
                 self._check_he_context(msg, seg, kh, "secret")
                 secret = open_from(self.identity, spec.peers[kh].transport_key, bytes(msg.blob))
-                self.he_ctx[seg] = KeyHolderContext.from_secret_bytes(secret, max_bytes=limit)
+                self.he_ctx[seg] = KeyHolderContext.from_secret_bytes(secret, params=params, max_bytes=limit)
 
     @staticmethod
     def _check_he_context(msg: Message, seg: str, kh: str, part: str) -> None:

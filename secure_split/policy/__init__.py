@@ -38,7 +38,7 @@ from secure_split.policy.model import (
     Rule,
     constraint_failure,
 )
-from secure_split.policy.schema import CKKS_MAX_COEFF_BITS, load_policy, policy_from_mapping
+from secure_split.policy.schema import load_policy, policy_from_mapping
 from secure_split.policy.signatures import (
     SignatureProblem,
     sign_policy,
@@ -53,7 +53,6 @@ from secure_split.policy.topology import RequiredFlow, he_key_holder, psi_partie
 __all__ = [
     "ASSETS",
     "ASSET_CARRIERS",
-    "CKKS_MAX_COEFF_BITS",
     "CONTROL_KINDS",
     "HE_KINDS",
     "KINDS",

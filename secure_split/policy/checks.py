@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Literal
 
 from secure_split.config import Deployment, peer_fingerprint
+from secure_split.crypto.ckks_params import SECURITY_TABLE_128
 from secure_split.errors import ConfigError, PolicyError
 from secure_split.policy.kinds import WILDCARD
 from secure_split.policy.model import EdgeRequirement, Policy, Rule
-from secure_split.policy.schema import ASSET_KIND_NAMES, CKKS_MAX_COEFF_BITS, load_policy
+from secure_split.policy.schema import ASSET_KIND_NAMES, load_policy
 from secure_split.policy.signatures import signature_problems
 from secure_split.policy.topology import he_key_holder, he_merge_owners, required_flows
 
@@ -546,10 +547,10 @@ def ckks_parameter_problems(
             f"poly_modulus_degree {poly_modulus_degree} is below the policy's minimum "
             f"{req.min_poly_modulus_degree}"
         )
-    limit = CKKS_MAX_COEFF_BITS.get(poly_modulus_degree)
+    limit = SECURITY_TABLE_128.get(poly_modulus_degree)
     total = sum(coeff_mod_bit_sizes)
     if limit is None:
-        out.append(f"poly_modulus_degree {poly_modulus_degree} is not one of {sorted(CKKS_MAX_COEFF_BITS)}")
+        out.append(f"poly_modulus_degree {poly_modulus_degree} is not one of {sorted(SECURITY_TABLE_128)}")
     elif total > limit:
         out.append(
             f"{total} bits of coefficient modulus exceed {limit}, the 128-bit security bound at "

@@ -11,6 +11,11 @@ from datetime import date, datetime
 from typing import Any
 
 from secure_split.config import Deployment, horizontal_owners, peer_fingerprint
+from secure_split.crypto.ckks_params import (
+    DEFAULT_COEFF_MOD_BIT_SIZES,
+    DEFAULT_POLY_MODULUS_DEGREE,
+    DEFAULT_SCALE_BITS,
+)
 from secure_split.policy.kinds import CONTROL_KINDS, KINDS, SESSION_KINDS
 from secure_split.policy.schema import LANGUAGE_VERSION
 from secure_split.policy.topology import he_key_holder, required_flows, shared_models
@@ -147,7 +152,11 @@ def policy_for_deployment(
     if he_segments:
         require["he_merge"] = he_segments
     if he_segments or (he_average and shared):
-        require["ckks"] = {"min_poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40, 60]}
+        require["ckks"] = {
+            "min_poly_modulus_degree": DEFAULT_POLY_MODULUS_DEGREE,
+            "coeff_mod_bit_sizes": list(DEFAULT_COEFF_MOD_BIT_SIZES),
+            "scale_bits": DEFAULT_SCALE_BITS,
+        }
 
     out: dict[str, Any] = {
         "language": LANGUAGE_VERSION,

@@ -26,6 +26,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from secure_split.crypto.ckks_params import (
+    DEFAULT_COEFF_MOD_BIT_SIZES,
+    DEFAULT_POLY_MODULUS_DEGREE,
+    DEFAULT_SCALE_BITS,
+    CkksParams,
+)
 from secure_split.policy.kinds import KIND_SET
 
 RULE_DEFAULT_DENY = "default-deny"
@@ -206,11 +212,19 @@ class EdgeRequirement:
 
 @dataclass(frozen=True)
 class CkksRequirement:
-    """Minimum CKKS parameters: ring degree N and the 128-bit bound on the coefficient modulus."""
+    """The CKKS parameters every context of the deployment uses (the key holder creates its
+    context with exactly these; every party refuses a context with other ones), checked against
+    the 128-bit table when the policy loads. `min_poly_modulus_degree` is also the least N that
+    `ckks_parameter_problems` accepts."""
 
-    min_poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60)
+    min_poly_modulus_degree: int = DEFAULT_POLY_MODULUS_DEGREE
+    coeff_mod_bit_sizes: tuple[int, ...] = DEFAULT_COEFF_MOD_BIT_SIZES
     security_bits: int = 128
+    scale_bits: int = DEFAULT_SCALE_BITS
+
+    def params(self) -> CkksParams:
+        """The agreed parameters, as the crypto layer takes them."""
+        return CkksParams(self.min_poly_modulus_degree, self.coeff_mod_bit_sizes, self.scale_bits)
 
 
 @dataclass(frozen=True)

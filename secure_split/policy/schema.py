@@ -27,6 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from secure_split.canonical import digest_of
 from secure_split.config import NAME_RE
+from secure_split.crypto.ckks_params import (
+    DEFAULT_COEFF_MOD_BIT_SIZES,
+    DEFAULT_POLY_MODULUS_DEGREE,
+    DEFAULT_SCALE_BITS,
+    parameter_problems,
+)
 from secure_split.errors import ConfigError, ConfigProblem
 from secure_split.policy.kinds import (
     DTYPES,
@@ -77,7 +83,6 @@ ASSET_KIND_NAMES: dict[str, str] = {
 """Names someone might write in `kinds:` to move an asset. They load (so `policy check` can say
 why this is a violation) but match no message: assets have no message kind."""
 
-CKKS_MAX_COEFF_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 """Largest total coefficient-modulus bit count for 128-bit classical security, per ring degree N
 (HomomorphicEncryption.org security standard, as used by SEAL and TenSEAL)."""
 
@@ -145,10 +150,11 @@ class EdgeRequirementSpec(_Strict):
 
 
 class CkksSpec(_Strict):
-    """`require.ckks`: minimum CKKS parameters."""
+    """`require.ckks`: the CKKS parameters of every context (N is also the least one accepted)."""
 
-    min_poly_modulus_degree: Literal[4096, 8192, 16384, 32768] = 8192
+    min_poly_modulus_degree: Literal[4096, 8192, 16384, 32768] = 4096  # = DEFAULT_POLY_MODULUS_DEGREE
     coeff_mod_bit_sizes: list[int] | None = None
+    scale_bits: int = DEFAULT_SCALE_BITS
     security_bits: Literal[128] = 128
 
 
@@ -442,20 +448,14 @@ def _requirements(spec: RequireSpec, doc: YamlDocument, problems: list[ConfigPro
         degree: int = spec.ckks.min_poly_modulus_degree
         bits = spec.ckks.coeff_mod_bit_sizes
         if bits is None:
-            bits = [60, 40, 40, 60] if degree >= 8192 else [30, 20, 20, 30]
-        key = ("require", "ckks", "coeff_mod_bit_sizes")
-        if not bits or any(b < 1 or b > 60 for b in bits):
-            problems.append(doc.problem(key, "each prime is 1 to 60 bits, and at least one is needed"))
-        elif sum(bits) > CKKS_MAX_COEFF_BITS[degree]:
-            problems.append(
-                doc.problem(
-                    key,
-                    f"{sum(bits)} bits of coefficient modulus exceed the {CKKS_MAX_COEFF_BITS[degree]} bits "
-                    f"that give 128-bit security at poly_modulus_degree {degree}; use fewer bits or a "
-                    "larger N",
-                )
-            )
-        ckks = CkksRequirement(degree, tuple(bits), spec.ckks.security_bits)
+            bits = list(DEFAULT_COEFF_MOD_BIT_SIZES) if degree == DEFAULT_POLY_MODULUS_DEGREE else [60, 40, 40, 60]
+        keys = {"poly_modulus_degree": "min_poly_modulus_degree", "global_scale_bits": "scale_bits"}
+        found = parameter_problems(degree, bits, spec.ckks.scale_bits)
+        for field_name, message in found:
+            key = ("require", "ckks", keys.get(field_name, field_name))
+            problems.append(doc.problem(key, message))
+        if not found:
+            ckks = CkksRequirement(degree, tuple(bits), spec.ckks.security_bits, spec.ckks.scale_bits)
     return Requirements(edges=tuple(edges), he_merge=he_merge, ckks=ckks, ckks_given=spec.ckks is not None)
 
 

@@ -54,7 +54,7 @@ def _wire(ctx: he.CkksContext, enc: EncryptedTensor) -> EncryptedTensor:
 def test_packed_round_trip_of_a_64x128_batch_is_within_1e_5(key_holder, public) -> None:
     x = np.random.default_rng(1).normal(0, 1, (64, 128))
     enc = encrypt_packed(public, x)
-    assert enc.shape == (64, 128) and enc.chunks == 2  # 8192 values in 4096-slot ciphertexts
+    assert enc.shape == (64, 128) and enc.chunks == 4  # 8192 values in 2048-slot ciphertexts (N = 4096)
     back = decrypt_packed(key_holder, _wire(key_holder, enc))
     assert back.shape == (64, 128)
     assert np.abs(back - x).max() < 1e-5
@@ -123,9 +123,28 @@ def test_security_table_rejects_moduli_above_the_128_bit_limit(n: int, sizes: tu
 
 
 def test_security_table_accepts_the_defaults_and_limits() -> None:
-    assert CkksParams().total_coeff_bits == 200
+    default = CkksParams()
+    assert (default.poly_modulus_degree, default.total_coeff_bits, default.data_bits) == (4096, 109, 89)
+    assert CkksParams(8192, (60, 40, 40, 60), 40).total_coeff_bits == 200
     assert CkksParams(4096, (40, 29, 40), 29).total_coeff_bits == 109
     assert CkksParams(16384, (60, 40, 40, 40, 40, 40, 40, 60), 40).slots == 8192
+
+
+def test_data_primes_must_hold_a_masked_aggregate_at_the_scale() -> None:
+    # [60, 49] is within the table (109 bits) but its 60-bit data modulus cannot hold a 2**25
+    # masked value at scale 2**40: refused when built, naming the fix
+    with pytest.raises(ConfigError, match="data primes \\[60\\] give 60 bits") as info:
+        CkksParams(4096, (60, 49), 40)
+    assert [p.key for p in info.value.problems] == ["coeff_mod_bit_sizes"]
+    assert CkksParams(4096, (60, 49), 34).data_bits == 60  # a smaller scale fits
+
+
+def test_a_mask_wider_than_the_data_modulus_is_refused() -> None:
+    small = KeyHolderContext.create(CkksParams(4096, (40, 29, 40), 29))  # 69 data bits
+    enc = encrypt_packed(small, np.zeros((2, 2)))
+    mask_aggregate(small, [enc, enc], mask_bits=24, precision_bits=20)  # 29 + 24 + 2 <= 69: fits
+    with pytest.raises(ValueError, match="does not fit the 69-bit data modulus"):
+        mask_aggregate(small, [enc, enc], mask_bits=40, precision_bits=4)  # 29 + 40 + 2 > 69
 
 
 def test_parameter_problems_are_reported_all_at_once() -> None:
@@ -148,6 +167,8 @@ def test_masked_aggregate_gives_the_label_holder_the_sum_only(key_holder, public
     view = decrypt_packed(key_holder, at_kh)
     assert np.median(np.abs(view - truth)) > 1e5
     assert abs(np.corrcoef(view.ravel(), truth.ravel())[0, 1]) < 0.05
+    # the CKKS error of the masked sum stays 5 bits below the 2**-20 rounding grid
+    assert np.abs(view - (truth + mask.values)).max() < 2.0**-25
     # KH -> LH: rounded to the 2**-20 grid
     rounded = decrypt_rounded(key_holder, at_kh)
     scaled = rounded * 2.0**20
@@ -189,10 +210,10 @@ def test_masked_aggregate_needs_two_contributions_and_a_sane_budget(public) -> N
 
 def test_weight_averaging_of_long_vectors(key_holder, public) -> None:
     rng = np.random.default_rng(4)
-    weights = [rng.normal(0, 0.1, 10_000) for _ in range(3)]  # 3 ciphertexts each
+    weights = [rng.normal(0, 0.1, 10_000) for _ in range(3)]  # 5 ciphertexts each (2048 slots)
     at_lh = [_wire(public, encrypt_vector(key_holder, w)) for w in weights]
     total = sum_encrypted(at_lh)
-    assert total.chunks == 3
+    assert total.chunks == 5
     average = decrypt_vector(key_holder, _wire(key_holder, total), mean=True)
     assert average.shape == (10_000,)
     assert np.abs(average - np.mean(weights, axis=0)).max() < 1e-6

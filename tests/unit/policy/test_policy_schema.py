@@ -154,6 +154,11 @@ allow:
             ),
             "128-bit",
         ),
+        (
+            lambda d: d.update(require={"ckks": {"coeff_mod_bit_sizes": [60, 49], "scale_bits": 40}}),
+            "require.ckks.coeff_mod_bit_sizes: the data primes [60] give 60 bits",
+        ),
+        (lambda d: d.update(require={"ckks": {"scale_bits": 60}}), "require.ckks.scale_bits: 60 must be below"),
         (lambda d: d["allow"][0].update(id="default-deny"), "reserved"),
         (lambda d: d["allow"][0].update(id="asset:x"), "reserved"),
         (lambda d: d["allow"][0].update(dtype="float128"), "wire dtype"),
@@ -235,3 +240,23 @@ def test_yaml_aliases_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="anchors and aliases") as info:
         load_policy(write(tmp_path, text))
     assert info.value.problems[0].line == 1
+
+
+def test_the_ckks_section_gives_the_parameters_every_context_uses() -> None:
+    # the key holder creates its context with exactly these, and every party refuses others
+    shipped = load_policy(POLICIES / "two_hospitals.yaml").requirements.ckks.params()
+    assert (shipped.poly_modulus_degree, shipped.coeff_mod_bit_sizes, shipped.global_scale_bits) == (
+        4096,
+        (60, 29, 20),
+        40,
+    )
+    absent = policy_from_mapping(base()).requirements.ckks.params()
+    assert absent == shipped  # no section: the same default set
+    doc = base()
+    doc["require"] = {"ckks": {"min_poly_modulus_degree": 8192, "scale_bits": 35}}
+    larger = policy_from_mapping(doc).requirements.ckks.params()
+    assert (larger.poly_modulus_degree, larger.coeff_mod_bit_sizes, larger.global_scale_bits) == (
+        8192,
+        (60, 40, 40, 60),
+        35,
+    )
