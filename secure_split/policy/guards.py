@@ -31,7 +31,10 @@ MAX_DCOR_ROWS = 2048
 _ABS_TOL = 1e-9
 _ANCHORS = 8
 _CHUNK = 4096
-_SAMPLE = 65536
+# Output values sampled (strided) to rank each raw row's anchors by rarity. Only the order of the
+# checks depends on it, never the answer; 4096 instead of 65536 halves the guard on a 64x256 CNN
+# cut (0.66 -> 0.34 ms warm) and leaves the MLP's (0.14 ms) unchanged.
+_SAMPLE = 4096
 _PAIRS = 1 << 20
 _UNION_COMPARE = 16
 
