@@ -1,10 +1,10 @@
 """Per-epoch training time: the split deployment over real peer processes vs the same model in one process.
 
-For three deployments — the digits CNN (vanilla: owner.bottom -> label_holder.top), a breast
-cancer MLP 30-64-32-2 (vanilla) and the digits CNN as a 3-hop chain (owner -> hop1 -> hop2 ->
-label_holder: three cut edges, four peers), and on request (`--models ...,cnn-wide`) a digits CNN
-with two 64-channel conv layers (about 10x the compute per step, to show where the split's fixed
-per-step cost stops mattering) — it measures, in one run and interleaved:
+For four deployments — the digits CNN (vanilla: owner.bottom -> label_holder.top), a breast
+cancer MLP 30-64-32-2 (vanilla), the digits CNN as a 3-hop chain (owner -> hop1 -> hop2 ->
+label_holder: three cut edges, four peers) and a digits CNN with two 64-channel conv layers
+(about 10x the compute per step, to show where the split's fixed per-step cost stops mattering)
+— it measures, in one run and interleaved:
 
 - **split**: the deployment generated with `secure_split.cli.demo.generate` (keys, signed
   policy, per-peer data files) and run by `launch_peers` / `watch_peers` as one
@@ -603,7 +603,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="< 60 s: 1 repeat, few epochs")
     ap.add_argument("--repeats", type=int, default=None, help="repeats (default 3; --quick 1)")
-    ap.add_argument("--models", default="cnn,mlp,chain", help="comma-separated subset of cnn,mlp,chain,cnn-wide")
+    ap.add_argument("--models", default="cnn,mlp,chain,cnn-wide", help="comma-separated subset of cnn,mlp,chain,cnn-wide")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run for cnn and chain (mlp: 3x)")
     ap.add_argument("--profile", action="store_true", help="per-step breakdown with every peer under the section timer")
     ap.add_argument("--cprofile", type=Path, default=None, help="also write cProfile dumps of every peer here")
