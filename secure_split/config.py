@@ -123,6 +123,13 @@ class TrainingSpec(_Strict):
         "(sealed), or the coordinator adds CKKS ciphertexts it cannot decrypt (he)",
     )
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap steps per epoch (tests, quick runs)")
+    overlap: bool = Field(
+        False,
+        description="a data owner whose segments all read raw features runs the next training batch's "
+        "forward pass while the previous batch's gradient is on its way; that batch then uses weights one "
+        "update older (each backward still runs on the weights of its own forward), so training is not the "
+        "same as local training",
+    )
 
 
 class LimitsSpec(_Strict):
@@ -349,6 +356,12 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
         problems.append(doc.problem(("edges",), "the edges form a cycle; the topology must be a DAG"))
     if horizontal and not problems:
         problems.extend(_horizontal_problems(doc, spec))
+    if spec.training.overlap:
+        if horizontal:
+            problems.append(doc.problem(("training", "overlap"), "overlap is for schedule: sync"))
+        he = sorted(s for s, seg in spec.segments.items() if seg.he)
+        if he:
+            problems.append(doc.problem(("training", "overlap"), f"overlap does not combine with the HE merge(s) {he}"))
     return problems
 
 

@@ -10,6 +10,7 @@ the audit logs verified.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -689,6 +690,7 @@ def run_demo(
     quiet: bool = False,
     timeout_s: float = 900.0,
     leakage: bool = False,
+    overlap: bool = False,
     **options: Any,
 ) -> int:
     """Generate, launch, watch, compare, verify. Returns the exit code."""
@@ -701,6 +703,8 @@ def run_demo(
                            for k in foreign])
     started = time.monotonic()
     plan = SCENARIOS[scenario](epochs if epochs is not None else 5, **options)
+    if overlap:  # training.overlap; the deployment loader refuses it where it does not apply
+        plan = dataclasses.replace(plan, training={**plan.training, "overlap": True})
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     gen = generate(plan, workdir)
@@ -751,6 +755,7 @@ def run_demo(
     out = {
         "scenario": scenario,
         "schedule": dep.spec.training.schedule,
+        "overlap": dep.spec.training.overlap,
         "owners": len(data_owners(dep)),
         **({"variant": plan.variant} if plan.variant else {}),
         "accuracy": accuracy,
@@ -957,11 +962,14 @@ def register(app: typer.Typer) -> None:
                                          "coordinator, which cannot decrypt them")] = False,
         quiet: Annotated[bool, typer.Option(help="no progress display or tables")] = False,
         leakage: Annotated[bool, typer.Option(help="also measure leakage (quick sweep) into WORKDIR/leakage")] = False,
+        overlap: Annotated[bool, typer.Option("--overlap", help="data owners run the next batch's forward while the "
+                                              "previous gradient is on its way (training.overlap; weights one update "
+                                              "older, so not the baseline's updates)")] = False,
     ) -> None:
         """Run a whole multi-peer deployment on loopback on bundled data, with its audit verified."""
         options: dict[str, Any] = {"hops": hops, "owners": owners, "non_iid": non_iid, "labels": labels,
                                    "handoff": handoff, "he": he}
         rc = run_demo(scenario, workdir=workdir or Path("demo-work") / scenario, epochs=epochs,
-                      summary=summary, quiet=quiet, leakage=leakage,
+                      summary=summary, quiet=quiet, leakage=leakage, overlap=overlap,
                       **{k: v for k, v in options.items() if v is not None and v is not False})
         raise typer.Exit(rc)

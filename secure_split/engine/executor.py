@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from secure_split.config import Deployment
 from secure_split.engine.data import PeerData, as_id_tensor
@@ -181,6 +182,9 @@ class _Step:
     predictions: dict[str, torch.Tensor] = field(default_factory=dict)
     stepped: bool = False
     peers: frozenset[str] | None = None  # remote peers taking part (horizontal schedules); None: all
+    # overlap: a step begun ahead runs its forward on copies of the weights (segment -> name ->
+    # copy), so the previous step's in-place update does not touch what its backward needs.
+    stash: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -229,6 +233,7 @@ class PeerExecutor:
         device: str | torch.device = "cpu",
         noise_seed: int | None = None,
         defer_update: bool = False,
+        overlap: bool = False,
     ) -> None:
         self.deployment = deployment
         self.defer_update = defer_update
@@ -265,7 +270,16 @@ class PeerExecutor:
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(secrets.randbits(63) if noise_seed is None else int(noise_seed))
         self._state: _Step | None = None
+        self._ahead: _Step | None = None
+        # Overlap: the weights as they were before the latest update (segment -> name -> copy), for
+        # a training step that follows a training step without having begun ahead of its update.
+        self._before_update: dict[str, dict[str, torch.Tensor]] | None = None
         self._predictions: dict[str, torch.Tensor] = {}
+        # Overlap (training.overlap) applies to a peer whose segments all read raw features: it has
+        # no inbound tensors and no loss, so the next step's forward needs nothing from the current.
+        self.overlap = overlap and bool(self.local) and all(
+            topo.segments[s].input == "features" and topo.segments[s].loss is None for s in self.local
+        )
 
     # --- construction checks ------------------------------------------------------------------
 
@@ -329,6 +343,25 @@ class PeerExecutor:
         """The phase of the active step, or None between steps."""
         return None if self._state is None else self._state.phase
 
+    def can_begin_ahead(self, phase: str) -> bool:
+        """With overlap, whether a training step may begin now although one is active: the active
+        step is a training step whose forward passes are all done (it waits only for gradients)
+        and no other step has begun ahead."""
+        s = self._state
+        return (
+            self.overlap
+            and phase == "train"
+            and s is not None
+            and s.phase == "train"
+            and self._ahead is None
+            and len(s.forwarded) == len(self.local)
+        )
+
+    @property
+    def ahead_step(self) -> int | None:
+        """The step begun ahead of the active one (overlap), or None."""
+        return None if self._ahead is None else self._ahead.step
+
     def begin_step(
         self,
         step: int,
@@ -357,9 +390,11 @@ class PeerExecutor:
             TrainingError: ids not in this peer's data, or a local segment failed.
             ConfigError: a loss segment's label column is missing from this peer's data.
         """
-        if self._state is not None:
+        active = self._state
+        ahead = active is not None
+        if active is not None and not self.can_begin_ahead(phase):
             raise LocalProtocolError(
-                f"step {self._state.step} is still active; call finish_step() or abort_step() first"
+                f"step {active.step} is still active; call finish_step() or abort_step() first"
             )
         if phase not in PHASES:
             raise RemoteProtocolError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
@@ -387,6 +422,30 @@ class PeerExecutor:
                 self._check_labels()
             rows = self.data.rows(id_t)
         training = phase == "train"
+        state = _Step(step=step, phase=phase, ids=id_t, rows=rows, peers=None if peers is None else frozenset(peers))
+        if ahead:
+            # The active step's backward and update are still to come: leave the gradients and
+            # the weights alone, and run this forward on copies of the weights as they are now.
+            if active is not None and step <= active.step:
+                raise RemoteProtocolError(f"step {step} cannot begin ahead of step {active.step}")
+            state.stash = {
+                s: {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in m.named_parameters()}
+                for s, m in self._modules.items()
+            }
+            self._ahead = state
+            try:
+                return self._advance(state)
+            except Exception as exc:
+                self._ahead = None
+                if isinstance(exc, SecureSplitError):
+                    raise
+                raise TrainingError(f"step {step} ({phase}) failed on peer '{self.peer}': {exc}") from exc
+        if self.overlap:
+            # The same weights whether or not this step began ahead: a training step that follows
+            # a training step runs on the weights from before that step's update.
+            if training and self._before_update is not None:
+                state.stash = {s: {n: t.requires_grad_(True) for n, t in w.items()} for s, w in self._before_update.items()}
+            self._before_update = None
         for m in self._modules.values():
             if m.training != training:  # Module.train() walks every submodule: only on a change
                 m.train(training)
@@ -394,8 +453,7 @@ class PeerExecutor:
             for p in self._params:  # = optimizer.zero_grad(set_to_none=True), without its profiler hooks
                 p.grad = None
         self._predictions = {}
-        self._state = _Step(step=step, phase=phase, ids=id_t, rows=rows,
-                            peers=None if peers is None else frozenset(peers))
+        self._state = state
         try:
             return self._advance()
         except Exception as exc:
@@ -587,13 +645,16 @@ class PeerExecutor:
             raise LocalProtocolError(
                 f"step {s.step} is not complete; still waiting for {self.waiting_for() or 'local work'}"
             )
-        self._state = None
+        self._state, self._ahead = self._ahead, None  # a step begun ahead becomes the active one
         self._predictions = dict(s.predictions)
         return StepMetrics(step=s.step, phase=s.phase, tasks=dict(s.tasks), dcor=dict(s.dcor))
 
     def abort_step(self) -> None:
-        """Drop the active step (a peer failed or refused): no optimizer step, gradients cleared."""
+        """Drop the active step, and one begun ahead (a peer failed or refused): no optimizer step,
+        gradients cleared."""
         self._state = None
+        self._ahead = None
+        self._before_update = None
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
 
@@ -844,9 +905,10 @@ class PeerExecutor:
                 f"{kind} on edge {edge} could not be used by peer '{self.peer}': {exc}"
             ) from exc
 
-    def _advance(self) -> list[Outgoing]:
-        """Run every forward and backward that has become possible; return what to send."""
-        s = self._state
+    def _advance(self, state: _Step | None = None) -> list[Outgoing]:
+        """Run every forward and backward that has become possible (in the active step, or in
+        `state`); return what to send."""
+        s = self._state if state is None else state
         assert s is not None
         out: list[Outgoing] = []
         progress = True
@@ -893,6 +955,13 @@ class PeerExecutor:
         return list(edges) if s.peers is None else [e for e in edges if self._active(e, s)]
 
     def _optimizer_step(self, s: _Step) -> None:
+        for seg, copies in s.stash.items():  # its forward ran on copies: the gradients are there
+            for name, p in self._modules[seg].named_parameters():
+                p.grad = copies[name].grad
+        if self.overlap:
+            self._before_update = {
+                seg: {n: p.detach().clone() for n, p in m.named_parameters()} for seg, m in self._modules.items()
+            }
         if self._optimizer is not None:
             self._optimizer.step()
         s.stepped = True
@@ -919,7 +988,10 @@ class PeerExecutor:
                     err = RemoteProtocolError if remote else TrainingError
                     raise err(f"the merged input of segment '{seg}' does not fit it: {msg}")
         with torch.set_grad_enabled(train):
-            y = self._modules[seg](x)
+            if seg in s.stash:
+                y = functional_call(self._modules[seg], s.stash[seg], (x,))
+            else:
+                y = self._modules[seg](x)
         s.outputs[seg] = y
         s.forwarded.add(seg)
         terms: list[torch.Tensor] = []

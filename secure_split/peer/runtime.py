@@ -8,7 +8,10 @@ gate; the engine computes, the runtime only moves tensors between the two.
 
 Step ordering: a peer works on one step at a time. Messages for a later step (the coordinator's
 next `step_begin` can overtake the previous step's gradients on another link) wait in a queue
-until the current step is complete; a message for an earlier step is a protocol error.
+until the current step is complete; a message for an earlier step is a protocol error. The one
+exception is `training.overlap`: a data owner begins the next training step (its forward and
+send) while the current one waits for its gradients; tensors for that step still wait in the
+queue until it is the current one.
 """
 
 from __future__ import annotations
@@ -168,7 +171,8 @@ class PeerRuntime:
         self.policy: Policy = load_policy(self.deployment.policy_path)
         check_startup(self.policy, self.deployment)
         self.data: PeerData | None = load_peer_data(self.cfg.data_path) if self.cfg.data_path else None
-        self.executor = PeerExecutor(self.deployment, self.me, self.data, defer_update=True)
+        self.executor = PeerExecutor(self.deployment, self.me, self.data, defer_update=True,
+                                     overlap=self.deployment.spec.training.overlap)
         self.counterparties = _counterparties(self.deployment, self.policy, self.me)
         # HE merge state: contexts per merge segment, pending encrypted contributions and masks.
         self.he_segments = sorted(s for s, seg in spec.segments.items() if seg.he)
@@ -460,10 +464,15 @@ class PeerRuntime:
         kind = msg.kind
         step = msg.binding.step
         if kind == Kind.STEP_BEGIN:
+            phase = str(msg.meta.get("phase", "train"))
             if self.current_step is not None:
+                # training.overlap: a data owner begins the next training step while the active
+                # one waits for its gradients; its tensors wait in the queue until it is active.
+                if step > self.current_step and self.executor.can_begin_ahead(phase):
+                    self._send_outgoing(self.executor.begin_step(step, phase, _ids_from_wire(msg.tensors[0])))  # type: ignore[arg-type]
+                    return True
                 return False
             ids = _ids_from_wire(msg.tensors[0])
-            phase = str(msg.meta.get("phase", "train"))
             self._begin(step, phase, ids)
             return True
         if kind in _STEP_TENSOR_KINDS:
@@ -504,7 +513,9 @@ class PeerRuntime:
             metrics = self.executor.finish_step()
             self.epoch_metrics.add(self.current_phase, metrics)
             self.last_step_metrics = metrics
-            self.current_step = None
+            # A step begun ahead (training.overlap) is now the active one.
+            self.current_step = self.executor.active_step
+            self.current_phase = self.executor.active_phase or self.current_phase
 
     # -- vertical: private ID alignment ------------------------------------------------------------
 
@@ -559,7 +570,8 @@ class PeerRuntime:
         if len(inter) < 2:
             raise TrainingError(f"PSI: the parties share only {len(inter)} sample id(s); nothing to train on")
         self.data = self.data.subset(np.asarray(inter, dtype=np.int64))
-        self.executor = PeerExecutor(self.deployment, self.me, self.data, defer_update=True)
+        self.executor = PeerExecutor(self.deployment, self.me, self.data, defer_update=True,
+                                     overlap=self.deployment.spec.training.overlap)
         self.audit.record("ids_aligned", parties=list(parties), own_size=len(own_ids), intersection_size=len(inter))
 
     # -- HE merges ---------------------------------------------------------------------------------

@@ -103,3 +103,22 @@ def _kinds(audit_file: Path) -> set[str]:
         if entry["event"] == "message_received":
             out.add(entry["data"]["kind"])
     return out
+
+
+def test_vanilla_with_overlap_sends_the_next_activation_before_the_previous_gradient(tmp_path: Path) -> None:
+    import json
+
+    proc, summary = run_demo(tmp_path, "vanilla", "--overlap", "--epochs", "3")
+    _assert_trained(proc, summary, 2)  # within 2 points of the baseline, audit verified
+    assert summary["overlap"] is True
+    sent, early = {}, 0
+    log = Path(summary["workdir"]) / "audit" / "owner.jsonl"
+    for line in log.read_text().splitlines():
+        entry = json.loads(line)
+        data = entry["data"]
+        if entry["event"] == "message_sent" and data.get("kind") == "activation":
+            sent[data["step"]] = entry["seq"]
+        elif entry["event"] == "message_received" and data.get("kind") == "gradient":
+            # the owner sent step t+1's activation before step t's gradient came in
+            early += int(data["step"] + 1 in sent)
+    assert early > 0.5 * len(sent), (early, len(sent))

@@ -108,3 +108,16 @@ def test_peer_config_resolves_relative_paths_and_names_missing_files(tmp_path: P
 def test_fingerprint_depends_on_both_keys() -> None:
     assert peer_fingerprint(KEY_A, TK) != peer_fingerprint(KEY_B, TK)
     assert peer_fingerprint(KEY_A, TK).startswith("sha256:")
+
+
+def test_overlap_is_refused_where_it_does_not_apply(tmp_path: Path) -> None:
+    assert load_deployment(write(tmp_path, GOOD + "training: {overlap: true}\n")).spec.training.overlap
+    he = GOOD.replace(
+        "  top: {peer: lh,", "  top2: {peer: owner, input: features, model: [{linear: {in: 4, out: 3}}]}\n  top: {peer: lh,"
+    ).replace("  top: {peer: lh,", "  top: {peer: lh, merge: sum, he: true,") + "  - {from: top2, to: top}\n"
+    assert load_deployment(write(tmp_path, he, "he.yaml"))  # valid without overlap
+    with pytest.raises(ConfigError) as info:
+        load_deployment(write(tmp_path, he + "training: {overlap: true}\n", "he_overlap.yaml"))
+    assert [(p.key, "HE merge" in p.message) for p in info.value.problems] == [("training.overlap", True)]
+    with pytest.raises(ConfigError, match="overlap is for schedule: sync"):
+        load_deployment(write(tmp_path, GOOD + "training: {overlap: true, schedule: splitfed}\n", "sf.yaml"))
