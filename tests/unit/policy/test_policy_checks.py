@@ -229,7 +229,7 @@ def test_min_batch_above_the_deployments_batch_is_an_error(
             if "min_batch" in r:
                 r["min_batch"] = 64
 
-    _, _, findings = setup(write_setup, vanilla_spec(identities, micro_batches=2), big_batches)
+    _, _, findings = setup(write_setup, vanilla_spec(identities, batch_size=16), big_batches)
     errs = errors(findings)
     assert len(errs) == 2 and all("batches of 16" in f.message for f in errs)
 

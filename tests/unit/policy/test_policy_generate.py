@@ -90,9 +90,9 @@ def test_horizontal_weight_hand_off_is_allowed_only_as_generated(
     assert policy.parties["hospital_a"].assets.ckks_secret_key == (average == "he" and schedule == "splitfed")
 
 
-def test_min_batch_never_exceeds_the_micro_batch(
+def test_min_batch_never_exceeds_the_batch(
     identities: dict[str, Identity], write_setup: WriteSetup
 ) -> None:
-    _, path = write_setup(vanilla_spec(identities, batch_size=8, micro_batches=2))
+    _, path = write_setup(vanilla_spec(identities, batch_size=4))
     data = yaml.safe_load(path.read_text())
     assert {r.get("min_batch") for r in data["allow"] if "min_batch" in r} == {4}
