@@ -9,14 +9,11 @@ import torch
 
 from secure_split.engine.executor import PeerExecutor
 
-from .test_executor import BATCH, _data, _vanilla
+from .test_executor import BATCH, _pair, _vanilla
 
 
 def _executors(tmp_path: Path, defer: bool) -> tuple[PeerExecutor, PeerExecutor]:
-    dep = _vanilla(tmp_path, name=f"d{int(defer)}.yaml")
-    owner_data, lab_data = _data()
-    return (PeerExecutor(dep, "owner", owner_data, noise_seed=0, defer_update=defer),
-            PeerExecutor(dep, "lab", lab_data, noise_seed=0, defer_update=defer))
+    return _pair(_vanilla(tmp_path, name=f"d{int(defer)}.yaml"), defer_update=defer)
 
 
 def test_deferred_update_is_taken_by_step_complete_with_the_same_result(tmp_path: Path) -> None:

@@ -45,11 +45,11 @@ def _vanilla(tmp_path: Path, protections: dict[str, Any] | None = None, name: st
     return write_deployment(tmp_path, text, name)
 
 
-def _pair(dep: Deployment) -> tuple[PeerExecutor, PeerExecutor]:
+def _pair(dep: Deployment, **options: bool) -> tuple[PeerExecutor, PeerExecutor]:
+    """Owner and lab executors of a vanilla deployment; `options` (defer_update, overlap) go to both."""
     owner_data, lab_data = _data()
-    return PeerExecutor(dep, "owner", owner_data, noise_seed=0), PeerExecutor(
-        dep, "lab", lab_data, noise_seed=0
-    )
+    return (PeerExecutor(dep, "owner", owner_data, noise_seed=0, **options),
+            PeerExecutor(dep, "lab", lab_data, noise_seed=0, **options))
 
 
 def _weights(ex: PeerExecutor) -> dict[str, torch.Tensor]:

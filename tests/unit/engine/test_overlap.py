@@ -15,13 +15,11 @@ from secure_split.engine.executor import PeerExecutor, build_optimizer
 from secure_split.errors import LocalProtocolError
 
 from .test_executor import BATCH, _data, _vanilla
+from .test_executor import _pair as _executors
 
 
 def _pair(tmp_path: Path, overlap: bool) -> tuple[PeerExecutor, PeerExecutor]:
-    dep = _vanilla(tmp_path, name=f"o{int(overlap)}.yaml")
-    owner_data, lab_data = _data()
-    return (PeerExecutor(dep, "owner", owner_data, noise_seed=0, overlap=overlap),
-            PeerExecutor(dep, "lab", lab_data, noise_seed=0, overlap=overlap))
+    return _executors(_vanilla(tmp_path, name=f"o{int(overlap)}.yaml"), overlap=overlap)
 
 
 def test_a_step_begun_ahead_trains_on_the_weights_of_its_own_forward(tmp_path: Path) -> None:
