@@ -58,6 +58,10 @@ class SigningIdentity(Protocol):
         """The Ed25519 public key, hex."""
         ...
 
+    def secret_text_forms(self) -> tuple[str, ...]:
+        """The peer's secret keys as text (hex, Z85, base64): no entry may contain one."""
+        ...
+
     def sign(self, data: bytes) -> bytes:
         """An Ed25519 signature over `data`."""
         ...
@@ -210,6 +214,7 @@ class AuditLog:
         self._peer = peer
         self._identity = identity
         self._key_hex = identity.sign_key_hex
+        self._secret_forms = tuple(s.encode("ascii") for s in identity.secret_text_forms())
         self._deployment_hash = deployment_hash
         self._policy_hash = policy_hash
         self._seq = seq
@@ -330,6 +335,9 @@ class AuditLog:
     def _hash_chain(self, _logger: Any, _method: str, ed: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         ed["prev"] = self._head
         body = encode_canonical(ed).encode("utf-8")  # every value was normalised by _canonicalise
+        if any(form in body for form in self._secret_forms):  # ~2 us per entry
+            raise AuditError(f"audit entry {ed['event']!r} contains this peer's secret key as text; "
+                             "refusing to write it (a bug passed a secret to the audit log)")
         if len(body) > MAX_LINE_BYTES - 512:
             raise AuditError(f"audit entry {ed['event']!r} would be {len(body)} bytes; the limit is "
                              f"{MAX_LINE_BYTES - 512}. The log records facts and digests, never payloads.")

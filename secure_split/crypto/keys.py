@@ -10,6 +10,7 @@ Secrets never appear in reprs, exceptions or logs.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -77,6 +78,17 @@ class Identity:
     def sign(self, data: bytes) -> bytes:
         """Ed25519 signature (64 bytes) over `data`."""
         return bytes(self._signing.sign(data).signature)
+
+    def secret_text_forms(self) -> tuple[str, ...]:
+        """Both secret keys in every text form a bug could write (hex either case, Z85, base64 and
+        URL-safe base64 with and without padding), for writers that must refuse them. Never log it."""
+        forms: set[str] = set()
+        for raw in (bytes(self._signing), bytes(self._transport)):
+            forms.update((raw.hex(), raw.hex().upper(), z85_encode(raw)))
+            for b64 in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+                text = b64.decode("ascii")
+                forms.update((text, text.rstrip("=")))
+        return tuple(sorted(forms))
 
 
 def generate_identity(name: str) -> Identity:

@@ -123,6 +123,28 @@ def test_writer_refuses_values_that_could_carry_payloads(tmp_path: Path, alice: 
     assert (tmp_path / "alice.jsonl").read_bytes() == b""
 
 
+def test_writer_refuses_an_entry_holding_the_peers_secret_key_as_text(tmp_path: Path, alice: Identity) -> None:
+    import base64
+
+    from secure_split.crypto.z85 import z85_encode
+
+    seed, transport = bytes(alice._signing), bytes(alice._transport)
+    forms = [seed.hex(), seed.hex().upper(), transport.hex(), z85_encode(transport), z85_encode(seed),
+             base64.b64encode(seed).decode(), base64.urlsafe_b64encode(transport).decode().rstrip("=")]
+    assert set(forms) <= set(alice.secret_text_forms())
+    log = open_log(tmp_path / "alice.jsonl", alice)
+    log.record("error", reason="a harmless reason", error="E")
+    for form in forms:  # anywhere in the entry: a field of its own, inside a longer string, in a list
+        for fields in ({"reason": form}, {"reason": f"key file said {form}!"}, {"reason": "r", "items": ["a", form]}):
+            with pytest.raises(AuditError, match="secret key as text") as info:
+                log.record("error", error="E", **fields)
+            assert form not in str(info.value)
+    assert log.seq == 0  # only the harmless entry was written
+    assert all(f.encode() not in (tmp_path / "alice.jsonl").read_bytes() for f in alice.secret_text_forms())
+    other = generate_identity("mallory")  # another peer's key is not this writer's secret
+    log.record("error", reason=bytes(other._signing).hex(), error="E")
+
+
 def test_writer_refuses_unknown_events_missing_fields_and_direct_checkpoints(tmp_path: Path, alice: Identity) -> None:
     log = open_log(tmp_path / "alice.jsonl", alice)
     with pytest.raises(AuditError, match=r"unknown audit event|cannot be recorded"):
