@@ -275,11 +275,9 @@ class PeerExecutor:
         # a training step that follows a training step without having begun ahead of its update.
         self._before_update: dict[str, dict[str, torch.Tensor]] | None = None
         self._predictions: dict[str, torch.Tensor] = {}
-        # Overlap (training.overlap) applies to a peer whose segments all read raw features: it has
-        # no inbound tensors and no loss, so the next step's forward needs nothing from the current.
-        self.overlap = overlap and bool(self.local) and all(
-            topo.segments[s].input == "features" and topo.segments[s].loss is None for s in self.local
-        )
+        # Overlap (training.overlap) applies to a peer without a loss whose inputs come from peers
+        # that overlap too (a data owner, the hops of a chain): see Topology.overlap_peers.
+        self.overlap = overlap and peer_name in topo.overlap_peers()
 
     # --- construction checks ------------------------------------------------------------------
 
@@ -838,6 +836,8 @@ class PeerExecutor:
                 )
 
     def _require_step(self, step: int | None, kind: str, edge: str) -> _Step:
+        if kind == "activation" and self._ahead is not None and step == self._ahead.step:
+            return self._ahead  # overlap: the next step's input, while this one waits for gradients
         s = self._state
         if s is None:
             raise RemoteProtocolError(f"{kind} on edge {edge!r} while no step is active")
@@ -894,13 +894,20 @@ class PeerExecutor:
         """Apply an inbound tensor and run; on failure restore the step as it was."""
         before = state.copy()
         apply(state)
+
+        def restore() -> None:
+            if state is self._ahead:
+                self._ahead = before
+            else:
+                self._state = before
+
         try:
-            return self._advance()
+            return self._advance(state)
         except SecureSplitError:
-            self._state = before
+            restore()
             raise
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            self._state = before
+            restore()
             raise RemoteProtocolError(
                 f"{kind} on edge {edge} could not be used by peer '{self.peer}': {exc}"
             ) from exc

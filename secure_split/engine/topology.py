@@ -91,6 +91,26 @@ class Topology:
         """The peer that owns `segment`. Raises KeyError for an unknown segment."""
         return self.segments[segment].peer
 
+    def overlap_peers(self) -> frozenset[str]:
+        """The peers that may begin a training step ahead under `training.overlap`: no loss and no
+        HE merge among their segments, and every edge into them comes from such a peer (so the
+        next step's inputs can arrive early). The data owner of a vanilla split, every peer of a
+        chain but the label holder; nobody in U-shaped (the owner holds the loss, so the server's
+        inputs never come early)."""
+        able = set(self.peers)
+        changed = True
+        while changed:
+            changed = False
+            for peer in sorted(able):
+                for s in self.local_segments(peer):
+                    spec = self.segments[s]
+                    upstream = {self.peer_of(self.edges[e].from_) for e in self.in_edges[s]}
+                    if spec.loss is not None or spec.he or not upstream <= able:
+                        able.discard(peer)
+                        changed = True
+                        break
+        return frozenset(able)
+
     def local_segments(self, peer: str) -> tuple[str, ...]:
         """The segments `peer` owns, in topological order (empty for a peer with none)."""
         return tuple(s for s in self.order if self.segments[s].peer == peer)

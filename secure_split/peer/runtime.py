@@ -9,9 +9,10 @@ gate; the engine computes, the runtime only moves tensors between the two.
 Step ordering: a peer works on one step at a time. Messages for a later step (the coordinator's
 next `step_begin` can overtake the previous step's gradients on another link) wait in a queue
 until the current step is complete; a message for an earlier step is a protocol error. The one
-exception is `training.overlap`: a data owner begins the next training step (its forward and
-send) while the current one waits for its gradients; tensors for that step still wait in the
-queue until it is the current one.
+exception is `training.overlap`: a peer without a loss whose inputs come from such peers (a data
+owner, the hops of a chain) begins the next training step while the current one waits for its
+gradients, and runs that step's forward as soon as its activations arrive; gradients for it
+still wait in the queue until it is the current one.
 """
 
 from __future__ import annotations
@@ -476,6 +477,10 @@ class PeerRuntime:
             self._begin(step, phase, ids)
             return True
         if kind in _STEP_TENSOR_KINDS:
+            if kind == Kind.ACTIVATION and step == self.executor.ahead_step:
+                # overlap: the input of the step begun ahead; its forward runs now
+                self._send_outgoing(self.executor.on_activation(msg.edge, from_wire(msg.tensors[0]), step=step))
+                return True
             if self.current_step is None or step > self.current_step:
                 return False
             if step < self.current_step:

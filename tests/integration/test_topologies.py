@@ -105,20 +105,25 @@ def _kinds(audit_file: Path) -> set[str]:
     return out
 
 
-def test_vanilla_with_overlap_sends_the_next_activation_before_the_previous_gradient(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("scenario", "epochs", "peer", "share"), [("vanilla", "3", "owner", 0.5), ("multi-hop", "6", "hop1", 0.0)])
+def test_with_overlap_a_peer_sends_the_next_activation_before_the_previous_gradient(
+    tmp_path: Path, scenario: str, epochs: str, peer: str, share: float
+) -> None:
     import json
 
-    proc, summary = run_demo(tmp_path, "vanilla", "--overlap", "--epochs", "3")
-    _assert_trained(proc, summary, 2)  # within 2 points of the baseline, audit verified
+    proc, summary = run_demo(tmp_path, scenario, "--overlap", "--epochs", epochs)
+    _assert_trained(proc, summary, 2 if scenario == "vanilla" else 4)  # within 2 points, audit verified
     assert summary["overlap"] is True
     sent, early = {}, 0
-    log = Path(summary["workdir"]) / "audit" / "owner.jsonl"
+    log = Path(summary["workdir"]) / "audit" / f"{peer}.jsonl"
     for line in log.read_text().splitlines():
         entry = json.loads(line)
         data = entry["data"]
         if entry["event"] == "message_sent" and data.get("kind") == "activation":
             sent[data["step"]] = entry["seq"]
         elif entry["event"] == "message_received" and data.get("kind") == "gradient":
-            # the owner sent step t+1's activation before step t's gradient came in
+            # the peer sent step t+1's activation before step t's gradient came in
             early += int(data["step"] + 1 in sent)
-    assert early > 0.5 * len(sent), (early, len(sent))
+    # the owner always can (its next step_begin comes a step early); a hop only when the owner's
+    # activation also beats the gradient, which depends on scheduling
+    assert early > share * len(sent) and early >= 1, (early, len(sent))

@@ -142,3 +142,59 @@ def test_overlap_gives_the_same_weights_whether_or_not_a_step_began_ahead(tmp_pa
         assert torch.equal(raced[k], strict[k]), k
     plain = _train(tmp_path, overlap=False, ahead=False)
     assert any(not torch.equal(raced[k], plain[k]) for k in raced if k.startswith("segments."))
+
+
+def _chain(tmp_path: Path, name: str) -> tuple[PeerExecutor, PeerExecutor, PeerExecutor]:
+    from .harness import deployment_yaml, write_deployment
+    from .test_executor import BOTTOM, TOP
+
+    text = deployment_yaml(
+        ["owner", "hop", "lab"],
+        {
+            "bottom": {"peer": "owner", "model": BOTTOM, "input": "features"},
+            "mid": {"peer": "hop", "model": [{"linear": {"in": 3, "out": 3}}, {"tanh": {}}]},
+            "top": {"peer": "lab", "model": TOP, "loss": "cross_entropy"},
+        },
+        [{"from": "bottom", "to": "mid"}, {"from": "mid", "to": "top"}],
+        {"seed": 1, "optimizer": {"type": "adam", "lr": 0.01}, "overlap": True},
+    )
+    dep = write_deployment(tmp_path, text, name)
+    owner_data, lab_data = _data()
+    return (PeerExecutor(dep, "owner", owner_data, noise_seed=0, overlap=True),
+            PeerExecutor(dep, "hop", None, noise_seed=0, overlap=True),
+            PeerExecutor(dep, "lab", lab_data, noise_seed=0, overlap=True))
+
+
+def test_a_hop_runs_the_next_forward_when_its_input_comes_early_with_the_same_result(tmp_path: Path) -> None:
+    batches = [BATCH, BATCH + 8, BATCH + 16]
+    runs = []
+    for ahead in (False, True):
+        owner, hop, lab = _chain(tmp_path, f"chain{int(ahead)}.yaml")
+        assert owner.overlap and hop.overlap and not lab.overlap
+        sent: dict[int, list] = {}  # step -> the hop's activation for the lab
+
+        def begin(step: int) -> None:
+            (a,) = owner.begin_step(step, "train", batches[step])
+            assert hop.begin_step(step, "train", batches[step]) == []
+            sent[step] = hop.on_activation(a.edge, a.tensor, step=step)
+
+        begin(0)
+        for step in range(len(batches)):
+            if ahead and step + 1 < len(batches):
+                assert owner.can_begin_ahead("train") and hop.can_begin_ahead("train")
+                begin(step + 1)  # both run step+1's forward before step's gradients come back
+                assert hop.ahead_step == step + 1
+            lab.begin_step(step, "train", batches[step])
+            (h,) = sent[step]
+            (gh,) = lab.on_activation(h.edge, h.tensor, step=step)
+            lab.finish_step()
+            (go,) = hop.on_gradient(gh.edge, gh.tensor, step=step)
+            hop.finish_step()
+            owner.on_gradient(go.edge, go.tensor, step=step)
+            owner.finish_step()
+            if not ahead and step + 1 < len(batches):
+                begin(step + 1)
+        runs.append({**owner.state_tensors(), **hop.state_tensors(), **lab.state_tensors()})
+    strict, raced = runs
+    for k in strict:
+        assert torch.equal(strict[k], raced[k]), k

@@ -70,3 +70,22 @@ def test_merge_order_is_the_edge_order_and_shared_label_columns_use_segment_name
     assert topo.tasks == {"top": "top", "aux": "aux"}  # both use column "labels"
     assert not topo.is_remote("ba->aux")
     assert topo.neighbours("a") == {"lab"} and topo.neighbours("lab") == {"a", "b"}
+
+
+def test_overlap_peers_are_those_whose_inputs_can_come_early(tmp_path: Path) -> None:
+    assert _u_shaped(tmp_path).overlap_peers() == frozenset()  # the owner holds the loss
+    chain = deployment_yaml(
+        ["owner", "hop1", "hop2", "lab", "lab2"],
+        {
+            "bottom": {"peer": "owner", "model": zoo.DIGITS_CNN_BOTTOM, "input": "features"},
+            "h1": {"peer": "hop1", "model": zoo.DIGITS_HOP},
+            "h2": {"peer": "hop2", "model": zoo.DIGITS_HOP},
+            "top": {"peer": "lab", "model": zoo.DIGITS_CNN_TOP, "loss": "cross_entropy"},
+            "ge5": {"peer": "lab2", "model": zoo.DIGITS_GE5_HEAD, "loss": "cross_entropy", "labels": "ge5"},
+        },
+        [{"from": "bottom", "to": "h1"}, {"from": "h1", "to": "h2"}, {"from": "h2", "to": "top"},
+         {"from": "bottom", "to": "ge5"}],
+        coordinator="lab",
+    )
+    topo = Topology.from_deployment(write_deployment(tmp_path, chain, "chain.yaml"))
+    assert topo.overlap_peers() == frozenset({"owner", "hop1", "hop2"})
