@@ -5,6 +5,7 @@ the update order is unchanged. Checked against the same schedule written out in 
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,12 @@ def _chain(tmp_path: Path, name: str) -> tuple[PeerExecutor, PeerExecutor, PeerE
             PeerExecutor(dep, "lab", lab_data, noise_seed=0, overlap=True))
 
 
+def _begin_chain_step(owner: PeerExecutor, hop: PeerExecutor, batches: list, sent: dict, step: int) -> None:
+    (a,) = owner.begin_step(step, "train", batches[step])
+    assert hop.begin_step(step, "train", batches[step]) == []
+    sent[step] = hop.on_activation(a.edge, a.tensor, step=step)
+
+
 def test_a_hop_runs_the_next_forward_when_its_input_comes_early_with_the_same_result(tmp_path: Path) -> None:
     batches = [BATCH, BATCH + 8, BATCH + 16]
     runs = []
@@ -172,12 +179,7 @@ def test_a_hop_runs_the_next_forward_when_its_input_comes_early_with_the_same_re
         owner, hop, lab = _chain(tmp_path, f"chain{int(ahead)}.yaml")
         assert owner.overlap and hop.overlap and not lab.overlap
         sent: dict[int, list] = {}  # step -> the hop's activation for the lab
-
-        def begin(step: int) -> None:
-            (a,) = owner.begin_step(step, "train", batches[step])
-            assert hop.begin_step(step, "train", batches[step]) == []
-            sent[step] = hop.on_activation(a.edge, a.tensor, step=step)
-
+        begin = functools.partial(_begin_chain_step, owner, hop, batches, sent)
         begin(0)
         for step in range(len(batches)):
             if ahead and step + 1 < len(batches):
