@@ -155,7 +155,7 @@ class Gate:
         if decision.allowed and raw is not None and tensors and tensors[0].dtype != "bfloat16":
             t = tensors[0]
             out = np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<")).reshape(t.shape)
-            decision = check_egress(self.policy, flow, out, raw) or decision
+            decision = check_egress(self.policy, flow, out, raw, decision=decision) or decision
         if not decision.allowed:
             self.stats.refused_out += 1
             self._record_denied(flow, step, decision)

@@ -192,7 +192,12 @@ def _deny(policy: Policy, flow: Flow, rule_id: str, detail: str) -> Decision:
 
 
 def check_egress(
-    policy: Policy, flow: Flow, tensor: NDArray[np.generic], raw: NDArray[np.generic] | None
+    policy: Policy,
+    flow: Flow,
+    tensor: NDArray[np.generic],
+    raw: NDArray[np.generic] | None,
+    *,
+    decision: Decision | None = None,
 ) -> Decision | None:
     """Run the leakage guards on a tensor about to leave a data owner.
 
@@ -202,6 +207,8 @@ def check_egress(
         tensor: the tensor to send (first axis: sample).
         raw: the raw feature batch it was computed from, or None if this peer holds no raw data
             for it (then nothing is checked).
+        decision: the policy's decision on this very flow, if the caller already has it (the
+            gate does); otherwise it is taken here, for the rule's distance-correlation bound.
 
     Returns:
         None if the tensor may leave; else a deny Decision with rule id "guard:raw_shape",
@@ -235,7 +242,8 @@ def check_egress(
                 f"row {hit[0]} of the tensor contains raw row {hit[1]} (a copy within relative tolerance "
                 f"{policy.egress.row_tolerance})",
             )
-    decision = policy.decide(flow)
+    if decision is None:
+        decision = policy.decide(flow)
     rule = policy.rule(decision.rule_id) if decision.allowed else None
     limit = rule.constraints.max_distance_correlation if rule is not None else None
     if rule is not None and limit is not None:

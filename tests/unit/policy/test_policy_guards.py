@@ -133,6 +133,10 @@ def test_dcor_bound_refuses_correlated_activations_only_where_set() -> None:
     assert check_egress(policy(), flow, leaky, raw) is None
     d = check_egress(policy(max_dcor=0.9), flow, leaky, raw)
     assert d is not None and d.rule_id == "guard:dcor" and "max_distance_correlation 0.9" in d.reason
+    # the gate hands over the decision it already took on this flow: the same bound applies
+    bounded = policy(max_dcor=0.9)
+    d = check_egress(bounded, flow, leaky, raw, decision=bounded.decide(flow))
+    assert d is not None and d.rule_id == "guard:dcor"
     # Independent noise still has a sample dCor well above 0 at this batch size (the statistic is biased).
     unrelated = RNG.normal(size=(128, 16))
     assert check_egress(policy(max_dcor=0.9), flow, unrelated, raw) is None
