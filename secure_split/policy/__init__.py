@@ -22,8 +22,6 @@ from secure_split.policy.checks import (
     check_deployment,
     check_policy,
     check_startup,
-    ckks_parameter_problems,
-    require_ckks_parameters,
 )
 from secure_split.policy.generate import policy_for_deployment
 from secure_split.policy.guards import check_egress, distance_correlation, find_raw_row
@@ -71,7 +69,6 @@ __all__ = [
     "check_egress",
     "check_policy",
     "check_startup",
-    "ckks_parameter_problems",
     "constraint_failure",
     "distance_correlation",
     "find_raw_row",
@@ -80,7 +77,6 @@ __all__ = [
     "policy_for_deployment",
     "policy_from_mapping",
     "psi_parties",
-    "require_ckks_parameters",
     "required_flows",
     "sign_policy",
     "signature_path",

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Literal
 
 from secure_split.config import Deployment, peer_fingerprint
-from secure_split.crypto.ckks_params import SECURITY_TABLE_128
 from secure_split.errors import ConfigError, PolicyError
 from secure_split.policy.kinds import WILDCARD
 from secure_split.policy.model import EdgeRequirement, Policy, Rule
@@ -531,39 +530,6 @@ def check_deployment(policy: Policy, deployment: Deployment) -> list[Finding]:
     out += _flow_findings(policy, deployment)
     out += _protection_findings(policy, deployment)
     return out
-
-
-def ckks_parameter_problems(
-    policy: Policy, poly_modulus_degree: int, coeff_mod_bit_sizes: list[int]
-) -> list[str]:
-    """Why these CKKS parameters break the policy (minimum N, 128-bit table), or [] if they do not.
-
-    The crypto layer calls this (or `require_ckks_parameters`) when it builds a context.
-    """
-    req = policy.requirements.ckks
-    out: list[str] = []
-    if poly_modulus_degree < req.min_poly_modulus_degree:
-        out.append(
-            f"poly_modulus_degree {poly_modulus_degree} is below the policy's minimum "
-            f"{req.min_poly_modulus_degree}"
-        )
-    limit = SECURITY_TABLE_128.get(poly_modulus_degree)
-    total = sum(coeff_mod_bit_sizes)
-    if limit is None:
-        out.append(f"poly_modulus_degree {poly_modulus_degree} is not one of {sorted(SECURITY_TABLE_128)}")
-    elif total > limit:
-        out.append(
-            f"{total} bits of coefficient modulus exceed {limit}, the 128-bit security bound at "
-            f"N={poly_modulus_degree}"
-        )
-    return out
-
-
-def require_ckks_parameters(policy: Policy, poly_modulus_degree: int, coeff_mod_bit_sizes: list[int]) -> None:
-    """Raise PolicyError if the CKKS parameters break the policy's minimum or the 128-bit table."""
-    problems = ckks_parameter_problems(policy, poly_modulus_degree, coeff_mod_bit_sizes)
-    if problems:
-        raise PolicyError(f"CKKS parameters refused by policy '{policy.name}': " + "; ".join(problems))
 
 
 def check_startup(

@@ -214,8 +214,7 @@ class EdgeRequirement:
 class CkksRequirement:
     """The CKKS parameters every context of the deployment uses (the key holder creates its
     context with exactly these; every party refuses a context with other ones), checked against
-    the 128-bit table when the policy loads. `min_poly_modulus_degree` is also the least N that
-    `ckks_parameter_problems` accepts."""
+    the 128-bit table when the policy loads."""
 
     min_poly_modulus_degree: int = DEFAULT_POLY_MODULUS_DEGREE
     coeff_mod_bit_sizes: tuple[int, ...] = DEFAULT_COEFF_MOD_BIT_SIZES

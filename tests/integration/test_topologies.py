@@ -127,3 +127,29 @@ def test_with_overlap_a_peer_sends_the_next_activation_before_the_previous_gradi
     # the owner always can (its next step_begin comes a step early); a hop only when the owner's
     # activation also beats the gradient, which depends on scheduling
     assert early > share * len(sent) and early >= 1, (early, len(sent))
+
+
+def test_vertical_he_contexts_use_the_ckks_parameters_the_policy_names(tmp_path: Path) -> None:
+    from tests.integration.helpers import (
+        clone_deployment,
+        edit_policy,
+        events,
+        generate_template,
+        kill_all,
+        start_peers,
+        wait_peers,
+    )
+
+    d = clone_deployment(generate_template(tmp_path / "t", "vertical-he"), tmp_path / "d", epochs=1, max_steps=2)
+    ckks = {"min_poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40, 60], "scale_bits": 40}
+    edit_policy(d, lambda p: p["require"].update(ckks=ckks))
+    procs = start_peers(d)
+    try:
+        codes = wait_peers(procs, 180)
+    finally:
+        kill_all(procs)
+    assert set(codes.values()) == {0}, {n: p.stderr for n, p in procs.items()}
+    sizes = [e["data"]["nbytes"] for e in events(d.audit("lab"), "message_received")
+             if e["data"]["kind"] == "encrypted_activation"]
+    # one 64x16 cut is one ciphertext: about 330 kB at N = 8192, about 103 kB at the N = 4096 default
+    assert sizes and min(sizes) > 300_000, sizes

@@ -5,22 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from policy_fixtures import WriteSetup, vanilla_spec, vertical_he_spec
 
 from secure_split.config import Deployment
 from secure_split.crypto.keys import Identity
-from secure_split.errors import PolicyError
 from secure_split.policy import (
     Finding,
     check_deployment,
     check_policy,
-    ckks_parameter_problems,
     load_policy,
     policy_for_deployment,
     policy_from_mapping,
-    require_ckks_parameters,
 )
 
 
@@ -240,20 +236,6 @@ def test_check_policy_reports_validity(identities: dict[str, Identity], write_se
     assert [f.rule for f in check_policy(expired) if f.severity == "error"] == ["validity"]
     endless = policy_from_mapping(policy_for_deployment(deployment, name="x"))
     assert [f.message for f in check_policy(endless)] == ["the policy never expires; set valid.not_after"]
-
-
-def test_ckks_parameters_are_checked_against_the_128_bit_table(
-    identities: dict[str, Identity], write_setup: WriteSetup
-) -> None:
-    _, path = write_setup(vertical_he_spec(identities))
-    policy = load_policy(path)
-    assert ckks_parameter_problems(policy, 8192, [60, 40, 40, 60]) == []
-    assert ckks_parameter_problems(policy, 16384, [60, 60, 60, 60, 60, 60, 60]) == []
-    assert ckks_parameter_problems(policy, 4096, [60, 29, 20]) == []  # the generated policy's own
-    assert "below the policy's minimum" in ckks_parameter_problems(policy, 2048, [27, 27])[0]
-    assert "exceed 218" in ckks_parameter_problems(policy, 8192, [60, 60, 60, 60])[0]
-    with pytest.raises(PolicyError, match="128-bit"):
-        require_ckks_parameters(policy, 8192, [60, 60, 60, 60])
 
 
 def test_finding_prints_severity_rule_edge_and_line() -> None:
