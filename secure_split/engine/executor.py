@@ -343,14 +343,15 @@ class PeerExecutor:
 
     def can_begin_ahead(self, phase: str) -> bool:
         """With overlap, whether a training step may begin now although one is active: the active
-        step is a training step whose forward passes are all done (it waits only for gradients)
-        and no other step has begun ahead."""
+        step is a training step whose forward passes are all done and whose update has not been
+        taken (it waits only for gradients), and no other step has begun ahead."""
         s = self._state
         return (
             self.overlap
             and phase == "train"
             and s is not None
             and s.phase == "train"
+            and not s.stepped
             and self._ahead is None
             and len(s.forwarded) == len(self.local)
         )
@@ -966,7 +967,9 @@ class PeerExecutor:
             for name, p in self._modules[seg].named_parameters():
                 p.grad = copies[name].grad
         if self.overlap:
-            self._before_update = {
+            # Only a step that begins after this update, not ahead of it, needs these weights; if
+            # the next step already began ahead, it holds its own copies and no copy is made.
+            self._before_update = None if self._ahead is not None else {
                 seg: {n: p.detach().clone() for n, p in m.named_parameters()} for seg, m in self._modules.items()
             }
         if self._optimizer is not None:

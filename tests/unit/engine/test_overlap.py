@@ -41,6 +41,7 @@ def test_a_step_begun_ahead_trains_on_the_weights_of_its_own_forward(tmp_path: P
     (g0,) = lab.on_activation(a0.edge, a0.tensor, step=0)
     lab.finish_step()
     assert owner.on_gradient(g0.edge, g0.tensor, step=0) == []
+    assert not owner.can_begin_ahead("train")  # step 0's update is taken: finish it first
     owner.finish_step()
     assert owner.active_step == 1 and owner.ahead_step is None
     (a2,) = owner.begin_step(2, "train", batches[2])  # ahead of step 1, on the weights after update 0
