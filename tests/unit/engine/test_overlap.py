@@ -41,7 +41,6 @@ def test_a_step_begun_ahead_trains_on_the_weights_of_its_own_forward(tmp_path: P
     (g0,) = lab.on_activation(a0.edge, a0.tensor, step=0)
     lab.finish_step()
     assert owner.on_gradient(g0.edge, g0.tensor, step=0) == []
-    assert not owner.can_begin_ahead("train")  # step 0's update is taken: finish it first
     owner.finish_step()
     assert owner.active_step == 1 and owner.ahead_step is None
     (a2,) = owner.begin_step(2, "train", batches[2])  # ahead of step 1, on the weights after update 0
@@ -100,6 +99,20 @@ def test_without_overlap_or_outside_training_no_step_begins_ahead(tmp_path: Path
     owner.begin_step(0, "eval", BATCH)
     with pytest.raises(LocalProtocolError, match="still active"):
         owner.begin_step(1, "train", BATCH + 8)  # an eval step is never overtaken
+
+
+def test_a_step_whose_update_is_taken_is_finished_before_the_next_begins(tmp_path: Path) -> None:
+    owner, lab = _pair(tmp_path, overlap=True)
+    (a,) = owner.begin_step(0, "train", BATCH)
+    assert owner.can_begin_ahead("train")  # waits for its gradient only
+    lab.begin_step(0, "train", BATCH)
+    (g,) = lab.on_activation(a.edge, a.tensor, step=0)
+    owner.on_gradient(g.edge, g.tensor, step=0)  # backward and update taken
+    assert not owner.can_begin_ahead("train")  # a step begun now would run on the updated weights
+    with pytest.raises(LocalProtocolError, match="still active"):
+        owner.begin_step(1, "train", BATCH + 8)
+    owner.finish_step()
+    assert owner.begin_step(1, "train", BATCH + 8)
 
 
 def test_abort_drops_the_step_begun_ahead_too(tmp_path: Path) -> None:
