@@ -432,31 +432,29 @@ class PeerExecutor:
                 for s, m in self._modules.items()
             }
             self._ahead = state
-            try:
-                return self._advance(state)
-            except Exception as exc:
-                self._ahead = None
-                if isinstance(exc, SecureSplitError):
-                    raise
-                raise TrainingError(f"step {step} ({phase}) failed on peer '{self.peer}': {exc}") from exc
-        if self.overlap:
-            # The same weights whether or not this step began ahead: a training step that follows
-            # a training step runs on the weights from before that step's update.
-            if training and self._before_update is not None:
-                state.stash = {s: {n: t.requires_grad_(True) for n, t in w.items()} for s, w in self._before_update.items()}
-            self._before_update = None
-        for m in self._modules.values():
-            if m.training != training:  # Module.train() walks every submodule: only on a change
-                m.train(training)
-        if training:
-            for p in self._params:  # = optimizer.zero_grad(set_to_none=True), without its profiler hooks
-                p.grad = None
-        self._predictions = {}
-        self._state = state
+        else:
+            if self.overlap:
+                # The same weights whether or not this step began ahead: a training step that
+                # follows a training step runs on the weights from before that step's update.
+                if training and self._before_update is not None:
+                    state.stash = {s: {n: t.requires_grad_(True) for n, t in w.items()}
+                                   for s, w in self._before_update.items()}
+                self._before_update = None
+            for m in self._modules.values():
+                if m.training != training:  # Module.train() walks every submodule: only on a change
+                    m.train(training)
+            if training:
+                for p in self._params:  # = optimizer.zero_grad(set_to_none=True), without its profiler hooks
+                    p.grad = None
+            self._predictions = {}
+            self._state = state
         try:
-            return self._advance()
+            return self._advance(state)
         except Exception as exc:
-            self._state = None
+            if ahead:
+                self._ahead = None
+            else:
+                self._state = None
             if isinstance(exc, SecureSplitError):
                 raise
             raise TrainingError(f"step {step} ({phase}) failed on peer '{self.peer}': {exc}") from exc

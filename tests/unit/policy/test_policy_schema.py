@@ -253,6 +253,9 @@ def test_the_ckks_section_gives_the_parameters_every_context_uses() -> None:
     absent = policy_from_mapping(base()).requirements.ckks.params()
     assert absent == shipped  # no section: the same default set
     doc = base()
+    doc["require"] = {"ckks": {"scale_bits": 40}}
+    assert policy_from_mapping(doc).requirements.ckks.params() == shipped  # a section naming no N or primes
+    doc = base()
     doc["require"] = {"ckks": {"min_poly_modulus_degree": 8192, "scale_bits": 35}}
     larger = policy_from_mapping(doc).requirements.ckks.params()
     assert (larger.poly_modulus_degree, larger.coeff_mod_bit_sizes, larger.global_scale_bits) == (
