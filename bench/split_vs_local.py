@@ -3,8 +3,9 @@
 For four deployments — the digits CNN (vanilla: owner.bottom -> label_holder.top), a breast
 cancer MLP 30-64-32-2 (vanilla), the digits CNN as a 3-hop chain (owner -> hop1 -> hop2 ->
 label_holder: three cut edges, four peers) and a digits CNN with two 64-channel conv layers
-(about 10x the compute per step, to show where the split's fixed per-step cost stops mattering)
-— it measures, in one run and interleaved:
+(about 10x the compute per step, to show where the split's fixed per-step cost stops mattering),
+plus the CNN, MLP and chain again with `training.overlap` (`cnn-overlap`, `mlp-overlap`,
+`chain-overlap`) — it measures, in one run and interleaved:
 
 - **split**: the deployment generated with `secure_split.cli.demo.generate` (keys, signed
   policy, per-peer data files) and run by `launch_peers` / `watch_peers` as one
