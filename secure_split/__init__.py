@@ -5,4 +5,4 @@ engine, peer, cli. Shared base modules with no third-party I/O: errors, canonica
 """
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

@@ -109,11 +109,6 @@ class TrainingSpec(_Strict):
     epochs: int = Field(3, ge=0, le=100_000)
     batch_size: int = Field(64, ge=1, le=1_000_000)
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    micro_batches: int = Field(
-        1, ge=1, le=64,
-        description="reserved for micro-batch pipelining (designed in docs/performance.md, not built): only 1 "
-        "is accepted; the policy's min_batch is already checked against batch_size / micro_batches",
-    )
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: Literal["sync", "sequential", "splitfed"] = "sync"
     handoff: Literal["relay", "direct"] = Field(
@@ -360,9 +355,6 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
         problems.append(doc.problem(("edges",), "the edges form a cycle; the topology must be a DAG"))
     if horizontal and not problems:
         problems.extend(_horizontal_problems(doc, spec))
-    if spec.training.micro_batches != 1:
-        problems.append(doc.problem(("training", "micro_batches"), "micro-batch pipelining is not built yet (its design "
-                                    "is in docs/performance.md); set 1, or training.overlap: true to overlap the peers"))
     if spec.training.overlap:
         if horizontal:
             problems.append(doc.problem(("training", "overlap"), "overlap is for schedule: sync"))

@@ -34,9 +34,14 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
 
 
 class SecureSplitError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose.
+
+    `peer` names the counterparty whose message caused it, where one did (the gate sets it on
+    what it refuses, so the node can count the refusal against that peer).
+    """
 
     exit_code: ExitCode = ExitCode.FAILED
+    peer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,15 @@ class LocalProtocolError(ProtocolError):
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol forbids (malformed frame, replay, wrong binding)."""
+    """The peer sent something the protocol forbids (malformed frame, replay, wrong binding).
+
+    `code` is the refusal code of the `error` the refusing peer answers with ("protocol" unless
+    the raiser names a more precise one, e.g. "not_served", "bad_tensor", "busy").
+    """
+
+    def __init__(self, *args: object, code: str = "protocol") -> None:
+        super().__init__(*args)
+        self.code = code
 
 
 class CodecError(RemoteProtocolError):

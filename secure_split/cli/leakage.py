@@ -3,7 +3,7 @@
 TARGET is a demo scenario (vanilla, u-shaped, multi-hop) or a deployment file. The report trains
 the topology locally once per setting of a sweep of NoPeek α and activation noise σ (and of label
 defences on an imbalanced binary task), attacks it, prints the tables and writes leakage.json and
-three PNG plots. The measurement itself lives in `secure_split.engine.leakage`; torch is imported
+three PNG plots. The measurement itself lives in `secure_split.analysis.leakage`; torch is imported
 only after the thread policy is set.
 """
 
@@ -37,7 +37,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     """Print the sweep, the label-leakage tables, DCOR's cost and the output files.
 
     Args:
-        report: what `secure_split.engine.leakage.leakage_report` returned.
+        report: what `secure_split.analysis.leakage.leakage_report` returned.
         console: where to print (default: stdout).
     """
     out = console or default_console
@@ -140,13 +140,13 @@ def run_leakage_report(
         The report dict.
 
     Raises:
-        ConfigError: the target cannot be measured (see `secure_split.engine.leakage.load_target`).
+        ConfigError: the target cannot be measured (see `secure_split.analysis.leakage.load_target`).
     """
     from secure_split.cli.threads import apply_thread_policy
 
     if "torch" not in sys.modules:
         apply_thread_policy(threads)
-    from secure_split.engine.leakage import leakage_report
+    from secure_split.analysis.leakage import leakage_report
 
     report = leakage_report(target, out_dir=out_dir, quick=quick, **options)
     print_report(report, console)

@@ -96,10 +96,9 @@ def peer_run(
     endpoints = [p.endpoint for p in dep.spec.peers.values()]
     apply_thread_policy(choose_threads(threads or cfg.spec.threads, endpoints))
 
-    from secure_split.peer.runtime import make_runtime
+    from secure_split.peer.launch import training_node
 
-    runtime = make_runtime(config, resume=resume, progress=_progress_printer(progress))
-    res = runtime.run()
+    res = training_node(config, resume=resume, progress=_progress_printer(progress)).run()
     if result is not None:
         result.parent.mkdir(parents=True, exist_ok=True)
         result.write_text(json.dumps(res.to_json(), indent=1, sort_keys=True))

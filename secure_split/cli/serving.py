@@ -1,7 +1,7 @@
 """`secure-split serve` and `secure-split predict`: split inference with a trained deployment.
 
 Both run as peers (same config, keys, signed policy, gate and audit chain as `peer run`); the
-logic lives in `secure_split.peer.inference`. torch is imported only after the thread policy is set.
+logic lives in `secure_split.peer.schedules.serve` and `.predict`. torch is imported only after the thread policy is set.
 """
 
 from __future__ import annotations
@@ -75,16 +75,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve split predictions from a trained peer (see SERVE_HELP)."""
         _set_threads(config, threads)
-        from secure_split.peer.inference import InferenceServer
+        from secure_split.peer.launch import serve_node
 
         def show(event: dict[str, Any]) -> None:
             if event.get("event") == "request" and not quiet:
                 err_console.print(f"request {event['requests']} from '{event['owner']}' done "
                                   f"({event['batches']} batches served in all)", markup=False)
 
-        server = InferenceServer(config, epoch=epoch, max_requests=max_requests, idle_exit_s=idle_exit, progress=show)
+        server = serve_node(config, epoch=epoch, max_requests=max_requests, idle_exit_s=idle_exit, progress=show)
         if not quiet:
-            err_console.print(f"'{server.me}' serves the checkpoint of epoch {server.epoch} to "
+            err_console.print(f"'{server.me}' serves the checkpoint of epoch {server.schedule.epoch} to "  # type: ignore[attr-defined]
                               f"{', '.join(server.counterparties)}", markup=False)
         res = server.run()
         _write_result(result, res)
@@ -104,7 +104,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Predict a data file with the trained split network (see PREDICT_HELP)."""
         _set_threads(config, threads)
-        from secure_split.peer.inference import PredictClient, write_predictions
+        from secure_split.peer.launch import predict_node
+        from secure_split.peer.serving import write_predictions
 
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=err_console,
@@ -116,8 +117,8 @@ def register(app: typer.Typer) -> None:
                     prog.update(task, total=event["batches"], completed=event["done"],
                                 info=f"{event['samples']} samples")
 
-            client = PredictClient(config, input, epoch=epoch, batch_size=batch_size, progress=show)
-            res = client.run()
+            node, client = predict_node(config, input, epoch=epoch, batch_size=batch_size, progress=show)
+            res = node.run()
         _write_result(result, res)
         _exit_for(res, "predict for")
         path = write_predictions(output, client.inputs.ids.numpy(), client.predictions())

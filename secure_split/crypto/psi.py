@@ -503,7 +503,9 @@ class MultiPartyPsi:
     to this party, in any order (also before `start()`: a neighbour may be faster); both
     return the steps to send now. Steps addressed to this
     party itself are handled internally and never returned. `done` turns true when this party
-    knows its part of the intersection (`result()`).
+    knows its part of the intersection (`result()`); `finished` when it also passed on everything
+    the other parties' sets need from it. Keep delivering until `finished`, not `done`: over a
+    slow link a party's own result can arrive before a set it must still blind and forward.
 
     Args:
         me: this party's name (must be in `parties`).
@@ -561,6 +563,14 @@ class MultiPartyPsi:
     def done(self) -> bool:
         """True once this party knows its part of the intersection."""
         return self._result is not None
+
+    @property
+    def finished(self) -> bool:
+        """True once this party knows its result AND has handled every message the others' sets
+        need from it (a party can learn its own result before it has passed on another party's
+        set or matches: it must keep serving the PSI until then)."""
+        expected = 2 * self._n + 1 if self._index == 0 else self._n + 1
+        return self._result is not None and len(self._seen) == expected
 
     @property
     def set_sizes(self) -> dict[str, int]:

@@ -23,17 +23,17 @@ from torch import nn
 from secure_split.config import Deployment
 from secure_split.engine.data import PeerData, as_id_tensor
 from secure_split.engine.executor import build_optimizer, merge_inputs
+from secure_split.engine.label_defences import label_defence
 from secure_split.engine.metrics import StepMetrics, TaskMetrics, evaluate, sum_task_metrics
 from secure_split.engine.models import build_segment, derive_seed
 from secure_split.engine.privacy import (
     add_gaussian_noise,
     clip_per_sample,
     distance_correlation,
-    label_defence,
 )
 from secure_split.engine.schedule import epoch_batches, split_train_test
-from secure_split.engine.topology import Topology
 from secure_split.errors import ConfigError
+from secure_split.topology import Topology
 
 __all__ = ["evaluate", "train_centralized"]
 

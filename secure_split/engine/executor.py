@@ -27,7 +27,7 @@ Protections of an edge (`EdgeSpec.protections`), train phase only:
   nopeek_alpha adds alpha * dCor(raw batch, activation) to the segment's backward (the segment
   must read raw features; the noise-free activation is used).
 - receiver (owner of the `to` segment), on the gradient it returns: gradient_clip_norm (per-sample
-  L2 clip), then the label defence (`privacy.LABEL_DEFENCES`), then gradient_noise_std noise.
+  L2 clip), then the label defence (`label_defences.label_defence`), then gradient_noise_std noise.
 Protections are properties of the edge, so they apply on local edges too (the baseline with
 protections=True matches).
 
@@ -58,6 +58,7 @@ from torch.func import functional_call
 
 from secure_split.config import Deployment
 from secure_split.engine.data import PeerData, as_id_tensor
+from secure_split.engine.label_defences import label_defence
 from secure_split.engine.metrics import Phase, StepMetrics, TaskMetrics
 from secure_split.engine.models import (
     InputShape,
@@ -72,9 +73,7 @@ from secure_split.engine.privacy import (
     add_gaussian_noise,
     clip_per_sample,
     distance_correlation,
-    label_defence,
 )
-from secure_split.engine.topology import Topology
 from secure_split.errors import (
     ConfigError,
     ConfigProblem,
@@ -83,6 +82,7 @@ from secure_split.errors import (
     SecureSplitError,
     TrainingError,
 )
+from secure_split.topology import Topology
 
 __all__ = ["Outgoing", "PeerExecutor", "build_optimizer", "merge_inputs"]
 

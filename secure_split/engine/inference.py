@@ -16,8 +16,8 @@ from secure_split.config import Deployment, PeerConfig
 from secure_split.engine.checkpoint import load_checkpoint
 from secure_split.engine.data import load_peer_data
 from secure_split.engine.executor import PeerExecutor, merge_inputs
-from secure_split.engine.topology import Topology
 from secure_split.errors import ConfigError, ConfigProblem
+from secure_split.topology import Topology
 
 __all__ = ["predict_locally", "trained_segments"]
 

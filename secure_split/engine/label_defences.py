@@ -15,9 +15,8 @@ gradient, so every defence here works per row:
   docstring for what it simplifies.
 
 `apply_label_defence` dispatches on the `ProtectionSpec.label_defence` name. `LABEL_DEFENCE_HOOKS`
-wraps the two real defences in the `secure_split.engine.privacy.LabelDefence` signature the
-executor calls, so the integrator registers them with
-`privacy.LABEL_DEFENCES.update(label_defences.LABEL_DEFENCE_HOOKS)`.
+wraps the defences in the `secure_split.engine.privacy.LabelDefence` signature the executor calls;
+`label_defence(name)` is how the executor and the baseline look one up.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ __all__ = [
     "MarvellNoise",
     "apply_label_defence",
     "clip_and_noise",
+    "label_defence",
     "marvell_defence",
     "marvell_noise_plan",
     "max_norm_defence",
@@ -303,7 +303,30 @@ def _marvell_hook(
         raise TrainingError(f"label_defence 'marvell': {exc}") from None
 
 
-LABEL_DEFENCE_HOOKS: dict[str, LabelDefence] = {"max_norm": _max_norm_hook, "marvell": _marvell_hook}
-"""The defences in the executor's `privacy.LabelDefence` signature (gradient, label columns,
-generator), by `ProtectionSpec.label_defence` name. Register with
-`privacy.LABEL_DEFENCES.update(LABEL_DEFENCE_HOOKS)`."""
+def _no_defence(
+    grad: torch.Tensor, labels: Mapping[str, torch.Tensor], generator: torch.Generator | None
+) -> torch.Tensor:
+    return grad
+
+
+LABEL_DEFENCE_HOOKS: dict[str, LabelDefence] = {"none": _no_defence, "max_norm": _max_norm_hook,
+                                                "marvell": _marvell_hook}
+"""Every label defence in the executor's `privacy.LabelDefence` signature (gradient, label columns,
+generator), by `ProtectionSpec.label_defence` name."""
+
+
+def label_defence(name: str, *, edge: str = "") -> LabelDefence:
+    """The label defence called `name` (`ProtectionSpec.label_defence`).
+
+    Args:
+        name: the defence's name.
+        edge: the edge id, for the error message.
+
+    Raises:
+        ValueError: an unknown name (the policy and deployment schemas allow only these).
+    """
+    try:
+        return LABEL_DEFENCE_HOOKS[name]
+    except KeyError:
+        where = f" on edge {edge}" if edge else ""
+        raise ValueError(f"unknown label_defence {name!r}{where}; expected one of {', '.join(LABEL_DEFENCE_NAMES)}") from None

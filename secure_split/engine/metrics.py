@@ -14,7 +14,8 @@ import numpy as np
 
 from secure_split.engine.schedule import eval_batches
 
-__all__ = ["Phase", "StepMetrics", "TaskMetrics", "evaluate", "sum_task_metrics"]
+__all__ = ["Phase", "StepMetrics", "TaskMetrics", "epoch_values", "evaluate", "sum_task_metrics",
+           "task_metrics_from_meta", "task_metrics_to_meta"]
 
 Phase = Literal["train", "eval", "infer"]
 
@@ -49,7 +50,7 @@ class TaskMetrics:
         return self.correct / self.count if self.count else 0.0
 
     def as_dict(self) -> dict[str, float | int]:
-        """Plain values, e.g. for a metrics message."""
+        """Plain values, as a barrier_ack's `tasks` carries them."""
         return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count}
 
 
@@ -70,14 +71,6 @@ class StepMetrics:
     phase: Phase
     tasks: Mapping[str, TaskMetrics] = field(default_factory=dict)
     dcor: Mapping[str, float] = field(default_factory=dict)
-
-    def as_values(self) -> dict[str, float | int]:
-        """Flat "task.field" -> number map (the `values` of a metrics message)."""
-        out: dict[str, float | int] = {}
-        for task, m in self.tasks.items():
-            out.update({f"{task}.{k}": v for k, v in m.as_dict().items()})
-        out.update({f"dcor.{e}": v for e, v in self.dcor.items()})
-        return out
 
 
 def sum_task_metrics(steps: Iterable[StepMetrics | Mapping[str, TaskMetrics]]) -> dict[str, TaskMetrics]:
@@ -109,3 +102,38 @@ def evaluate(
         task -> summed metrics over the test set (`.accuracy`, `.mean_loss`).
     """
     return sum_task_metrics(run_batch(ids) for ids in eval_batches(test_ids, batch_size))
+
+
+def task_metrics_to_meta(tasks: Mapping[str, TaskMetrics]) -> dict[str, dict[str, float | int]]:
+    """task -> sums, as a barrier_ack's `tasks` meta carries them (`protocol` checks the form)."""
+    return {task: m.as_dict() for task, m in sorted(tasks.items())}
+
+
+def task_metrics_from_meta(value: object) -> dict[str, TaskMetrics]:
+    """The inverse of `task_metrics_to_meta`, for meta the codec has already checked.
+
+    Returns:
+        task -> sums; empty for a missing or malformed value.
+    """
+    if not isinstance(value, Mapping):
+        return {}
+    out: dict[str, TaskMetrics] = {}
+    for task, sums in value.items():
+        if isinstance(task, str) and isinstance(sums, Mapping):
+            out[task] = TaskMetrics(float(sums.get("loss_sum", 0.0)), int(sums.get("correct", 0)),
+                                    int(sums.get("count", 0)))
+    return out
+
+
+def epoch_values(train: Mapping[str, TaskMetrics], evaluation: Mapping[str, TaskMetrics]) -> dict[str, float]:
+    """The numbers shown and logged per epoch: `train_loss/TASK`, `accuracy/TASK`, `eval_loss/TASK`.
+
+    Args:
+        train: task -> sums over the epoch's training steps.
+        evaluation: task -> sums over its evaluation steps.
+    """
+    out = {f"train_loss/{task}": m.mean_loss for task, m in sorted(train.items())}
+    for task, m in sorted(evaluation.items()):
+        out[f"accuracy/{task}"] = m.accuracy
+        out[f"eval_loss/{task}"] = m.mean_loss
+    return out

@@ -6,9 +6,9 @@ Where each one applies (the executor and the baseline call these functions):
   carries less about the raw input (Vepakomma et al., "NoPeek", 2020).
 - `add_gaussian_noise`: activation noise by the sender; gradient noise by the receiver.
 - `clip_per_sample`: the receiver clips each sample's gradient before returning it.
-- `LABEL_DEFENCES`: what the label side does to the gradients it returns, so they reveal less
-  about the labels. "none" is the identity; "max_norm" and "marvell" are registered here when
-  implemented (each is a `LabelDefence`); until then the executor refuses to start with them.
+- `LabelDefence`: the signature of what the label side does to the gradients it returns, so they
+  reveal less about the labels; the defences themselves ("none", "max_norm", "marvell") live in
+  `label_defences`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ from collections.abc import Callable, Mapping
 import torch
 
 __all__ = [
-    "LABEL_DEFENCES",
     "LabelDefence",
     "add_gaussian_noise",
     "clip_per_sample",
     "distance_correlation",
-    "label_defence",
 ]
 
 
@@ -107,49 +105,3 @@ LabelDefence = Callable[[torch.Tensor, Mapping[str, torch.Tensor], torch.Generat
 batch rows, the executor's private generator) -> the gradient to return instead (same shape).
 Called by the label-holding side for every gradient it returns on an edge that sets it, after
 clipping and before gradient noise."""
-
-
-def _no_defence(
-    grad: torch.Tensor, labels: Mapping[str, torch.Tensor], generator: torch.Generator | None
-) -> torch.Tensor:
-    return grad
-
-
-LABEL_DEFENCES: dict[str, LabelDefence] = {"none": _no_defence}
-"""The implemented label defences by their `ProtectionSpec.label_defence` name. Add "max_norm"
-(Li et al. 2022, norm-matching noise) and "marvell" here; the executor looks them up by name."""
-
-
-def _register_shipped_defences() -> None:
-    """Add the defences of `label_defences` (max_norm, marvell) if that module is present."""
-    try:
-        from secure_split.engine import label_defences
-    except ImportError:
-        return
-    for name, hook in getattr(label_defences, "LABEL_DEFENCE_HOOKS", {}).items():
-        LABEL_DEFENCES.setdefault(name, hook)
-
-
-def label_defence(name: str, *, edge: str = "") -> LabelDefence:
-    """Look up a label defence by name (registering the shipped ones on first need).
-
-    Args:
-        name: `ProtectionSpec.label_defence`.
-        edge: the edge id, for the error message.
-
-    Returns:
-        The `LabelDefence` to call.
-
-    Raises:
-        NotImplementedError: for a name the schema allows but no one has implemented yet.
-    """
-    if name not in LABEL_DEFENCES:
-        _register_shipped_defences()
-    try:
-        return LABEL_DEFENCES[name]
-    except KeyError:
-        where = f" on edge {edge}" if edge else ""
-        raise NotImplementedError(
-            f"label_defence {name!r}{where} is not implemented yet; use 'none' or register it in "
-            "secure_split.engine.privacy.LABEL_DEFENCES"
-        ) from None

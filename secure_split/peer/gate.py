@@ -220,6 +220,7 @@ class Gate:
             header = decode_header(frames[0], max_message_bytes=self.max_message_bytes)
         except CodecError as exc:
             self._refuse_inbound(sender, None, exc, code="bad_frame")
+            exc.peer = sender
             raise
         if header.binding.sender != sender or header.binding.receiver != self.me:
             exc2 = RemoteProtocolError(
@@ -227,6 +228,7 @@ class Gate:
                 f"but arrived from authenticated peer '{sender}' at '{self.me}'"
             )
             self._refuse_inbound(sender, header, exc2, code="spoofed")
+            exc2.peer = sender
             raise exc2
         session = self.sessions.get(sender)
         if (
@@ -268,6 +270,7 @@ class Gate:
             raise
         except RemoteProtocolError as exc:
             self._refuse_inbound(sender, header, exc, code="protocol")
+            exc.peer = sender
             raise
         dtype = header.tensor_specs[0].dtype if header.tensor_specs else None
         shape = tuple(header.tensor_specs[0].shape) if header.tensor_specs else None
@@ -291,11 +294,14 @@ class Gate:
             self._record_denied(flow, header.binding.step, decision)
             if header.kind not in _NO_REPLY_KINDS:
                 self.refuse(sender, f"refused by {self.me}: {decision.reason}", "policy_denied")
-            raise PolicyDenied(decision.reason, decision)
+            denied = PolicyDenied(decision.reason, decision)
+            denied.peer = sender
+            raise denied
         try:
             msg = decode_body(header, frames)
         except CodecError as exc:
             self._refuse_inbound(sender, header, exc, code="bad_frame")
+            exc.peer = sender
             raise
         self._record_message("message_received", msg, flow, frames, decision)
         self.stats.received += 1

@@ -352,7 +352,7 @@ def _flow_findings(policy: Policy, deployment: Deployment) -> list[Finding]:
     denied: dict[tuple[str, str, str | None, str], list[str]] = {}
     reasons: dict[tuple[str, str, str | None, str], tuple[str, str]] = {}
     training = deployment.spec.training
-    micro = max(1, training.batch_size // training.micro_batches)
+    batch = training.batch_size
     for rf in required_flows(deployment, policy=policy):
         if rf.serving:
             continue  # split inference only: `predict` checks these before it sends anything
@@ -363,14 +363,14 @@ def _flow_findings(policy: Policy, deployment: Deployment) -> list[Finding]:
             reasons.setdefault(key, (rf.why, d.reason))
             continue
         rule = policy.rule(d.rule_id)
-        if rule is not None and rule.constraints.min_batch is not None and rule.constraints.min_batch > micro:
+        if rule is not None and rule.constraints.min_batch is not None and rule.constraints.min_batch > batch:
             out.append(
                 Finding(
                     "error",
                     rule.id,
                     f"rule '{rule.id}' requires batches of at least {rule.constraints.min_batch}, but "
-                    f"the deployment sends batches of {micro} (batch_size {training.batch_size}, "
-                    f"micro_batches {training.micro_batches}) {rf.sender} -> {rf.receiver} kind '{rf.kind}'",
+                    f"the deployment sends batches of {batch} (training.batch_size) "
+                    f"{rf.sender} -> {rf.receiver} kind '{rf.kind}'",
                     edge=rf.edge,
                     line=rule.line,
                 )

@@ -89,7 +89,7 @@ def policy_for_deployment(
                 party["aggregates" if he_average else "relays"] = carried
         parties[peer] = party
 
-    micro = max(1, spec.training.batch_size // spec.training.micro_batches)
+    batch = spec.training.batch_size
     max_bytes = spec.limits.max_message_bytes
     allow: list[dict[str, Any]] = []
     control: dict[tuple[str, str], set[str]] = {}
@@ -108,7 +108,7 @@ def policy_for_deployment(
             rule["edges"] = [rf.edge]
         rule["max_bytes"] = max_bytes
         if rf.kind in _TENSOR_KINDS:
-            rule["min_batch"] = min(DEFAULT_MIN_BATCH, micro)
+            rule["min_batch"] = min(DEFAULT_MIN_BATCH, batch)
             rule["dtype"] = "float32"
         elif rf.kind == "prediction":
             rule["dtype"] = "int64"  # one argmax class per sample

@@ -17,11 +17,9 @@ KINDS: Final[tuple[str, ...]] = (
     "hello",
     "refuse",
     "error",
-    "heartbeat",
     "step_begin",
     "activation",
     "gradient",
-    "metrics",
     "barrier",
     "barrier_ack",
     "audit_receipt",
@@ -39,12 +37,13 @@ KINDS: Final[tuple[str, ...]] = (
 KIND_SET: Final[frozenset[str]] = frozenset(KINDS)
 
 CONTROL_KINDS: Final[frozenset[str]] = frozenset(
-    {"hello", "refuse", "error", "heartbeat", "step_begin", "metrics", "barrier", "barrier_ack", "shutdown"}
+    {"hello", "refuse", "error", "step_begin", "barrier", "barrier_ack", "shutdown"}
 )
 """Kinds that steer a run and never carry a tensor."""
 
-SESSION_KINDS: Final[tuple[str, ...]] = ("hello", "refuse", "error", "heartbeat", "audit_receipt")
-"""Kinds any two peers that talk at all exchange: handshake, refusals, liveness, audit receipts."""
+SESSION_KINDS: Final[tuple[str, ...]] = ("hello", "refuse", "error", "audit_receipt")
+"""Kinds any two peers that talk at all exchange: handshake, refusals, audit receipts (liveness is
+the transport's own heartbeat, below the protocol)."""
 
 HE_KINDS: Final[frozenset[str]] = frozenset(
     {"he_context", "encrypted_activation", "masked_aggregate", "aggregate_gradient"}

@@ -8,7 +8,7 @@ never starts only to be refused on its first step. The rules, one per kind of tr
   `encrypted_activation` forward and `aggregate_gradient` back (plain activations would show
   each owner's values to the merge holder);
 - the coordinator and every other peer: all control kinds, both ways;
-- every pair of peers that exchange anything: `hello`, `refuse`, `error`, `heartbeat`,
+- every pair of peers that exchange anything: `hello`, `refuse`, `error`,
   `audit_receipt`, both ways;
 - serving (split inference, `secure-split serve` / `predict`): `prediction` from the peer of an
   output segment (one without out-edges, and no merge) to each feature owner that feeds it

@@ -66,11 +66,9 @@ KIND_CODES: Mapping[Kind, int] = MappingProxyType(
         Kind.HELLO: 1,
         Kind.REFUSE: 2,
         Kind.ERROR: 3,
-        Kind.HEARTBEAT: 4,
         Kind.STEP_BEGIN: 5,
         Kind.ACTIVATION: 6,
         Kind.GRADIENT: 7,
-        Kind.METRICS: 8,
         Kind.BARRIER: 9,
         Kind.BARRIER_ACK: 10,
         Kind.AUDIT_RECEIPT: 11,
@@ -84,7 +82,8 @@ KIND_CODES: Mapping[Kind, int] = MappingProxyType(
         Kind.PREDICTION: 19,
     }
 )
-"""The byte that names each kind in the header prefix. Codes are never reused."""
+"""The byte that names each kind in the header prefix. Codes are never reused (4 and 8 were the
+retired heartbeat and metrics kinds)."""
 
 _KINDS_BY_CODE = {code: kind for kind, code in KIND_CODES.items()}
 _HEADER_KEYS = frozenset({"binding", "edge", "meta", "tensors", "blob"})

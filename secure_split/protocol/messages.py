@@ -27,14 +27,13 @@ kind                   meta (required; optional)                                
 hello                  protocol, deployment, policy, nonce(16 B); checkpoints,     0        no      no
                        software, rows
 refuse, error          reason (<= 4000 chars), code; ref_seq                       0        no      no
-heartbeat              -                                                           0        no      no
 shutdown               reason, status                                              0        no      no
-step_begin             epoch, phase (train|eval|infer); micro_batches              1 (ids)  no      no
-activation, gradient,  -; phase, micro                                             1        yes     no
+step_begin             epoch, phase (train|eval|infer)                             1 (ids)  no      no
+activation, gradient,  -; phase                                                    1        yes     no
 aggregate_gradient
 prediction             any plain values                                            1        opt     no
-metrics, barrier,      epoch (>= -1); phase, values (str -> number), reason, to    0        no      no
-barrier_ack
+barrier                epoch (>= -1); reason, phase (round id), to, members        0        no      no
+barrier_ack            epoch (>= -1); reason, phase, train, eval (task -> sums)    0        no      no
 audit_receipt          peer, seq, head, signature                                  0        no      no
 he_context,            any keys with str / int / bytes values                      0        opt     yes
 encrypted_activation,
@@ -43,9 +42,8 @@ encrypted_weights, psi
 =====================  ==========================================================  =======  ======  ====
 
 The tensor of step_begin is the batch's sample ids: int64, one dimension. Epoch -1 in the
-barrier kinds is the start barrier, before any epoch; other counts (epoch of step_begin, micro,
-ref_seq, seq) are >= 0 and micro_batches >= 1. Meta keys not listed for a kind are refused, except
-where the table says "any".
+barrier kinds is the start barrier, before any epoch; other counts (epoch of step_begin, ref_seq,
+seq) are >= 0. Meta keys not listed for a kind are refused, except where the table says "any".
 """
 
 from __future__ import annotations
@@ -85,11 +83,9 @@ class Kind(enum.StrEnum):
     HELLO = "hello"
     REFUSE = "refuse"
     ERROR = "error"
-    HEARTBEAT = "heartbeat"
     STEP_BEGIN = "step_begin"
     ACTIVATION = "activation"
     GRADIENT = "gradient"
-    METRICS = "metrics"
     BARRIER = "barrier"
     BARRIER_ACK = "barrier_ack"
     AUDIT_RECEIPT = "audit_receipt"
@@ -108,9 +104,7 @@ CONTROL_KINDS: frozenset[Kind] = frozenset(
         Kind.HELLO,
         Kind.REFUSE,
         Kind.ERROR,
-        Kind.HEARTBEAT,
         Kind.STEP_BEGIN,
-        Kind.METRICS,
         Kind.BARRIER,
         Kind.BARRIER_ACK,
         Kind.SHUTDOWN,
@@ -225,11 +219,15 @@ class MetaField:
     - "bytes": bytes of exactly `exact_len` bytes if given, else at most `max_len`.
     - "int_list": a list of ints >= 0, at most `max_len` items.
     - "number_map": a dict of str -> int or finite float, at most `max_len` items.
+    - "name_list": a list of peer names (`NAME_PATTERN`), no repeats, at most `max_len` items.
+    - "task_metrics": a dict of task name (`NAME_PATTERN`) -> {"loss_sum": finite number,
+      "correct": int, "count": int} with 0 <= correct <= count, at most `max_len` tasks: the
+      sums of `engine.metrics.TaskMetrics`.
     - "scalar": a str, int or bytes (strings and bytes at most `max_len`).
     - "plain": any plain meta value (see `MetaValue`).
     """
 
-    type: Literal["int", "str", "bytes", "int_list", "number_map", "scalar", "plain"]
+    type: Literal["int", "str", "bytes", "int_list", "number_map", "name_list", "task_metrics", "scalar", "plain"]
     min_value: int = _INT_MIN
     max_len: int = 4000
     exact_len: int | None = None
@@ -296,6 +294,19 @@ class MetaField:
                 if problem:
                     return problem
             return None
+        if self.type == "name_list":
+            if not isinstance(value, list | tuple):
+                return f"{where} must be a list of names, got {type(value).__name__}"
+            if len(value) > self.max_len:
+                return f"{where} must have at most {self.max_len} items, got {len(value)}"
+            for index, item in enumerate(value):
+                if not isinstance(item, str) or not NAME_PATTERN.fullmatch(item):
+                    return f"{where}[{index}] must be a peer name, got {brief(item)}"
+            if len(set(value)) != len(value):
+                return f"{where} names a peer twice"
+            return None
+        if self.type == "task_metrics":
+            return _task_metrics_problem(value, self.max_len, where)
         if self.type == "scalar":
             if isinstance(value, str | bytes):
                 if len(value) > self.max_len:
@@ -305,6 +316,30 @@ class MetaField:
                 return _problem_in_plain_value(value, 0, where)
             return f"{where} must be a str, int or bytes, got {type(value).__name__}"
         return _problem_in_plain_value(value, 0, where)
+
+
+_TASK_METRIC_KEYS = frozenset({"loss_sum", "correct", "count"})
+
+
+def _task_metrics_problem(value: object, max_len: int, where: str) -> str | None:
+    if not isinstance(value, dict):
+        return f"{where} must be a dict of task -> metric sums, got {type(value).__name__}"
+    if len(value) > max_len:
+        return f"{where} must have at most {max_len} tasks, got {len(value)}"
+    for task, sums in value.items():
+        if not isinstance(task, str) or not NAME_PATTERN.fullmatch(task):
+            return f"{where}: task names must match {NAME_PATTERN.pattern}, got {brief(task)}"
+        at = f"{where}[{task!r}]"
+        if not isinstance(sums, dict) or set(sums) != _TASK_METRIC_KEYS:
+            return f"{at} must be a dict with exactly the keys {sorted(_TASK_METRIC_KEYS)}"
+        loss, correct, count = sums["loss_sum"], sums["correct"], sums["count"]
+        if not (_is_int(loss) or isinstance(loss, float)) or not math.isfinite(loss):
+            return f"{at}['loss_sum'] must be a finite number, got {brief(loss)}"
+        if not _is_int(count) or not 0 <= count <= _INT_MAX:
+            return f"{at}['count'] must be an int >= 0, got {brief(count)}"
+        if not _is_int(correct) or not 0 <= correct <= count:
+            return f"{at}['correct'] must be an int in [0, count], got {brief(correct)}"
+    return None
 
 
 class Presence(enum.Enum):
@@ -400,15 +435,29 @@ _REASON = MetaField("str", max_len=4000)
 _SHORT = MetaField("str", max_len=64)
 _HASH = MetaField("str", max_len=128)  # compared by the session, which names both in its refusal
 _PHASE = MetaField("str", choices=_PHASES)
-_TENSOR_KIND = KindRule(optional={"phase": _PHASE, "micro": _COUNT}, tensors=(1, 1), edge=Presence.REQUIRED)
-_SYNC_KIND = KindRule(
+_TENSOR_KIND = KindRule(optional={"phase": _PHASE}, tensors=(1, 1), edge=Presence.REQUIRED)
+_PEER = MetaField("str", pattern=NAME_PATTERN)
+_BARRIER = KindRule(
     required={"epoch": MetaField("int", min_value=-1)},  # -1: the start barrier, before any epoch
     optional={
+        "reason": _SHORT,
+        # a round's id, so that a late answer of an earlier round is not taken for this one
         "phase": _SHORT,
-        "values": MetaField("number_map", max_len=1024),
-        "reason": _REASON,
         # horizontal schedules: the owner a barrier concerns (hand weights to it, or it dropped)
-        "to": MetaField("str", pattern=NAME_PATTERN),
+        "to": _PEER,
+        # horizontal schedules: the owners taking part in an averaging round
+        "members": MetaField("name_list", max_len=4096),
+    },
+)
+_BARRIER_ACK = KindRule(
+    required={"epoch": MetaField("int", min_value=-1)},
+    optional={
+        "reason": _SHORT,
+        "phase": _SHORT,
+        # what this peer measured itself over the epoch's training and evaluation steps:
+        # task -> TaskMetrics sums
+        "train": MetaField("task_metrics", max_len=256),
+        "eval": MetaField("task_metrics", max_len=256),
     },
 )
 _SEALED_KIND = KindRule(
@@ -429,11 +478,9 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
         ),
         Kind.REFUSE: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
         Kind.ERROR: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
-        Kind.HEARTBEAT: KindRule(),
         Kind.SHUTDOWN: KindRule(required={"reason": _REASON, "status": _SHORT}),
         Kind.STEP_BEGIN: KindRule(
             required={"epoch": _COUNT, "phase": _PHASE},
-            optional={"micro_batches": MetaField("int", min_value=1)},
             tensors=(1, 1),
             tensor_dtype="int64",
             tensor_ndim=1,
@@ -442,9 +489,8 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
         Kind.GRADIENT: _TENSOR_KIND,
         Kind.AGGREGATE_GRADIENT: _TENSOR_KIND,
         Kind.PREDICTION: KindRule(other_meta=MetaField("plain"), tensors=(1, 1), edge=Presence.OPTIONAL),
-        Kind.METRICS: _SYNC_KIND,
-        Kind.BARRIER: _SYNC_KIND,
-        Kind.BARRIER_ACK: _SYNC_KIND,
+        Kind.BARRIER: _BARRIER,
+        Kind.BARRIER_ACK: _BARRIER_ACK,
         Kind.AUDIT_RECEIPT: KindRule(
             required={
                 "peer": MetaField("str", pattern=NAME_PATTERN),

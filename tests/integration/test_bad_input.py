@@ -57,7 +57,8 @@ def test_gate_refuses_garbage_replays_and_spoofs_and_keeps_serving(vanilla_templ
         with pytest.raises(ReplayError, match="replay or duplicate"):
             holder.receive()
         # 3. A message that claims another sender than the key it arrived under.
-        spoof = Message(Kind.HEARTBEAT, Binding(dep.hash, first.binding.session, 0, 2, "label_holder", "owner"))
+        spoof = Message(Kind.BARRIER, Binding(dep.hash, first.binding.session, 0, 2, "label_holder", "owner"),
+                        meta={"epoch": 0})
         owner.transport.send("label_holder", encode(spoof))
         with pytest.raises(RemoteProtocolError, match="from authenticated peer 'owner'"):
             holder.receive()
@@ -117,7 +118,7 @@ def test_rogue_key_holder_during_a_run_is_refused_and_training_completes(
         other_session = Binding(dep.hash, os.urandom(16), 0, 5, "owner", "label_holder")
         rogue.send("label_holder", encode(Message(Kind.ERROR, other_session, meta={"reason": "r", "code": "r"})))
         spoof = Binding(dep.hash, os.urandom(16), 0, 1, "label_holder", "owner")
-        rogue.send("label_holder", encode(Message(Kind.HEARTBEAT, spoof)))
+        rogue.send("label_holder", encode(Message(Kind.BARRIER, spoof, meta={"epoch": 0})))
         assert wait_for(lambda: len(events(d.audit("label_holder"), "refused")) >= 3, 60)
     finally:
         if rogue is not None:

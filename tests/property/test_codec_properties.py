@@ -72,6 +72,13 @@ def field_values(spec: MetaField) -> st.SearchStrategy[Any]:
         return st.lists(non_negative, max_size=8)
     if spec.type == "number_map":
         return st.dictionaries(keys, int64 | finite, max_size=5)
+    if spec.type == "name_list":
+        return st.lists(st.from_regex(NAME_PATTERN, fullmatch=True), max_size=5, unique=True)
+    if spec.type == "task_metrics":
+        sums = st.integers(0, 1000).flatmap(
+            lambda count: st.fixed_dictionaries({"loss_sum": finite, "correct": st.integers(0, count),
+                                                 "count": st.just(count)}))
+        return st.dictionaries(st.from_regex(NAME_PATTERN, fullmatch=True), sums, max_size=3)
     if spec.type == "scalar":
         return short_text | int64 | st.binary(max_size=40)
     return plain()
@@ -176,7 +183,7 @@ def test_arbitrary_bytes_raise_only_codec_error(raw: bytes) -> None:
 @FAST
 @given(st.binary(max_size=300))
 def test_arbitrary_bodies_behind_a_valid_prefix_raise_only_codec_error(body: bytes) -> None:
-    for code in (KIND_CODES[Kind.HEARTBEAT], KIND_CODES[Kind.ACTIVATION]):
+    for code in (KIND_CODES[Kind.SHUTDOWN], KIND_CODES[Kind.ACTIVATION]):
         frame = struct.pack("<4sBBI", b"SSPL", PROTOCOL_VERSION, code, len(body)) + body
         decodes_or_codec_error([frame, b"\x00" * 16])
 

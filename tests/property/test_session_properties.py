@@ -34,10 +34,10 @@ DIRECTIONS = ("a->b", "b->a")
 Frames = list[bytes | memoryview]
 
 PAYLOADS: dict[Kind, dict[str, Any]] = {
-    Kind.HEARTBEAT: {},
+    Kind.BARRIER: {"meta": {"epoch": 0}},
     Kind.ACTIVATION: {"edge": "bottom->top", "tensors": (WireTensor("float32", (1, 2), bytes(8)),)},
     Kind.GRADIENT: {"edge": "bottom->top", "tensors": (WireTensor("float32", (1, 2), bytes(8)),)},
-    Kind.METRICS: {"meta": {"epoch": 0, "values": {"loss": 0.5}}},
+    Kind.BARRIER_ACK: {"meta": {"epoch": 0, "train": {"t": {"loss_sum": 0.5, "correct": 1, "count": 2}}}},
     Kind.PSI: {"blob": b"blinded ids"},
     Kind.ERROR: {"meta": {"reason": "slow", "code": "warn"}},
     Kind.AUDIT_RECEIPT: {"meta": {"peer": "p", "seq": 1, "head": "h", "signature": "s"}},

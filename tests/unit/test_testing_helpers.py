@@ -19,8 +19,8 @@ def test_fixed_identity_is_deterministic_per_name() -> None:
 def test_fake_link_delivers_and_refuses_a_replay() -> None:
     pair = FakeLink(PeerSession("alice", "bob", "0" * 64, "1" * 64), PeerSession("bob", "alice", "0" * 64, "1" * 64))
     pair.handshake()
-    frames = pair.send("a->b", pair.a.bind(Kind.HEARTBEAT, step=1))
-    assert pair.deliver("a->b").kind == Kind.HEARTBEAT
+    frames = pair.send("a->b", pair.a.bind(Kind.BARRIER, step=1, meta={"epoch": 0}))
+    assert pair.deliver("a->b").kind == Kind.BARRIER
     pair.in_flight["a->b"].append(frames)
     with pytest.raises(ReplayError):
         pair.deliver("a->b")

@@ -123,8 +123,8 @@ def test_overlap_is_refused_where_it_does_not_apply(tmp_path: Path) -> None:
         load_deployment(write(tmp_path, GOOD + "training: {overlap: true, schedule: splitfed}\n", "sf.yaml"))
 
 
-def test_micro_batches_other_than_one_are_refused_until_built(tmp_path: Path) -> None:
-    # a setting that silently did nothing would mislead whoever tunes it
-    with pytest.raises(ConfigError, match="micro-batch pipelining is not built yet") as info:
-        load_deployment(write(tmp_path, GOOD + "training: {micro_batches: 2}\n"))
+def test_micro_batches_is_no_longer_a_setting(tmp_path: Path) -> None:
+    # the field did nothing; pipelining is `training.pipeline_depth`
+    with pytest.raises(ConfigError) as info:
+        load_deployment(write(tmp_path, GOOD + "training: {micro_batches: 1}\n"))
     assert [p.key for p in info.value.problems] == ["training.micro_batches"]

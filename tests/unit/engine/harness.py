@@ -1,31 +1,25 @@
-"""Test helpers for the engine: deployments from YAML text, and an in-memory router of peers.
-
-The router is the smallest coordinator there is: it starts each step at every peer, then
-delivers every `Outgoing` to its `to_peer` (through the wire format, as bytes, so receivers get
-read-only buffers like a real transport's) until nothing is left to send. For a segment with
-`he: true` it stands in for the encrypted aggregation: it sums the activations of all its
-in-edges and hands the sum over with `on_aggregate`.
+"""Test helpers for the engine: deployments from YAML text, executors for each peer, and
+`train_split`, the split schedule over the in-memory router (`secure_split.engine.local`).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 
 from secure_split.config import Deployment, load_deployment
 from secure_split.engine import zoo
 from secure_split.engine.data import PeerData
-from secure_split.engine.executor import Outgoing, PeerExecutor
-from secure_split.engine.metrics import Phase, StepMetrics, evaluate, sum_task_metrics
+from secure_split.engine.executor import PeerExecutor
+from secure_split.engine.local import LocalRouter, over_the_wire
+
+__all__ = ["LocalRouter", "deployment_yaml", "make_executors", "over_the_wire", "train_split", "write_deployment"]
+from secure_split.engine.metrics import StepMetrics, evaluate, sum_task_metrics
 from secure_split.engine.schedule import epoch_batches, split_train_test
-from secure_split.engine.tensors import from_wire, to_wire
-from secure_split.protocol import WireTensor
 
 SIGN_KEY = "ab" * 32
 TRANSPORT_KEY = "x" * 40
@@ -111,50 +105,6 @@ def write_deployment(tmp_path: Path, text: str, name: str = "deployment.yaml") -
     path = tmp_path / name
     path.write_text(text)
     return load_deployment(path)
-
-
-def over_the_wire(t: torch.Tensor) -> torch.Tensor:
-    """What a receiver gets: the tensor's bytes copied into an immutable buffer, then viewed."""
-    w = to_wire(t)
-    return from_wire(WireTensor(w.dtype, w.shape, bytes(w.data)))
-
-
-class LocalRouter:
-    """Runs the peers of one deployment in this process, exchanging their Outgoing tensors."""
-
-    def __init__(self, executors: Mapping[str, PeerExecutor], *, wire: bool = True) -> None:
-        self.executors = dict(executors)
-        self.wire = wire
-        self.delivered: list[Outgoing] = []
-        self._pending_sums: dict[str, list[torch.Tensor]] = {}
-
-    def deliver(self, o: Outgoing) -> list[Outgoing]:
-        """Hand one Outgoing to its receiver; return what the receiver sends in turn."""
-        self.delivered.append(o)
-        t = over_the_wire(o.tensor) if self.wire else o.tensor
-        ex = self.executors[o.to_peer]
-        if o.kind == "activation":
-            segment = ex.topology.edges[o.edge].to
-            if ex.topology.segments[segment].he:
-                parts = self._pending_sums.setdefault(segment, [])
-                parts.append(t)
-                if len(parts) < len(ex.topology.in_edges[segment]):
-                    return []
-                del self._pending_sums[segment]
-                return ex.on_aggregate(segment, torch.stack(parts).sum(dim=0), step=o.step)
-            return ex.on_activation(o.edge, t, step=o.step)
-        return ex.on_gradient(o.edge, t, step=o.step)
-
-    def run_step(self, step: int, phase: Phase, ids: np.ndarray) -> dict[str, StepMetrics]:
-        """Begin the step at every peer, pump messages until quiet, finish it everywhere."""
-        queue: deque[Outgoing] = deque()
-        for ex in self.executors.values():
-            queue.extend(ex.begin_step(step, phase, ids))
-        while queue:
-            queue.extend(self.deliver(queue.popleft()))
-        for name, ex in self.executors.items():
-            assert ex.step_complete(), f"{name} still waits for {ex.waiting_for()}"
-        return {name: ex.finish_step() for name, ex in self.executors.items()}
 
 
 def make_executors(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from secure_split.config import Deployment
-from secure_split.engine import privacy
+from secure_split.engine import label_defences, privacy
 from secure_split.engine.data import PeerData
 from secure_split.engine.executor import Outgoing, PeerExecutor
 from secure_split.engine.tensors import from_wire, to_wire
@@ -309,21 +309,20 @@ def test_label_defence_hook_is_called_by_the_label_side(
         calls.append((grad.shape, sorted(labels)))
         return torch.zeros_like(grad)
 
-    monkeypatch.setitem(privacy.LABEL_DEFENCES, "max_norm", zeroing)
+    monkeypatch.setitem(label_defences.LABEL_DEFENCE_HOOKS, "max_norm", zeroing)
     owner, lab = _pair(_vanilla(tmp_path, {"label_defence": "max_norm"}))
     _, (grad,) = _one_step(owner, lab)
     assert calls == [(torch.Size([8, 3]), ["labels"])]
     assert float(grad.tensor.abs().sum()) == 0.0
 
 
-def test_an_unimplemented_label_defence_refuses_to_start(
+def test_an_unknown_label_defence_refuses_to_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(privacy, "_register_shipped_defences", lambda: None)
-    monkeypatch.delitem(privacy.LABEL_DEFENCES, "marvell", raising=False)
+    monkeypatch.delitem(label_defences.LABEL_DEFENCE_HOOKS, "marvell")
     dep = _vanilla(tmp_path, {"label_defence": "marvell"})
     PeerExecutor(dep, "owner", _data()[0])  # the owner does not apply it
-    with pytest.raises(NotImplementedError, match="label_defence 'marvell' on edge bottom->top"):
+    with pytest.raises(ValueError, match="unknown label_defence 'marvell' on edge bottom->top"):
         PeerExecutor(dep, "lab", _data()[1])
 
 

@@ -1,4 +1,4 @@
-"""Topology: order, ownership, neighbours and task names derived from a deployment."""
+"""Topology (secure_split.topology, torch-free; its tests use the engine harness): order, ownership, neighbours and task names derived from a deployment."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from secure_split.engine import zoo
-from secure_split.engine.topology import Topology
+from secure_split.topology import Topology
 
 from .harness import deployment_yaml, write_deployment
 
@@ -34,16 +34,14 @@ def test_u_shaped_topology_views(tmp_path: Path) -> None:
     assert topo.local_segments("server") == ("middle",)
     assert topo.in_edges["middle"] == ("head->middle",) and topo.out_edges["middle"] == ("middle->tail",)
     assert topo.neighbours("owner") == {"server"} and topo.neighbours("server") == {"owner"}
-    assert topo.remote_peer("head->middle", "from") == "server"
-    assert topo.remote_peer("head->middle", "to") == "owner"
-    assert topo.edges_between("owner", "server") == ["head->middle", "middle->tail"]
-    assert topo.edges_between("owner", "owner") == []
+    assert topo.edge_peers("head->middle") == ("owner", "server")
+    assert topo.edge_peers("middle->tail") == ("server", "owner")
     assert topo.is_remote("middle->tail")
     assert topo.tasks == {"labels": "tail"} and topo.task_of("tail") == "labels"
     assert topo.input_segments == ("head",) and topo.output_segments == ("tail",)
     assert topo.peers == ("owner", "server")
-    with pytest.raises(ValueError):
-        topo.remote_peer("head->middle", "up")  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        topo.edge_peers("head->nowhere")
     with pytest.raises(KeyError):
         topo.task_of("middle")
 

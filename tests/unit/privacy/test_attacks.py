@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from secure_split.engine.attacks import (
+from secure_split.analysis.attacks import (
     cosine_attack_auc,
     mean_batch_auc,
     norm_attack_auc,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secure_split.engine import privacy
-from secure_split.engine.attacks import cosine_attack_auc, norm_attack_auc
+from secure_split.analysis.attacks import cosine_attack_auc, norm_attack_auc
 from secure_split.engine.label_defences import (
     LABEL_DEFENCE_HOOKS,
     apply_label_defence,
     clip_and_noise,
+    label_defence,
     marvell_defence,
     marvell_noise_plan,
     max_norm_defence,
@@ -146,7 +146,7 @@ def test_dispatcher_names_the_schema_values_and_refuses_others() -> None:
 def test_executor_hooks_take_the_label_columns_and_are_registered_by_name() -> None:
     grads, labels = leaky_batch(n=32)
     for name, hook in LABEL_DEFENCE_HOOKS.items():
-        assert privacy.label_defence(name) is hook
+        assert label_defence(name) is hook
         out = hook(grads, {"labels": labels}, gen())
         assert out.shape == grads.shape and not torch.allclose(out, grads)
     with pytest.raises(TrainingError, match="one label column"):

@@ -18,10 +18,7 @@ import yaml
 from rich.console import Console
 from typer.testing import CliRunner
 
-from secure_split.cli.leakage import app, print_report
-from secure_split.engine import zoo
-from secure_split.engine.executor import Outgoing
-from secure_split.engine.leakage import (
+from secure_split.analysis.leakage import (
     LocalRun,
     binary_target,
     demo_target,
@@ -29,6 +26,9 @@ from secure_split.engine.leakage import (
     load_target,
     with_protections,
 )
+from secure_split.cli.leakage import app, print_report
+from secure_split.engine import zoo
+from secure_split.engine.executor import Outgoing
 from secure_split.errors import ConfigError
 
 

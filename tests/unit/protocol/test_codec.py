@@ -143,7 +143,7 @@ def test_decode_header_refuses_bad_frames_with_codec_error(frame0: bytes, needle
         (("edge",), 5, "edge must be a str"),
         (("edge",), "", "an edge is required"),
         (("meta",), [], "meta must be a mapping"),
-        (("meta",), {"micro": "one"}, "must be an int"),
+        (("meta",), {"phase": 1}, "must be a str"),
         (("meta",), {"surprise": 1}, "meta key 'surprise' is not allowed"),
         (("tensors",), {}, "tensors must be a list"),
         (("tensors",), [], "carries 1 tensor"),
@@ -199,7 +199,7 @@ def test_blob_length_counts_against_the_bound() -> None:
 
 
 def test_header_alone_over_the_bound_is_refused() -> None:
-    frames = encode(valid_example(Kind.HEARTBEAT))
+    frames = encode(valid_example(Kind.SHUTDOWN))
     with pytest.raises(CodecError, match="header alone"):
         decode(frames, max_message_bytes=len(frames[0]) - 1)
 

@@ -29,16 +29,14 @@ def valid_example(kind: Kind) -> Message:
         Kind.HELLO: {"meta": {"protocol": 1, "deployment": DEPLOYMENT, "policy": "p", "nonce": bytes(16)}},
         Kind.REFUSE: {"meta": {"reason": "policy", "code": "denied", "ref_seq": 4}},
         Kind.ERROR: {"meta": {"reason": "bad frame", "code": "codec"}},
-        Kind.HEARTBEAT: {},
         Kind.SHUTDOWN: {"meta": {"reason": "done", "status": "ok"}},
         Kind.STEP_BEGIN: {"meta": {"epoch": 0, "phase": "train"}, "tensors": (IDS,)},
-        Kind.ACTIVATION: {"edge": "bottom->top", "tensors": (F32,), "meta": {"phase": "train", "micro": 0}},
+        Kind.ACTIVATION: {"edge": "bottom->top", "tensors": (F32,), "meta": {"phase": "train"}},
         Kind.GRADIENT: {"edge": "bottom->top", "tensors": (F32,)},
         Kind.AGGREGATE_GRADIENT: {"edge": "merge->top", "tensors": (F32,)},
         Kind.PREDICTION: {"tensors": (F32,), "meta": {"request": "r1", "scores": {"auc": 0.5}}},
-        Kind.METRICS: {"meta": {"epoch": 1, "values": {"loss": 0.25, "n": 64}}},
-        Kind.BARRIER: {"meta": {"epoch": 1, "phase": "eval"}},
-        Kind.BARRIER_ACK: {"meta": {"epoch": 1}},
+        Kind.BARRIER: {"meta": {"epoch": 1, "phase": "a3", "reason": "average", "members": ["o1", "o2"]}},
+        Kind.BARRIER_ACK: {"meta": {"epoch": 1, "eval": {"labels": {"loss_sum": 0.25, "correct": 3, "count": 4}}}},
         Kind.AUDIT_RECEIPT: {"meta": {"peer": "bank", "seq": 12, "head": "ab" * 32, "signature": "cd" * 64}},
         Kind.HE_CONTEXT: {"blob": b"ctx", "meta": {"round": 0}},
         Kind.ENCRYPTED_ACTIVATION: {"blob": b"ct", "edge": "bottom->merge", "meta": {"part": "a"}},
@@ -51,7 +49,7 @@ def valid_example(kind: Kind) -> Message:
 
 def test_kind_set_is_closed_and_has_no_kind_for_raw_features_or_labels() -> None:
     assert {k.value for k in Kind} == {
-        "hello", "refuse", "error", "heartbeat", "step_begin", "activation", "gradient", "metrics",
+        "hello", "refuse", "error", "step_begin", "activation", "gradient",
         "barrier", "barrier_ack", "audit_receipt", "shutdown", "he_context", "encrypted_activation",
         "masked_aggregate", "aggregate_gradient", "encrypted_weights", "psi", "prediction",
     }  # fmt: skip
@@ -60,8 +58,8 @@ def test_kind_set_is_closed_and_has_no_kind_for_raw_features_or_labels() -> None
 
 def test_control_kinds_are_the_kinds_that_steer_the_run() -> None:
     assert {k.value for k in CONTROL_KINDS} == {
-        "hello", "refuse", "error", "heartbeat", "step_begin",
-        "metrics", "barrier", "barrier_ack", "shutdown",
+        "hello", "refuse", "error", "step_begin",
+        "barrier", "barrier_ack", "shutdown",
     }  # fmt: skip
 
 
@@ -72,7 +70,9 @@ def test_every_kind_has_a_rule_and_a_valid_example() -> None:
 
 
 def test_kind_accepts_its_string_value() -> None:
-    assert Message(kind="heartbeat", binding=BINDING).kind is Kind.HEARTBEAT  # type: ignore[arg-type]
+    assert Message(kind="barrier", binding=BINDING, meta={"epoch": 0}).kind is Kind.BARRIER  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="unknown message kind 'heartbeat'"):
+        Message(kind="heartbeat", binding=BINDING)  # type: ignore[arg-type]
     with pytest.raises(LocalProtocolError, match="unknown message kind 'features'"):
         Message(kind="features", binding=BINDING)  # type: ignore[arg-type]
 
@@ -162,8 +162,8 @@ def test_wire_tensor_repr_never_shows_the_payload() -> None:
 
 
 def test_message_meta_is_a_read_only_copy() -> None:
-    meta = {"epoch": 1, "values": {"loss": 1.0}}
-    message = Message(kind=Kind.METRICS, binding=BINDING, meta=meta)
+    meta = {"epoch": 1, "eval": {"t": {"loss_sum": 1.0, "correct": 0, "count": 1}}}
+    message = Message(kind=Kind.BARRIER_ACK, binding=BINDING, meta=meta)
     meta["epoch"] = 2
     assert message.meta["epoch"] == 1
     with pytest.raises(TypeError):
@@ -188,19 +188,27 @@ def test_message_meta_is_a_read_only_copy() -> None:
             {"meta": {"protocol": True, "deployment": "d", "policy": "p", "nonce": bytes(16)}},
             "int",
         ),
-        (Kind.HEARTBEAT, {"meta": {"x": 1}}, "meta key 'x' is not allowed"),
-        (Kind.HEARTBEAT, {"edge": "a->b"}, "carries no edge"),
+        (Kind.BARRIER, {"meta": {"epoch": 0, "x": 1}}, "meta key 'x' is not allowed"),
+        (Kind.BARRIER, {"meta": {"epoch": 0}, "edge": "a->b"}, "carries no edge"),
+        (Kind.BARRIER, {"meta": {"epoch": 0, "members": ["a", "a"]}}, "names a peer twice"),
+        (Kind.BARRIER, {"meta": {"epoch": 0, "members": ["A"]}}, "must be a peer name"),
         (Kind.REFUSE, {"meta": {"reason": "r" * 4001, "code": "c"}}, "at most 4000"),
         (Kind.STEP_BEGIN, {"meta": {"epoch": 0, "phase": "fit"}, "tensors": (IDS,)}, "must be one of"),
         (Kind.STEP_BEGIN, {"meta": {"epoch": 0, "phase": "train"}, "tensors": (F32,)}, "must be int64"),
         (Kind.STEP_BEGIN, {"meta": {"epoch": 0, "phase": "train"}}, "carries 1 tensor"),
         (Kind.ACTIVATION, {"tensors": (F32,)}, "an edge is required"),
         (Kind.ACTIVATION, {"edge": "a->b", "tensors": (F32, F32)}, "carries 1 tensor"),
-        (Kind.ACTIVATION, {"edge": "a->b", "tensors": (F32,), "meta": {"micro": -1}}, "micro"),
+        (Kind.ACTIVATION, {"edge": "a->b", "tensors": (F32,), "meta": {"micro": 0}}, "meta key 'micro' is not allowed"),
         (Kind.ACTIVATION, {"edge": "A->b", "tensors": (F32,)}, "FROM->TO"),
         (Kind.ACTIVATION, {"edge": "a->b", "tensors": (F32,), "blob": b"x"}, "carries no blob"),
-        (Kind.METRICS, {"meta": {"epoch": 0, "values": {"loss": "low"}}}, "must be a number"),
-        (Kind.METRICS, {"meta": {"epoch": 0, "values": {"loss": float("nan")}}}, "finite"),
+        (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "eval": {"t": {"loss_sum": "low", "correct": 0, "count": 0}}}},
+         "finite number"),
+        (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "eval": {"t": {"loss_sum": float("nan"), "correct": 0, "count": 0}}}},
+         "finite"),
+        (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "eval": {"t": {"loss_sum": 1.0, "correct": 5, "count": 4}}}},
+         r"in \[0, count\]"),
+        (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "eval": {"t": {"loss_sum": 1.0, "count": 4}}}}, "exactly the keys"),
+        (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "values": {"accuracy": 1.0}}}, "meta key 'values' is not allowed"),
         (
             Kind.AUDIT_RECEIPT,
             {"meta": {"peer": "Bank", "seq": 1, "head": "h", "signature": "s"}},

@@ -208,7 +208,7 @@ def test_bind_before_the_handshake_completes_is_our_error(link: FakeLink) -> Non
         activation(link.a)
     link.a.hello()
     with pytest.raises(LocalProtocolError, match="state HELLO_SENT"):
-        link.a.bind(Kind.HEARTBEAT)
+        link.a.bind(Kind.BARRIER, meta={"epoch": 0})
 
 
 def test_hello_goes_out_once(link: FakeLink) -> None:

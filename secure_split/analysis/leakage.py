@@ -51,15 +51,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from secure_split.canonical import digest_of
-from secure_split.config import Deployment, DeploymentSpec, ProtectionSpec, load_deployment
-from secure_split.engine.attacks import (
+from secure_split.analysis.attacks import (
     cosine_attack_auc,
     mean_batch_auc,
     norm_attack_auc,
     reconstruction_metrics,
     train_decoder,
 )
+from secure_split.canonical import digest_of
+from secure_split.config import Deployment, DeploymentSpec, ProtectionSpec, load_deployment
 from secure_split.engine.data import PeerData, digits
 from secure_split.engine.executor import Outgoing, PeerExecutor
 from secure_split.engine.label_defences import (
@@ -67,12 +67,13 @@ from secure_split.engine.label_defences import (
     marvell_defence,
     max_norm_defence,
 )
+from secure_split.engine.local import Intercept, LocalRouter
 from secure_split.engine.metrics import StepMetrics, TaskMetrics, evaluate, sum_task_metrics
 from secure_split.engine.models import derive_seed, input_shape
 from secure_split.engine.privacy import distance_correlation
 from secure_split.engine.schedule import epoch_batches, split_train_test
-from secure_split.engine.topology import Topology
 from secure_split.errors import ConfigError, ConfigProblem
+from secure_split.topology import Topology
 
 __all__ = [
     "AUX_FRACTION",
@@ -440,13 +441,9 @@ def with_protections(dep: Deployment, edge: str, **protections: Any) -> Deployme
 # --- a local run of the real executors -------------------------------------------------------
 
 
-Intercept = Callable[[Outgoing, np.ndarray], Outgoing]
-"""Sees (and may replace) every tensor before it is delivered: (outgoing, the step's ids)."""
-
-
 @dataclass
 class LocalRun:
-    """Every peer's `PeerExecutor` in one process, with a router in place of the network.
+    """Every peer's `PeerExecutor` in one process, over the in-memory router (`engine.local`).
 
     Attributes:
         target: what is trained.
@@ -481,19 +478,8 @@ class LocalRun:
         """Run one step across every executor, routing tensors until each is complete."""
         step = self.step_no
         self.step_no += 1
-        queue: list[Outgoing] = []
-        for ex in self.executors.values():
-            queue.extend(ex.begin_step(step, phase, ids))  # type: ignore[arg-type]
-        while queue:
-            out = queue.pop(0)
-            if intercept is not None:
-                out = intercept(out, ids)
-            dst = self.executors[out.to_peer]
-            if out.kind == "activation":
-                queue.extend(dst.on_activation(out.edge, out.tensor, step=step))
-            else:
-                queue.extend(dst.on_gradient(out.edge, out.tensor, step=step))
-        return [ex.finish_step() for ex in self.executors.values()]
+        router = LocalRouter(self.executors, wire=False)
+        return list(router.run_step(step, phase, ids, intercept=intercept).values())  # type: ignore[arg-type]
 
     def train(self, epochs: int | None = None, intercept: Intercept | None = None) -> list[StepMetrics]:
         """Train for `epochs` (default: the deployment's) on the deployment's schedule."""

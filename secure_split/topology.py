@@ -1,16 +1,17 @@
-"""The DAG of segments and edges of a deployment, and who owns what.
+"""The DAG of segments and edges of a deployment, and who owns what (no torch: config, policy,
+peer and engine all read the topology from here).
 
 `load_deployment` has already checked that every reference resolves and that there is no cycle;
 this module only derives views of it: a topological order, per-segment in/out edges (in the order
 the deployment lists them: that order is the concat order of a merge), per-peer segments and
-neighbours, and the task name of each loss segment.
+neighbours, the peers at both ends of each edge, the HE merge points and who feeds them, and the
+task name of each loss segment. Nobody else parses an edge id ("FROM->TO").
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 from secure_split.config import Deployment, EdgeSpec, SegmentSpec
 
@@ -125,25 +126,10 @@ class Topology:
         a, b = self.endpoints(edge)
         return self.peer_of(a) != self.peer_of(b)
 
-    def remote_peer(self, edge: str, side: Literal["from", "to"]) -> str:
-        """The peer at the other end of `edge` from `side`.
-
-        Args:
-            edge: the edge id.
-            side: the local end: "from" (we send activations on it) or "to" (we receive them).
-
-        Returns:
-            The owner of the `to` segment when side is "from", of the `from` segment when "to".
-
-        Raises:
-            KeyError: unknown edge. ValueError: side is not "from" or "to".
-        """
+    def edge_peers(self, edge: str) -> tuple[str, str]:
+        """(peer of the `from` segment, peer of the `to` segment). Raises KeyError for an unknown edge."""
         a, b = self.endpoints(edge)
-        if side == "from":
-            return self.peer_of(b)
-        if side == "to":
-            return self.peer_of(a)
-        raise ValueError(f"side must be 'from' or 'to', got {side!r}")
+        return self.peer_of(a), self.peer_of(b)
 
     def neighbours(self, peer: str) -> set[str]:
         """The other peers that share at least one edge with `peer`."""
@@ -156,14 +142,15 @@ class Topology:
                 out.add(a)
         return out
 
-    def edges_between(self, a: str, b: str) -> list[str]:
-        """Edge ids with one end owned by peer `a` and the other by peer `b` (either direction)."""
-        found = []
-        for eid in self.edges:
-            pa, pb = (self.peer_of(s) for s in self.endpoints(eid))
-            if {pa, pb} == {a, b} and (pa != pb or a == b):
-                found.append(eid)
-        return found
+    @property
+    def he_segments(self) -> tuple[str, ...]:
+        """Merge segments that add their inputs under CKKS (`he: true`), in topological order."""
+        return tuple(s for s in self.order if self.segments[s].he)
+
+    def he_feeders(self, segment: str) -> tuple[str, ...]:
+        """The peers (other than its holder) whose segments feed merge `segment`, sorted."""
+        holder = self.peer_of(segment)
+        return tuple(sorted({self.peer_of(self.edges[e].from_) for e in self.in_edges[segment]} - {holder}))
 
     # --- roles -------------------------------------------------------------------------------
 

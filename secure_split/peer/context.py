@@ -1,0 +1,155 @@
+"""Everything one peer loads and checks before it opens a socket.
+
+`PeerContext.load(config_path)` reads the private peer config, the shared deployment, the key file
+and the policy, and refuses to go on (a `ConfigError` listing every problem, with file and key)
+when the key does not match the deployment or the policy does not allow what the topology needs.
+Nothing here talks to another party; the node (`peer/node.py`) starts from a loaded context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from secure_split.config import Deployment, PeerConfig, load_deployment, load_peer_config
+from secure_split.crypto.keys import Identity, load_identity
+from secure_split.errors import ConfigError, ConfigProblem
+from secure_split.policy import Policy, check_startup, load_policy, required_flows
+from secure_split.topology import Topology
+
+__all__ = ["PeerContext", "PeerResult", "clip"]
+
+
+def clip(text: str, limit: int = 3000) -> str:
+    """Cut text to at most `limit` UTF-8 bytes (the audit log refuses strings over 4 KiB)."""
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
+
+
+@dataclass
+class PeerResult:
+    """What a peer reports when it exits (the demo's table and summary read these)."""
+
+    name: str
+    pid: int
+    status: str = "failed"
+    error: str | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    refused: int = 0
+    epochs_done: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+    # The ExitCode of the error that stopped this peer (0 when it did not stop on an error of its own).
+    exit_code: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain values (the `--result` file)."""
+        return asdict(self)
+
+
+@dataclass
+class PeerContext:
+    """One peer's loaded and checked files.
+
+    Attributes:
+        cfg: the private peer config.
+        deployment: the shared deployment.
+        identity: this peer's secret keys.
+        policy: the signed policy.
+        topology: the deployment's segments and edges.
+        counterparties: every peer this one exchanges messages with (from the required flows).
+    """
+
+    cfg: PeerConfig
+    deployment: Deployment
+    identity: Identity
+    policy: Policy
+    topology: Topology
+    counterparties: list[str]
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def me(self) -> str:
+        """This peer's name."""
+        return self.cfg.name
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Whether this peer drives the schedule."""
+        return self.deployment.spec.coordinator == self.me
+
+    @property
+    def audit_path(self) -> Path:
+        """This peer's audit log file."""
+        return self.cfg.audit_dir / f"{self.me}.jsonl"
+
+    @classmethod
+    def load(cls, config_path: str | Path) -> PeerContext:
+        """Load and check a peer's files.
+
+        Raises:
+            ConfigError: every problem found (unreadable files, a key that is not this peer's, a
+                policy that does not allow what the topology needs).
+        """
+        cfg = load_peer_config(config_path)
+        deployment = load_deployment(cfg.deployment_path)
+        me = cfg.name
+        spec = deployment.spec
+        if me not in spec.peers:
+            raise ConfigError(ConfigProblem(str(cfg.path), "peer", f"'{me}' is not a peer of deployment {deployment.path}"))
+        identity = load_identity(cfg.secret_key_path)
+        mine = spec.peers[me]
+        problems: list[ConfigProblem] = []
+        if identity.sign_key_hex != mine.sign_key or identity.transport_public_z85 != mine.transport_key:
+            problems.append(ConfigProblem(
+                str(cfg.secret_key_path), "-",
+                f"this secret key does not match the public keys of peer '{me}' in {deployment.path}; "
+                "use the key file generated for this peer or update the deployment",
+            ))
+        if identity.name != me:
+            problems.append(ConfigProblem(str(cfg.secret_key_path), "peer", f"key file is for '{identity.name}', not '{me}'"))
+        if problems:
+            raise ConfigError(problems)
+        policy = load_policy(deployment.policy_path)
+        check_startup(policy, deployment)
+        return cls(cfg, deployment, identity, policy, Topology.from_deployment(deployment),
+                   counterparties(deployment, policy, me))
+
+    def resume_problem(self) -> str | None:
+        """Why `--resume` cannot continue this peer's audit log under this deployment, or None."""
+        log_path = self.audit_path
+        try:
+            with open(log_path, "rb") as fh:
+                theirs = json.loads(fh.readline(1 << 20))["data"]["deployment_hash"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no log yet, or one the audit layer judges when it opens it
+        if not isinstance(theirs, str) or theirs == self.deployment.hash:
+            return None
+        return (
+            f"cannot resume: audit log {log_path} was written under deployment {theirs}, but {self.deployment.path} "
+            f"now hashes to {self.deployment.hash}; --resume needs the same deployment.yaml (training settings included) "
+            "at every peer; to change it, start a new run with fresh audit and checkpoint folders"
+        )
+
+    def new_result(self) -> PeerResult:
+        """An empty result for this peer and process."""
+        return PeerResult(name=self.me, pid=os.getpid())
+
+
+def counterparties(deployment: Deployment, policy: Policy, me: str) -> list[str]:
+    """Every peer `me` exchanges messages with: those the topology's required flows name."""
+    peers: set[str] = set()
+    for flow in required_flows(deployment, policy=policy):
+        if flow.sender == me:
+            peers.add(flow.receiver)
+        elif flow.receiver == me:
+            peers.add(flow.sender)
+    peers.discard(me)
+    return sorted(peers)

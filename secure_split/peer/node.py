@@ -1,0 +1,518 @@
+"""One peer process: open, shake hands, run a schedule over one inbound path, close.
+
+`PeerNode` decides *how* a peer runs; a `Schedule` (`peer/schedule.py`) decides *what* it does.
+
+Lifecycle (`run`): open the audit log (continued on resume), the transport and the gate; send
+HELLO to every counterparty and wait until each session is established; `schedule.set_up()`;
+`schedule.run()`; write `run_end` and close. An expected failure (a `SecureSplitError`, Ctrl-C)
+ends the run with its exit code and a reason the others are told; nothing escapes as a traceback.
+
+The inbound path (`wait`): every message of this peer arrives through `_pump`: transport events
+first (a connection down past the grace period is a lost peer), then one `gate.receive` (sender
+authenticated by its CURVE key, header bounded, session binding and replay window, policy,
+payload, audit entry), then the node's own kinds, then the schedule:
+
+- `hello` after the handshake: a restarted counterparty (new session) or, for a server, a new client;
+- `error` / `refuse`: a notice about a frame we never sent is recorded; anything else is the
+  schedule's to judge (`on_remote_error`), else the run stops with the sender's reason;
+- `audit_receipt`: a counterparty's signed head, verified and recorded (`exchange_heads` waits on them);
+- everything else: `schedule.on_message`; a message it leaves for later waits in a bounded queue
+  and is offered again after the next message the schedule took.
+
+A message the gate or the schedule refuses is audited and answered with an `error`; the run goes
+on. Only a refused handshake or an inbound flow our own policy denies stops it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+import secure_split
+from secure_split.audit import AuditLog, SignedHead
+from secure_split.errors import (
+    CryptoError,
+    ExitCode,
+    HandshakeRefused,
+    PeerTimeout,
+    PolicyDenied,
+    RemoteProtocolError,
+    SecureSplitError,
+    TrainingError,
+)
+from secure_split.peer.context import PeerContext, PeerResult, clip
+from secure_split.peer.effects import Effect, Record, Send
+from secure_split.peer.gate import Gate
+from secure_split.peer.schedule import ProgressFn, Schedule
+from secure_split.protocol import Kind, Message, PeerSession, SessionState, WireTensor
+from secure_split.transport import Transport, TransportPeer
+
+__all__ = ["PeerNode"]
+
+# How long a disconnected counterparty may stay away before we name it as lost.
+_RECONNECT_GRACE_S = 3.0
+# Refusal codes (see gate.Gate.receive) for frames our own gate cannot have produced: a counterparty's
+# `error` with one of these is a notice, not a reason to stop.
+_NOT_SENT_BY_US_CODES = frozenset({"bad_frame", "spoofed"})
+# Messages the schedule left for later, per sender: beyond this the oldest is refused.
+_MAX_LATER_PER_PEER = 256
+_POLL_S = 0.2
+
+
+class PeerNode:
+    """Runs one peer from its loaded context to a clean exit (see the module docstring).
+
+    Args:
+        ctx: the peer's loaded and checked files.
+        schedule: what the peer does.
+        resume: continue this peer's audit chain (a resumed run, a server after training).
+        progress: receives progress events.
+        accepts_restarted_peers: a counterparty's second HELLO opens a new session (a restarted
+            process, a new prediction request) instead of being refused.
+        counterparties: the peers to talk to (default: those the deployment's flows name).
+        handshake: say HELLO to every counterparty first (a server waits for its clients instead).
+        serving: a server: a refused handshake or a policy-denied message from a client ends
+            nothing but that client's attempt.
+    """
+
+    def __init__(self, ctx: PeerContext, schedule: Schedule, *, resume: bool = False,
+                 progress: ProgressFn | None = None, accepts_restarted_peers: bool = False,
+                 counterparties: Sequence[str] | None = None, handshake: bool = True, serving: bool = False) -> None:
+        self.ctx = ctx
+        self.schedule = schedule
+        self.resume = resume
+        self.accepts_restarted_peers = accepts_restarted_peers
+        self.does_handshake = handshake
+        self.serving = serving
+        self._progress = progress or (lambda event: None)
+        self.result: PeerResult = ctx.new_result()
+        self.counterparties: list[str] = list(ctx.counterparties if counterparties is None else counterparties)
+        self.receipts: dict[int, set[str]] = {}
+        self.handshaking = True
+        self._later: deque[Message] = deque()
+        self._lost_since: dict[str, float] = {}
+        self._violations: dict[str, deque[tuple[float, str]]] = {}
+        self._dirty = False
+        schedule.attach(self)
+
+    # -- the pieces schedules use -----------------------------------------------------------
+
+    @property
+    def me(self) -> str:
+        """This peer's name."""
+        return self.ctx.me
+
+    def progress(self, event: dict[str, Any]) -> None:
+        """Report progress to the operator's display."""
+        self._progress(event)
+
+    def record(self, event: str, **fields: Any) -> int:
+        """Write one audit entry."""
+        return self.audit.record(event, **fields)
+
+    def send(self, to: str, kind: Kind, *, step: int = 0, edge: str = "", meta: Mapping[str, Any] | None = None,
+             tensors: Sequence[WireTensor] = (), blob: bytes = b"", raw: np.ndarray | None = None) -> Message:
+        """Send one message through the gate (policy, egress guards, audit, transport).
+
+        Raises:
+            PolicyDenied: the policy refused it (audited; nothing was sent).
+        """
+        return self.gate.send(to, kind, step=step, edge=edge, meta=meta, tensors=tensors, blob=blob, raw=raw)
+
+    def apply(self, effects: Iterable[Effect]) -> None:
+        """Carry out a sans-IO part's effects in order."""
+        for e in effects:
+            if isinstance(e, Send):
+                self.send(e.to, e.kind, step=e.step, edge=e.edge, meta=e.meta, tensors=e.tensors, blob=e.blob,
+                          raw=e.raw)
+            elif isinstance(e, Record):
+                self.audit.record(e.event, **dict(e.fields))
+
+    def refuse(self, to: str, reason: str, code: str, *, kind: Kind = Kind.ERROR) -> None:
+        """Tell `to` we refused something (best effort, never raises)."""
+        self.gate.refuse(to, reason, code, kind=kind)
+
+    def session(self, peer: str) -> PeerSession | None:
+        """The protocol session with `peer` (None if it is not a counterparty)."""
+        return self.gate.sessions.get(peer)
+
+    def hello_meta_of(self, peer: str) -> dict[str, Any]:
+        """What `peer` said in its HELLO (empty before its HELLO arrived)."""
+        session = self.gate.sessions.get(peer)
+        return dict(session.remote_hello_meta or {}) if session is not None else {}
+
+    def established(self, peer: str) -> bool:
+        """Whether the session with `peer` is established (we may send it anything)."""
+        session = self.gate.sessions.get(peer)
+        return session is not None and session.state is SessionState.ESTABLISHED
+
+    def new_session(self, peer: str) -> PeerSession:
+        """A fresh protocol session with `peer` carrying the schedule's HELLO meta."""
+        meta = {"software": secure_split.__version__, **self.schedule.hello_meta()}
+        return PeerSession(self.me, peer, self.ctx.deployment.hash, self.ctx.policy.hash, hello_meta=meta)
+
+    def reset_session(self, peer: str) -> None:
+        """Replace the session with `peer` by a fresh one (after it refused our handshake)."""
+        self.gate.sessions[peer] = self.new_session(peer)
+
+    def wait(self, done: Callable[[], bool], what: Callable[[], str], waiting_on: Callable[[], list[str]]) -> None:
+        """Serve messages until `done()`; stop (or let the schedule carry on) when nothing arrives
+        for `limits.peer_timeout_s`, naming the peers we wait on."""
+        limit = self.ctx.deployment.spec.limits.peer_timeout_s
+        last_progress = time.monotonic()
+        self._dirty = True  # the schedule moved on since it last waited: kept messages may fit now
+        while not done():
+            if self._dirty and self._later:
+                self._dirty = False
+                self._offer_later()
+                if done():
+                    return
+            if self._pump(_POLL_S):
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > limit:
+                self._timed_out(waiting_on() or ["(unknown)"], what(), limit)
+                last_progress = time.monotonic()
+
+    def poll(self, timeout_s: float) -> bool:
+        """Serve at most one inbound message (a server's loop). True if one was taken."""
+        return self._pump(timeout_s)
+
+    def signed_head(self, reason: str) -> SignedHead:
+        """Sign our audit head now (a checkpoint entry) and return it."""
+        return self.audit.checkpoint(reason)
+
+    def exchange_heads(self, key: int, peers: Sequence[str], reason: str) -> SignedHead:
+        """Sign our audit head, send it to `peers` and wait until each sent us theirs for `key`
+        (a barrier id, a request number); theirs are verified and recorded as they arrive."""
+        head = self.audit.checkpoint(reason)
+        for peer in peers:
+            self.send(peer, Kind.AUDIT_RECEIPT, step=key, meta=head.to_meta())
+        self.wait(
+            lambda: self.receipts.get(key, set()) >= set(peers),
+            lambda: f"exchanging signed audit heads ({reason})",
+            lambda: sorted(set(peers) - self.receipts.get(key, set())),
+        )
+        return head
+
+    def broadcast_shutdown(self, status: str, reason: str) -> None:
+        """Tell every reachable counterparty the run ends (best effort)."""
+        for peer in self.counterparties:
+            if not self.schedule.reachable(peer) or not self.established(peer):
+                continue
+            try:
+                self.send(peer, Kind.SHUTDOWN, meta={"status": status, "reason": clip(reason)})
+            except SecureSplitError as exc:
+                self.audit.record("error", reason=f"could not tell '{peer}' to shut down: {exc}", error=type(exc).__name__)
+
+    def notify_failure(self, to: str, reason: str) -> None:
+        """Tell `to` (normally the coordinator) that we stopped; the code carries our exit code."""
+        if self.established(to):
+            self.refuse(to, f"'{self.me}' stopped: {reason}", f"peer_failed:{int(self.result.exit_code)}")
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def run(self) -> PeerResult:
+        """Run the peer to completion. Never raises for expected failures: see `result.status`."""
+        self._open()
+        status, reason = "failed", ""
+        try:
+            status, reason = self._main()
+            self.result.error = None if status == "ok" else (reason or "coordinator ended the run as failed")
+        except SecureSplitError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.result.error = reason
+            self.result.exit_code = int(exc.exit_code)
+            self.audit.record("error", reason=clip(reason), error=type(exc).__name__)
+            self.schedule.tell_others_we_stopped(reason)
+        except KeyboardInterrupt:
+            reason = "interrupted by the operator"
+            self.result.error = reason
+            self.result.exit_code = int(ExitCode.INTERRUPTED)
+            self.audit.record("error", reason=reason, error="KeyboardInterrupt")
+            # Tell the others at once rather than let them wait for a timeout.
+            self.schedule.tell_others_we_stopped(reason)
+        finally:
+            self.result.status = status
+            self.result.bytes_sent = self.transport.bytes_sent
+            self.result.bytes_received = self.transport.bytes_received
+            self.result.messages_sent = self.gate.stats.sent
+            self.result.messages_received = self.gate.stats.received
+            self.result.refused = self.gate.stats.refused_in + self.gate.stats.refused_out
+            self.result.wall_s = time.monotonic() - self.ctx.started
+            self.audit.close(status, clip(reason), metrics=self.schedule.final_metrics())
+            # Linger briefly so our last messages leave before the sockets close.
+            self.transport.close()
+        return self.result
+
+    def _main(self) -> tuple[str, str]:
+        self.schedule.prepare()
+        if self.does_handshake:
+            self.handshake()
+        else:
+            self.handshaking = False
+        self.schedule.set_up()
+        return self.schedule.run()
+
+    def _open(self) -> None:
+        ctx = self.ctx
+        spec = ctx.deployment.spec
+        ctx.cfg.audit_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog.open(
+            ctx.audit_path, peer=self.me, identity=ctx.identity, deployment_hash=ctx.deployment.hash,
+            policy_hash=ctx.policy.hash, resume=self.resume,
+        )
+        self.audit.record(
+            "run_start",
+            deployment_hash=ctx.deployment.hash,
+            policy_hash=ctx.policy.hash,
+            versions={"secure_split": secure_split.__version__, "protocol": secure_split.PROTOCOL_VERSION},
+            resumed=self.resume,
+            resume_epoch=None,
+        )
+        peers = {
+            name: TransportPeer(name=name, endpoint=p.endpoint, transport_key=p.transport_key)
+            for name, p in spec.peers.items()
+            if name in self.counterparties
+        }
+        self.transport = Transport(
+            self.me, spec.peers[self.me].endpoint, ctx.identity.transport_secret_z85, ctx.identity.transport_public_z85,
+            peers, max_message_bytes=spec.limits.max_message_bytes, heartbeat_s=spec.limits.heartbeat_s,
+            handshake_timeout_s=spec.limits.handshake_timeout_s,
+        )
+        self.transport.start()
+        self.gate = Gate(
+            me=self.me, deployment_hash=ctx.deployment.hash, policy=ctx.policy, audit=self.audit,
+            transport=self.transport, sessions={name: self.new_session(name) for name in self.counterparties},
+            max_message_bytes=spec.limits.max_message_bytes,
+            session_factory=self.new_session if self.accepts_restarted_peers else None,
+        )
+
+    def handshake(self) -> None:
+        """HELLO to every counterparty; wait until every session is established."""
+        limits = self.ctx.deployment.spec.limits
+        for peer in self.counterparties:
+            self.gate.send_hello(peer)
+        deadline = time.monotonic() + limits.handshake_timeout_s
+        while True:
+            pending = [p for p in self.counterparties if not self.established(p)]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                for p in pending:
+                    self.audit.record("peer_lost", counterparty=p, reason="no handshake within the deadline")
+                raise PeerTimeout(", ".join(pending), limits.handshake_timeout_s, "waiting for the handshake")
+            self._pump(_POLL_S)
+        self.handshaking = False
+        for p in self.counterparties:
+            self.audit.record("peer_joined", counterparty=p, reason="handshake complete")
+
+    # -- the inbound path -------------------------------------------------------------------------
+
+    def _pump(self, timeout_s: float) -> bool:
+        """Poll transport events and take at most one message. True if a message was taken."""
+        self._poll_events()
+        msg = self._receive(timeout_s)
+        if msg is None:
+            return False
+        self._dispatch(msg)
+        return True
+
+    def _receive(self, timeout_s: float) -> Message | None:
+        # A refused handshake ends a run (a server only forgets that client's attempt). Any other
+        # refusal was audited and answered by the gate: it counts against the sender's budget.
+        try:
+            return self.gate.receive(timeout_s)
+        except HandshakeRefused:
+            if not self.serving:
+                raise
+            for name, session in list(self.gate.sessions.items()):
+                if session.state is SessionState.REFUSED:
+                    self.reset_session(name)
+            return None
+        except RemoteProtocolError as exc:
+            if exc.peer is not None and not self.serving:
+                self._count_violation(exc.peer, str(exc))
+            return None
+        except PolicyDenied as exc:
+            if self.serving:
+                return None
+            if exc.peer is None:
+                raise
+            self._count_violation(exc.peer, str(exc), policy=True)
+            return None
+
+    def _poll_events(self) -> None:
+        now = time.monotonic()
+        for ev in self.transport.events():
+            if ev.peer is None or ev.peer not in self.counterparties:
+                continue
+            if ev.kind == "disconnected":
+                self._lost_since.setdefault(ev.peer, now)
+            elif ev.kind == "connected":
+                if self._lost_since.pop(ev.peer, None) is not None:
+                    self.audit.record("peer_joined", counterparty=ev.peer, reason="reconnected")
+            elif ev.kind == "handshake_failed":
+                self.audit.record("error", reason=clip(f"transport handshake with '{ev.peer}' failed: {ev.detail}"),
+                                  error="TransportError")
+        grace = max(_RECONNECT_GRACE_S, 3 * self.ctx.deployment.spec.limits.heartbeat_s)
+        for peer, since in list(self._lost_since.items()):
+            if now - since > grace:
+                del self._lost_since[peer]
+                reason = "connection lost (heartbeat timeout)"
+                if not self.schedule.on_peer_lost(peer, reason, timed_out=False):
+                    self.audit.record("peer_lost", counterparty=peer, reason=reason)
+                    raise PeerTimeout(peer, now - since, "the connection dropped (stalled or stopped peer)")
+
+    def _timed_out(self, names: list[str], what: str, limit: float) -> None:
+        reason = f"no answer within {limit:.0f} s while {what}"
+        if names and all(self.schedule.on_peer_lost(n, reason, timed_out=True) for n in names):
+            return
+        for n in names:
+            self.audit.record("peer_lost", counterparty=n, reason=reason)
+        raise PeerTimeout(", ".join(names), limit, what)
+
+    def _dispatch(self, msg: Message) -> None:
+        kind = msg.kind
+        if kind == Kind.HELLO:
+            self._on_hello(msg)
+            return
+        if kind in (Kind.ERROR, Kind.REFUSE):
+            self._on_error(msg)
+            return
+        if kind == Kind.AUDIT_RECEIPT:
+            self._on_receipt(msg)
+            return
+        self._offer(msg)
+
+    def _offer(self, msg: Message) -> None:
+        """Give `msg` to the schedule; keep it for later if it is not taken now."""
+        try:
+            taken = self.schedule.on_message(msg)
+        except RemoteProtocolError as exc:
+            self.refuse_message(msg, exc)
+            return
+        if not taken:
+            self._keep_for_later(msg)
+            return
+        self._dirty = True
+
+    def _offer_later(self) -> None:
+        """Offer the kept messages again, in arrival order, until none is taken."""
+        progressed = True
+        while progressed and self._later:
+            progressed = False
+            for _ in range(len(self._later)):
+                msg = self._later.popleft()
+                try:
+                    taken = self.schedule.on_message(msg)
+                except RemoteProtocolError as exc:
+                    self.refuse_message(msg, exc)
+                    progressed = True
+                    break
+                if taken:
+                    progressed = True
+                    break
+                self._later.append(msg)
+
+    def _keep_for_later(self, msg: Message) -> None:
+        sender = msg.binding.sender
+        if sum(1 for m in self._later if m.binding.sender == sender) >= _MAX_LATER_PER_PEER:
+            self.refuse_message(msg, RemoteProtocolError(
+                f"'{sender}' has {_MAX_LATER_PER_PEER} messages waiting for a later step already; "
+                f"{msg.kind.value} for step {msg.binding.step} refused"))
+            return
+        self._later.append(msg)
+
+    def forget_later(self, peer: str) -> None:
+        """Drop the kept messages of `peer` (it restarted or was lost: they will never fit)."""
+        self._later = deque(m for m in self._later if m.binding.sender != peer)
+
+    def take_later(self) -> list[Message]:
+        """Remove and return every kept message (a server restarts its queue)."""
+        out = list(self._later)
+        self._later.clear()
+        return out
+
+    def refuse_message(self, msg: Message, exc: RemoteProtocolError) -> None:
+        """A message the schedule refused: audited, answered, counted; this peer goes on until
+        the sender's violations exceed the budget (`_count_violation`)."""
+        sender = msg.binding.sender
+        self.gate.stats.refused_in += 1
+        self.audit.record("refused", direction="receive", counterparty=sender, reason=clip(str(exc), 2000),
+                          error=type(exc).__name__, kind=msg.kind.value)
+        if msg.kind not in (Kind.ERROR, Kind.REFUSE):
+            self.refuse(sender, f"refused by {self.me}: {exc}", exc.code)
+        self._count_violation(sender, str(exc))
+
+    def _count_violation(self, peer: str, reason: str, *, policy: bool = False) -> None:
+        """Count one refused message of `peer`; past the budget, stop naming it (exit 4 where the
+        last refusal was the policy's, else 5)."""
+        limits = self.ctx.deployment.spec.limits
+        budget = getattr(limits, "max_violations", 20)
+        window = getattr(limits, "violation_window_s", 60.0)
+        now = time.monotonic()
+        seen = self._violations.setdefault(peer, deque())
+        seen.append((now, reason))
+        while seen and now - seen[0][0] > window:
+            seen.popleft()
+        if len(seen) > budget:
+            last = "; ".join(clip(r, 300) for _, r in list(seen)[-3:])
+            text = (f"'{peer}' sent {len(seen)} refused messages within {window:g} s (budget {budget}): stopping; "
+                    f"the last reasons: {last}")
+            if policy:
+                raise PolicyDenied(text)
+            raise RemoteProtocolError(text)
+
+    def _on_hello(self, msg: Message) -> None:
+        sender = msg.binding.sender
+        restarted = sender in self.gate.take_rejoined()
+        session = self.gate.sessions[sender]
+        if session.state is SessionState.HELLO_RECEIVED:
+            self.gate.send_hello(sender)
+        if restarted:
+            self._lost_since.pop(sender, None)
+            self.forget_later(sender)
+            self.schedule.on_peer_restarted(sender)
+        elif not self.handshaking:
+            self._offer(msg)
+
+    def _on_error(self, msg: Message) -> None:
+        sender = msg.binding.sender
+        reason = str(msg.meta.get("reason", ""))
+        code = str(msg.meta.get("code", ""))
+        if msg.kind == Kind.ERROR and code in _NOT_SENT_BY_US_CODES:
+            # Our gate never sends an undecodable or misaddressed frame: another holder of our key
+            # did. The counterparty refused it and keeps serving; so do we, with the notice on record.
+            self.audit.record("error", error="RemoteProtocolError", reason=clip(
+                f"'{sender}' refused a frame that arrived under our key but was not sent by us ({code}): {reason}"
+            ))
+            return
+        if self.schedule.on_remote_error(msg):
+            return
+        err = TrainingError(f"peer '{sender}' reported {code or 'an error'}: {reason}")
+        if code.startswith("peer_failed:") and code[len("peer_failed:"):].isdigit():
+            cause = int(code[len("peer_failed:"):])
+            if cause in {int(c) for c in ExitCode} and cause != 0:
+                err.exit_code = ExitCode(cause)
+        raise err
+
+    def _on_receipt(self, msg: Message) -> None:
+        sender = msg.binding.sender
+        try:
+            head = SignedHead.from_meta(dict(msg.meta))
+            if head.peer != sender:
+                raise RemoteProtocolError(f"'{sender}' sent an audit receipt for '{head.peer}'")
+            self.audit.record_counterparty_head(head, self.ctx.deployment.spec.peers[sender].sign_key)
+        except CryptoError as exc:
+            self.refuse_message(msg, RemoteProtocolError(str(exc)))
+            return
+        except RemoteProtocolError as exc:
+            self.refuse_message(msg, exc)
+            return
+        key = int(msg.binding.step)
+        self.receipts.setdefault(key, set()).add(sender)
+        self.schedule.on_receipt(sender, key)

@@ -1,0 +1,439 @@
+"""`SyncSchedule`: every topology of one run (vanilla, U-shaped, multi-hop, multi-task, vertical,
+vertical-HE), at the coordinator and at every follower.
+
+Set-up, after the handshake: CKKS contexts for each HE merge (`rounds.contexts`), then the ids of
+a vertical deployment aligned by PSI (`rounds.psi`); every party then holds exactly the
+intersection.
+
+The coordinator drives: a start barrier (every peer loads the checkpoint all share, when
+resuming), then per epoch every training step and every evaluation step, then an epoch-end
+barrier at which every peer saves its checkpoint, signs its audit head, exchanges signed heads
+with its counterparties and reports its own metric sums. A step begins with `step_begin` (the
+batch's sample ids) sent to every peer; the next step's `step_begin` goes out as soon as this
+step has begun here, so followers check it while they wait. Followers react to what arrives.
+
+Step order: one step at a time (`StepRunner`); a message for a later step waits in the node's
+bounded queue; `training.overlap` lets a peer without a loss begin the next training step early.
+The key holder of an HE merge answers decryption requests at once, whatever step it is in.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from secure_split.crypto.he import CkksContext
+from secure_split.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from secure_split.engine.data import PeerData, load_peer_data
+from secure_split.engine.executor import PeerExecutor
+from secure_split.engine.metrics import (
+    StepMetrics,
+    TaskMetrics,
+    epoch_values,
+    sum_task_metrics,
+    task_metrics_from_meta,
+    task_metrics_to_meta,
+)
+from secure_split.engine.schedule import epoch_batches, eval_batches, split_train_test
+from secure_split.errors import ConfigError, ConfigProblem, RemoteProtocolError, TrainingError
+from secure_split.peer.checkpoints import checkpoint_digest
+from secure_split.peer.context import PeerContext
+from secure_split.peer.rounds.contexts import ContextPlan, ContextRound
+from secure_split.peer.rounds.he_merge import HeKeyHolder
+from secure_split.peer.rounds.psi import PsiRound
+from secure_split.peer.steps import STEP_TENSOR_KINDS, StepRunner, ids_from_wire, ids_to_wire
+from secure_split.policy import he_key_holder, psi_parties
+from secure_split.protocol import Kind, Message
+
+if TYPE_CHECKING:
+    from secure_split.peer.node import PeerNode
+
+__all__ = ["SyncSchedule"]
+
+
+class _ShutdownDuringSetup(Exception):
+    """The coordinator ended the run while this peer was still setting up (PSI, CKKS context)."""
+
+
+class SyncSchedule:
+    """A peer of a `sync` deployment (see the module docstring).
+
+    Args:
+        ctx: the peer's loaded files.
+        resume: continue from the last checkpoint all peers share.
+    """
+
+    def __init__(self, ctx: PeerContext, *, resume: bool = False) -> None:
+        self.ctx = ctx
+        self.me = ctx.me
+        spec = ctx.deployment.spec
+        self.data: PeerData | None = load_peer_data(ctx.cfg.data_path) if ctx.cfg.data_path else None
+        self.executor = self._new_executor()
+        self.checkpoint_dir = ctx.cfg.checkpoints_dir
+        self.available_checkpoints = list_checkpoints(self.checkpoint_dir) if resume else []
+        self.resume = resume
+        self.he_key_holders = {s: he_key_holder(ctx.deployment, s, ctx.policy) for s in ctx.topology.he_segments}
+        self.contexts: list[ContextRound] = []
+        self.key_holder: HeKeyHolder | None = None
+        self.psi: PsiRound | None = None
+        self.steps: StepRunner | None = None
+        self.shutdown: tuple[str, str] | None = None
+        self.acks: dict[int, dict[str, tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]]] = {}
+        self.train_steps: list[StepMetrics] = []
+        self.eval_steps: list[StepMetrics] = []
+        self.history: list[dict[str, Any]] = []
+        self.epochs_done = 0
+        del spec
+
+    def _new_executor(self) -> PeerExecutor:
+        spec = self.ctx.deployment.spec
+        return PeerExecutor(self.ctx.deployment, self.me, self.data, defer_update=True, overlap=spec.training.overlap)
+
+    # -- the Schedule protocol ------------------------------------------------------------------
+
+    def attach(self, node: PeerNode) -> None:
+        """The node this schedule sends through."""
+        self.node = node
+
+    def hello_meta(self) -> dict[str, Any]:
+        """The checkpoints this peer holds (the coordinator resumes from the newest all share)."""
+        return {"checkpoints": list(self.available_checkpoints)}
+
+    def prepare(self) -> None:
+        """Nothing to check before the handshake."""
+
+    def set_up(self) -> None:
+        """CKKS contexts for the HE merges, then PSI id alignment (vertical)."""
+        try:
+            self._set_up_he()
+            self._align_ids()
+        except _ShutdownDuringSetup:
+            return
+        limits = self.ctx.deployment.spec.limits
+        contexts: dict[str, CkksContext] = {r.plan.scope: r.context for r in self.contexts if r.context is not None}
+        self.steps = StepRunner(self.executor, self.ctx.topology, self.me, he_contexts=contexts,
+                                he_key_holders=self.he_key_holders, max_bytes=limits.max_message_bytes)
+
+    def run(self) -> tuple[str, str]:
+        """Coordinate the run, or follow the coordinator; returns (status, reason)."""
+        if self.shutdown is not None:  # the coordinator ended the run before we were set up
+            return self.shutdown
+        if self.ctx.is_coordinator:
+            self._coordinate()
+            return "ok", ""
+        coordinator = self.ctx.deployment.spec.coordinator
+        self.node.wait(
+            lambda: self.shutdown is not None,
+            lambda: "waiting for the coordinator's schedule",
+            lambda: [coordinator] if self._steps.idle else self.node.counterparties,
+        )
+        self.node.result.metrics = {"history": self.history, "final": self.final_metrics()}
+        return self.shutdown or ("failed", "")
+
+    def on_message(self, msg: Message) -> bool:
+        """Steps, barriers, set-up rounds and the shutdown (see the module docstring)."""
+        kind = msg.kind
+        if kind == Kind.HELLO:
+            return True  # a counterparty's HELLO after the handshake: nothing to do for one run
+        if kind == Kind.PSI:
+            return self._on_psi(msg)
+        if kind == Kind.HE_CONTEXT:
+            return self._on_context(msg)
+        if kind == Kind.MASKED_AGGREGATE and self.key_holder is not None \
+                and self.key_holder.keys(str(msg.meta.get("segment", ""))):
+            self.node.apply(self.key_holder.on_masked(msg.binding.sender, msg.binding.step,
+                                                      str(msg.meta.get("segment", "")), bytes(msg.blob)))
+            return True
+        if kind == Kind.BARRIER_ACK and self.ctx.is_coordinator:
+            epoch = _meta_int(msg, "epoch", -1)
+            self.acks.setdefault(epoch, {})[msg.binding.sender] = (
+                task_metrics_from_meta(msg.meta.get("train")), task_metrics_from_meta(msg.meta.get("eval")))
+            return True
+        if self.steps is None:
+            return False  # set-up is not finished here yet
+        if kind == Kind.STEP_BEGIN:
+            return self._on_step_begin(msg)
+        if kind in STEP_TENSOR_KINDS:
+            if not self.steps.verdict(msg):
+                return False
+            self.node.apply(self.steps.take(msg))
+            self._finish_if_complete()
+            return True
+        if kind == Kind.BARRIER:
+            if not self.steps.idle:
+                return False
+            self._on_barrier(msg)
+            return True
+        if kind == Kind.SHUTDOWN:
+            if not self.steps.idle and msg.meta.get("status") == "ok":
+                return False
+            self.shutdown = (str(msg.meta.get("status", "failed")), str(msg.meta.get("reason", "")))
+            return True
+        raise RemoteProtocolError(f"'{msg.binding.sender}' sent {kind.value}, which '{self.me}' does not expect")
+
+    def on_peer_lost(self, peer: str, reason: str, *, timed_out: bool) -> bool:
+        """One run of a sync deployment needs every peer: stop."""
+        return False
+
+    def on_peer_restarted(self, peer: str) -> None:
+        """Not accepted in a sync run (the gate refuses a second HELLO)."""
+
+    def on_remote_error(self, msg: Message) -> bool:
+        """A counterparty's error stops the run."""
+        return False
+
+    def on_receipt(self, sender: str, key: int) -> None:
+        """Receipts are waited on by `node.exchange_heads`."""
+
+    def reachable(self, peer: str) -> bool:
+        """Every counterparty is told when the run ends."""
+        return True
+
+    def tell_others_we_stopped(self, reason: str) -> None:
+        """The coordinator ends the run for everyone; a follower tells the coordinator why."""
+        if self.ctx.is_coordinator:
+            self.node.broadcast_shutdown("failed", f"'{self.me}' stopped: {reason}")
+        else:
+            self.node.notify_failure(self.ctx.deployment.spec.coordinator, reason)
+
+    def final_metrics(self) -> dict[str, float]:
+        """The last epoch's metrics."""
+        last = self.history[-1]["values"] if self.history else {}
+        return {k: float(v) for k, v in last.items()}
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    @property
+    def _steps(self) -> StepRunner:
+        if self.steps is None:
+            raise TrainingError(f"internal: '{self.me}' is not set up")  # pragma: no cover
+        return self.steps
+
+    def _set_up_he(self) -> None:
+        """Distribute CKKS contexts: the key holder keeps the secret context, seals it to the other
+        feature owners, and gives the merge holder a public context (which cannot decrypt)."""
+        topo, deployment = self.ctx.topology, self.ctx.deployment
+        if not topo.he_segments:
+            return
+        limit = deployment.spec.limits.max_message_bytes
+        keys = {name: p.transport_key for name, p in deployment.spec.peers.items()}
+        params = self.ctx.policy.requirements.ckks.params()  # exactly the policy's: every party checks them
+        mine: dict[str, CkksContext] = {}
+        for seg in topo.he_segments:
+            kh = self.he_key_holders[seg]
+            if kh is None:
+                raise ConfigError(ConfigProblem(str(deployment.path), f"segments.{seg}.he", "no key holder for this HE merge"))
+            holder = topo.peer_of(seg)
+            plan = ContextPlan(seg, kh, (holder,), tuple(o for o in topo.he_feeders(seg) if o not in (kh, holder)))
+            if plan.role(self.me) == "none":
+                continue
+            rnd = ContextRound(self.me, plan, params=params, identity=self.ctx.identity, transport_keys=keys,
+                               max_bytes=limit)
+            self.contexts.append(rnd)
+            self.node.apply(rnd.start())
+            if rnd.context is None:
+                self._wait_setup(lambda r=rnd: r.done, f"receiving the CKKS context for '{seg}'", [kh])
+            if self.me == kh and rnd.context is not None:
+                mine[seg] = rnd.context
+        if mine:
+            self.key_holder = HeKeyHolder({s: topo.peer_of(s) for s in mine}, mine, max_bytes=limit)
+
+    def _align_ids(self) -> None:
+        """Vertical training: align sample ids with the other parties by multi-party PSI.
+
+        Only blinded points cross the wire; every party learns the intersection (and set sizes).
+        Afterwards this peer's data holds exactly the intersection, in sorted order.
+        """
+        parties = psi_parties(self.ctx.deployment)
+        if self.me not in parties:
+            return
+        if self.data is None:
+            raise ConfigError(ConfigProblem(str(self.ctx.cfg.path), "data", "vertical training needs this peer's data file (ids) for PSI"))
+        spec = self.ctx.deployment.spec
+        self.psi = PsiRound(self.me, parties, [int(x) for x in self.data.ids.tolist()],
+                            deployment_hash=self.ctx.deployment.hash, max_message_bytes=spec.limits.max_message_bytes)
+        self.node.apply(self.psi.start())
+        others = [p for p in parties if p != self.me]
+        self._wait_setup(lambda: self.psi is not None and self.psi.result is not None,
+                         "aligning sample ids by PSI", others)
+        result = self.psi.result
+        assert result is not None
+        if result.ids.shape[0] < 2:
+            raise TrainingError(f"PSI: the parties share only {result.ids.shape[0]} sample id(s); nothing to train on")
+        self.data = self.data.subset(result.ids)
+        self.executor = self._new_executor()
+
+    def _wait_setup(self, ready: Any, what: str, from_peers: list[str]) -> None:
+        self.node.wait(lambda: self.shutdown is not None or ready(), lambda: what, lambda: from_peers)
+        if self.shutdown is not None:
+            raise _ShutdownDuringSetup
+
+    def _on_psi(self, msg: Message) -> bool:
+        if self.psi is None:
+            return False  # our own set-up has not reached PSI yet
+        self.node.apply(self.psi.on_message(msg.binding.sender, bytes(msg.blob)))
+        return True
+
+    def _on_context(self, msg: Message) -> bool:
+        for rnd in self.contexts:
+            if rnd.concerns(msg):
+                self.node.apply(rnd.on_message(msg))
+                return True
+        if self.ctx.topology.he_segments and str(msg.meta.get("segment", "")) in self.ctx.topology.he_segments \
+                and not self.contexts:
+            return False  # our own set-up has not reached that merge yet
+        raise RemoteProtocolError(f"'{msg.binding.sender}' sent a CKKS context '{self.me}' does not take part in")
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _on_step_begin(self, msg: Message) -> bool:
+        step, steps = msg.binding.step, self._steps
+        phase = str(msg.meta.get("phase", "train"))
+        if not steps.idle:
+            # training.overlap: a data owner begins the next training step while the active
+            # one waits for its gradients; its tensors wait in the queue until it is active.
+            if steps.can_begin_ahead(step, phase):
+                self.node.apply(steps.begin_ahead(step, phase, ids_from_wire(msg.tensors[0])))
+                return True
+            return False
+        self._begin(step, phase, ids_from_wire(msg.tensors[0]))
+        return True
+
+    def _begin(self, step: int, phase: str, ids: np.ndarray) -> None:
+        self.node.apply(self._steps.begin(step, phase, ids))
+        self._finish_if_complete()
+
+    def _finish_if_complete(self) -> None:
+        steps = self._steps
+        phase = steps.current_phase
+        metrics = steps.finish_if_complete()
+        if metrics is None:
+            return
+        (self.train_steps if phase == "train" else self.eval_steps).append(metrics)
+
+    # -- coordinator ----------------------------------------------------------------------------
+
+    def _announce(self, step: int, phase: str, ids: np.ndarray, epoch: int) -> None:
+        for peer in self.node.counterparties:
+            self.node.send(peer, Kind.STEP_BEGIN, step=step, meta={"epoch": epoch, "phase": phase},
+                           tensors=(ids_to_wire(ids),))
+
+    def _run_step(self, step: int, phase: str, ids: np.ndarray, epoch: int, *, announced: bool,
+                  then: tuple[int, str, np.ndarray] | None) -> None:
+        """Run one step here and wait until it is complete; announce `then` (the epoch's next
+        step) as soon as this one has begun here, so the followers check it while they wait."""
+        if not announced:
+            self._announce(step, phase, ids, epoch)
+        self._begin(step, phase, ids)
+        if then is not None:
+            self._announce(*then, epoch)
+        self.node.wait(
+            lambda: self._steps.idle,
+            lambda: f"running {phase} step {step}",
+            lambda: self.node.counterparties,
+        )
+
+    def _coordinate(self) -> None:
+        training = self.ctx.deployment.spec.training
+        if self.data is None:
+            raise ConfigError(ConfigProblem(str(self.ctx.cfg.path), "data", "the coordinator needs a data file with the sample ids"))
+        ids = self.data.ids.numpy() if hasattr(self.data.ids, "numpy") else np.asarray(self.data.ids)
+        train_ids, test_ids = split_train_test(ids, training.test_fraction, training.seed)
+        resume_epoch = self._resume_epoch()
+        self._barrier(resume_epoch, "start")
+        step = 0
+        n_epochs = training.epochs
+        timing: list[dict[str, float]] = []  # wall seconds per epoch, for benchmarks (bench/split_vs_local.py)
+        for epoch in range(resume_epoch + 1, n_epochs):
+            batches = epoch_batches(train_ids, training.batch_size, training.seed, epoch, training.max_steps_per_epoch)
+            step = max(step, epoch * 1_000_000)  # steps are unique across epochs and resumes
+            plan = [("train", b) for b in batches] + [("eval", b) for b in eval_batches(test_ids, training.batch_size)]
+            first = step + 1
+            marks = [time.perf_counter()]  # epoch start, train end, eval end, barrier end
+            for i, (phase, batch) in enumerate(plan):
+                if i == len(batches):
+                    marks.append(time.perf_counter())
+                step += 1
+                nxt = (step + 1, *plan[i + 1]) if i + 1 < len(plan) else None
+                self._run_step(step, phase, batch, epoch, announced=step > first, then=nxt)
+                if phase != "train":
+                    continue
+                last = self._steps.last_metrics
+                m = next(iter(last.tasks.values()), None) if last is not None else None
+                self.node.progress({"event": "step", "epoch": epoch, "epochs": n_epochs, "step": i + 1,
+                                    "steps": len(batches), "loss": m.mean_loss if m is not None else None})
+            marks += [time.perf_counter()] * (3 - len(marks))
+            values = self._barrier(epoch, "epoch_end")
+            marks.append(time.perf_counter())
+            timing.append({"epoch": epoch, "train_steps": len(batches), "eval_steps": len(plan) - len(batches),
+                           **{k: b - a for k, a, b in zip(("train_s", "eval_s", "barrier_s"), marks, marks[1:], strict=False)}})
+            self.history.append({"epoch": epoch, "values": values})
+            self.epochs_done = self.node.result.epochs_done = epoch + 1
+            self.node.progress({"event": "epoch", "epoch": epoch, "epochs": n_epochs, "values": values})
+        self.node.result.metrics = {"history": self.history, "final": self.final_metrics(), "timing": timing}
+        self.node.broadcast_shutdown("ok", "training finished")
+
+    def _resume_epoch(self) -> int:
+        """The newest checkpoint every peer has (-1: none, or not resuming)."""
+        if not self.resume:
+            return -1
+        common = set(self.available_checkpoints)
+        for p in self.node.counterparties:
+            theirs = self.node.hello_meta_of(p).get("checkpoints")
+            common &= {int(x) for x in theirs if isinstance(x, int)} if isinstance(theirs, list) else set()
+        return max(common) if common else -1
+
+    def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
+        """Coordinator side of a barrier. Returns the merged metrics of every peer."""
+        for peer in self.node.counterparties:
+            self.node.send(peer, Kind.BARRIER, step=epoch + 1, meta={"epoch": epoch, "reason": reason})
+        train, evaluation = self._barrier_local(epoch, reason)
+        self.node.wait(
+            lambda: len(self.acks.get(epoch, {})) == len(self.node.counterparties),
+            lambda: f"waiting for every peer at the {reason} barrier of epoch {epoch}",
+            lambda: sorted(set(self.node.counterparties) - set(self.acks.get(epoch, {}))),
+        )
+        merged = epoch_values(train, evaluation)
+        for peer_train, peer_eval in self.acks.get(epoch, {}).values():
+            merged.update(epoch_values(peer_train, peer_eval))
+        return merged
+
+    # -- both roles ---------------------------------------------------------------------------
+
+    def _barrier_local(self, epoch: int, reason: str) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
+        """What every peer does at a barrier: checkpoint, sign, exchange heads; returns its own
+        metric sums of the epoch (train, eval) and starts the next epoch's."""
+        ckpt = self.checkpoint_dir
+        if reason == "start":
+            if epoch >= 0:
+                load_checkpoint(ckpt, epoch, self.executor)
+                self.node.record("checkpoint_resumed", epoch=epoch, digest=checkpoint_digest(ckpt, epoch))
+        elif reason == "epoch_end":
+            save_checkpoint(ckpt, epoch=epoch, executor=self.executor, meta={
+                "deployment": self.ctx.deployment.hash, "peer": self.me, "policy": self.ctx.policy.hash})
+            self.node.record("checkpoint_saved", epoch=epoch, digest=checkpoint_digest(ckpt, epoch))
+        # Receipts are keyed by barrier id (= epoch + 1; the start barrier of a fresh run is 0).
+        self.node.exchange_heads(epoch + 1, self.node.counterparties, f"{reason} barrier, epoch {epoch}")
+        if reason != "epoch_end":
+            return {}, {}
+        train, evaluation = sum_task_metrics(self.train_steps), sum_task_metrics(self.eval_steps)
+        self.train_steps, self.eval_steps = [], []
+        return train, evaluation
+
+    def _on_barrier(self, msg: Message) -> None:
+        epoch = _meta_int(msg, "epoch", -1)
+        reason = str(msg.meta.get("reason", "epoch_end"))
+        train, evaluation = self._barrier_local(epoch, reason)
+        if reason == "epoch_end":
+            self.history.append({"epoch": epoch, "values": epoch_values(train, evaluation)})
+            self.epochs_done = self.node.result.epochs_done = epoch + 1
+        self.node.send(self.ctx.deployment.spec.coordinator, Kind.BARRIER_ACK, step=epoch + 1, meta={
+            "epoch": epoch, "train": task_metrics_to_meta(train), "eval": task_metrics_to_meta(evaluation)})
+
+
+def _meta_int(msg: Message, key: str, default: int) -> int:
+    """An int from a message's meta (the codec already checked the type per kind)."""
+    value = msg.meta.get(key, default)
+    return value if isinstance(value, int) else default
