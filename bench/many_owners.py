@@ -118,7 +118,7 @@ def _prefork_parent_ready() -> None:
     the forked owners share those pages copy-on-write instead of each loading its own."""
     import torch
 
-    import secure_split.peer.horizontal  # noqa: F401  (torch, the engine, the crypto)
+    import secure_split.peer.launch  # noqa: F401  (torch, the engine, the crypto)
 
     torch.set_num_threads(1)
     torch.optim.Adam(torch.nn.Linear(1, 1).parameters())
@@ -135,9 +135,9 @@ def _fork_peer(cfg: Path, result: Path, log: Path) -> _ForkedPeer:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        from secure_split.peer.runtime import make_runtime
+        from secure_split.peer.launch import training_node
 
-        res = make_runtime(cfg).run()
+        res = training_node(cfg).run()
         result.write_text(json.dumps(res.to_json(), indent=1, sort_keys=True))
         if res.status != "ok":
             print(f"peer '{res.name}' failed: {res.error}", flush=True)

@@ -403,13 +403,15 @@ class _Probe:
         import secure_split.audit.writer as writer
         import secure_split.engine.executor as executor
         import secure_split.peer.gate as gate
-        import secure_split.peer.runtime as runtime
+        import secure_split.peer.node as node
+        import secure_split.peer.schedules.sync as sync
+        import secure_split.peer.steps as steps
         import secure_split.protocol.session as session
         import secure_split.transport.transport as transport
         from secure_split.policy.model import Policy
 
         probe = self
-        G, R, E = gate.Gate, runtime.PeerRuntime, executor.PeerExecutor
+        G, N, S, R, E = gate.Gate, node.PeerNode, steps.StepRunner, sync.SyncSchedule, executor.PeerExecutor
         for attr in ("send", "receive", "_send_prebound"):
             self.wrap(G, attr, f"gate.{attr}")
         for attr in ("check_egress", "encode", "decode_header", "decode_body", "sha256_frames"):
@@ -427,10 +429,14 @@ class _Probe:
                      "_check_tensor", "_advance_guarded"):
             self.wrap(E, attr, f"executor.{attr}")
         self.wrap(torch.optim.Adam, "step", "torch.adam.step")
-        for attr in ("_send_outgoing", "_poll_events", "_dispatch", "_try_process", "_barrier_local"):
-            self.wrap(R, attr, f"runtime.{attr}")
+        for attr in ("_poll_events", "_dispatch", "_offer", "_offer_later", "apply"):
+            self.wrap(N, attr, f"node.{attr}")
+        for attr in ("on_message", "_barrier_local"):
+            self.wrap(R, attr, f"schedule.{attr}")
+        for attr in ("sends", "take", "verdict"):
+            self.wrap(S, attr, f"steps.{attr}")
         for attr in ("to_wire", "from_wire"):
-            self.wrap(runtime, attr, f"runtime:{attr}")
+            self.wrap(steps, attr, f"steps:{attr}")
 
         # transport.recv: time it, and histogram how long each call waited (a step should never
         # sit out a poll timeout: every wait must end because a message arrived).
@@ -514,7 +520,7 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "compute (forward, backward, Adam)": ("executor._forward", "executor._backward", "torch.adam.step"),
     "executor bookkeeping and checks": ("executor.begin_step", "executor.on_activation", "executor.on_gradient",
                                         "executor.finish_step", "executor._check_tensor", "executor._advance_guarded",
-                                        "runtime:from_wire", "runtime:to_wire"),
+                                        "steps:from_wire", "steps:to_wire"),
     "gate: egress leakage guard": ("gate:check_egress",),
     "gate: policy decisions": ("policy.decide",),
     "gate: session bind/check": ("session.bind", "session.receive"),
@@ -523,8 +529,9 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "gate: audit entries (JSON, hash chain, write)": ("audit.record", "audit.write(2)"),
     "gate: glue": ("gate.send", "gate.receive", "gate._send_prebound"),
     "transport (zmq send/recv, monitors)": ("transport.send", "transport.recv", "transport.take", "transport.events"),
-    "runtime loop (dispatch, queue, events)": ("runtime._try_process", "runtime._dispatch", "runtime._poll_events",
-                                               "runtime._send_outgoing"),
+    "node loop and schedule (dispatch, queue, events, steps)": (
+        "node._poll_events", "node._dispatch", "node._offer", "node._offer_later", "node.apply",
+        "schedule.on_message", "steps.sends", "steps.take", "steps.verdict"),
 }
 
 

@@ -250,10 +250,16 @@ def _party_selector(
     return frozenset(names)
 
 
+RETIRED_KINDS = frozenset({"heartbeat", "metrics"})
+"""Kinds of protocol version 1 that no peer sends any more: a policy signed earlier may still name
+them (it stays valid and keeps its hash); a rule's mention of one matches no message."""
+
+
 def _kinds(value: Any, key: KeyPath, doc: YamlDocument, problems: list[ConfigProblem]) -> tuple[str, ...]:
     names = _names(value, key, "message kind", doc, problems)
     for n in names:
-        if n != WILDCARD and n not in KIND_SET and n not in KIND_GROUPS and n not in ASSET_KIND_NAMES:
+        if n != WILDCARD and n not in KIND_SET and n not in KIND_GROUPS and n not in ASSET_KIND_NAMES \
+                and n not in RETIRED_KINDS:
             problems.append(
                 doc.problem(
                     key,

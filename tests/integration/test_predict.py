@@ -325,11 +325,11 @@ def _initial_checkpoints(d: Deploy) -> None:
 
 
 def test_an_idle_server_stops_by_itself(trained: dict[str, Deploy], tmp_path: Path) -> None:
-    from secure_split.peer.inference import InferenceServer
+    from secure_split.peer.launch import serve_node
 
     d = _copy(trained["vanilla"], tmp_path / "d")
     started = time.monotonic()
-    res = InferenceServer(d.peer_configs["label_holder"], idle_exit_s=0.5).run()
+    res = serve_node(d.peer_configs["label_holder"], idle_exit_s=0.5).run()
     assert res.status == "ok" and res.exit_code == 0 and time.monotonic() - started < 10
     assert events(d.audit("label_holder"), "run_end")[-1]["data"]["reason"] == "no request for 0.5 s"
 

@@ -14,13 +14,8 @@ import yaml
 
 from secure_split.config import load_deployment
 from secure_split.errors import ConfigError, PolicyDenied
-from secure_split.peer.inference import (
-    InferenceServer,
-    PredictClient,
-    inference_clients,
-    inference_plan,
-    write_predictions,
-)
+from secure_split.peer.launch import predict_node, serve_node
+from secure_split.peer.serving import inference_clients, inference_plan, write_predictions
 from secure_split.testing import generate_deployment
 
 
@@ -68,18 +63,18 @@ def test_servers_serve_exactly_the_owners_that_feed_them(tmp_path: Path) -> None
 def test_a_peer_with_nothing_to_serve_or_predict_is_refused_before_it_opens_anything(tmp_path: Path) -> None:
     gen = generate_deployment("multi-hop", tmp_path)
     with pytest.raises(ConfigError, match="takes part in no owner's prediction request"):
-        InferenceServer(gen.peer_configs["hop1"])
+        serve_node(gen.peer_configs["hop1"])
     with pytest.raises(ConfigError, match="multi-hop chains are not served"):
-        PredictClient(gen.peer_configs["owner"], tmp_path / "data" / "owner.safetensors")
+        predict_node(gen.peer_configs["owner"], tmp_path / "data" / "owner.safetensors")
     assert not list((tmp_path / "audit").iterdir())
 
 
 def test_untrained_peers_are_told_to_train_first(tmp_path: Path) -> None:
     gen = generate_deployment("vanilla", tmp_path)
     with pytest.raises(ConfigError, match=r"no checkpoint in .*train the deployment first"):
-        PredictClient(gen.peer_configs["owner"], tmp_path / "data" / "owner.safetensors")
+        predict_node(gen.peer_configs["owner"], tmp_path / "data" / "owner.safetensors")
     with pytest.raises(ConfigError, match="no checkpoint in"):
-        InferenceServer(gen.peer_configs["label_holder"])
+        serve_node(gen.peer_configs["label_holder"])
 
 
 def test_the_gate_audits_a_denied_route_before_anything_is_sent(tmp_path: Path) -> None:
