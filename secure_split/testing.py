@@ -7,6 +7,9 @@
   run, for verifier tests and benchmarks.
 - `demo_plan` / `generate_deployment`: the demos' generated deployments (keys, data, signed
   policy, peer configs) for a local chain harness.
+- `run_peers_in_threads`: every peer of a generated deployment in one process (real sockets).
+- `DeliverySimulator`: the parties of a sans-IO round (`secure_split.peer.rounds`) joined by a
+  deterministic, seeded delivery order that permutes (and delays) their messages.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from secure_split.protocol import Message, PeerSession, decode_body, decode_head
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "DeliverySimulator",
     "FakeLink",
     "SyntheticRun",
     "deliver_frames",
@@ -30,6 +34,7 @@ __all__ = [
     "fixed_identity",
     "generate_deployment",
     "generate_logs",
+    "run_peers_in_threads",
 ]
 
 
@@ -90,3 +95,118 @@ def generate_deployment(scenario: str, workdir: str | Path, **options: Any) -> A
     from secure_split.cli.demo import generate
 
     return generate(demo_plan(scenario, **options), Path(workdir))
+
+
+# -- a deterministic delivery simulator for sans-IO rounds ------------------------------------------
+
+
+class DeliverySimulator:
+    """Delivers the `Send`s of several sans-IO parties in a seeded random order.
+
+    Each party is a function `(message) -> effects` (a round's `on_message`, wrapped); the
+    simulator turns every `Send` into a `Message` bound to its sender and receiver, keeps it in
+    flight, and delivers one at a time, picked at random among the links that have something in
+    flight. With `fifo_links` (the default, what one ZeroMQ connection per pair gives) the
+    messages of one sender to one receiver arrive in the order sent; without it any message in
+    flight may overtake any other. Parties that are "busy" may be given a delay: a delivery to
+    them is postponed by up to `max_delay` other deliveries.
+
+    Args:
+        parties: name -> handler returning the effects of taking one message.
+        seed: the order of delivery.
+        fifo_links: keep each link's order.
+        max_delay: how many other deliveries one may be postponed by.
+    """
+
+    def __init__(self, parties: dict[str, Any], *, seed: int, fifo_links: bool = True, max_delay: int = 0) -> None:
+        import random
+
+        self.parties = dict(parties)
+        self.random = random.Random(seed)  # noqa: S311  (a reproducible delivery order, not a secret)
+        self.fifo_links = fifo_links
+        self.max_delay = max_delay
+        self.in_flight: list[tuple[int, Any]] = []  # (not before this tick, message)
+        self.records: dict[str, list[Any]] = {name: [] for name in parties}
+        self.delivered: list[Any] = []
+        self.tick = 0
+        self._seq: dict[tuple[str, str], int] = {}
+
+    def post(self, sender: str, effects: list[Any]) -> None:
+        """Put `sender`'s effects in flight (Sends) or on record (Records)."""
+        from secure_split.peer.effects import Record, Send
+        from secure_split.protocol import Binding
+
+        for e in effects:
+            if isinstance(e, Record):
+                self.records[sender].append(e)
+                continue
+            assert isinstance(e, Send)
+            link = (sender, e.to)
+            seq = self._seq[link] = self._seq.get(link, 0) + 1
+            binding = Binding("0" * 64, bytes(16), e.step, seq, sender, e.to)
+            msg = Message(e.kind, binding, edge=e.edge, meta=dict(e.meta), tensors=e.tensors, blob=e.blob)
+            delay = self.random.randint(0, self.max_delay) if self.max_delay else 0
+            self.in_flight.append((self.tick + delay, msg))
+
+    def _candidates(self) -> list[int]:
+        ready = [i for i, (t, _) in enumerate(self.in_flight) if t <= self.tick] or list(range(len(self.in_flight)))
+        if not self.fifo_links:
+            return ready
+        first: dict[tuple[str, str], int] = {}
+        for i, (_, m) in enumerate(self.in_flight):
+            first.setdefault((m.binding.sender, m.binding.receiver), i)
+        return [i for i in ready if first[(self.in_flight[i][1].binding.sender, self.in_flight[i][1].binding.receiver)] == i]
+
+    def step(self) -> bool:
+        """Deliver one message; False when nothing is in flight."""
+        if not self.in_flight:
+            return False
+        candidates = self._candidates() or [0]
+        _, msg = self.in_flight.pop(self.random.choice(candidates))
+        self.tick += 1
+        self.delivered.append(msg)
+        self.post(msg.binding.receiver, self.parties[msg.binding.receiver](msg))
+        return True
+
+    def run(self, limit: int = 100_000) -> int:
+        """Deliver until nothing is in flight; returns the number delivered.
+
+        Raises:
+            AssertionError: more than `limit` deliveries (a livelock).
+        """
+        n = 0
+        while self.step():
+            n += 1
+            assert n <= limit, f"still delivering after {limit} messages"
+        return n
+
+
+def run_peers_in_threads(peer_configs: dict[str, Path], *, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Run every peer of a generated deployment as a thread of this process (real sockets, real
+    audit logs, one process: no interpreter start-up per peer). For tests that need the trained
+    result, not process isolation.
+
+    Returns:
+        peer -> its `PeerResult`.
+
+    Raises:
+        TimeoutError: a peer still runs after `timeout_s`.
+    """
+    import threading
+
+    from secure_split.peer.launch import training_node
+
+    results: dict[str, Any] = {}
+    nodes = {name: training_node(cfg) for name, cfg in peer_configs.items()}
+
+    def run(name: str) -> None:
+        results[name] = nodes[name].run()
+
+    threads = [threading.Thread(target=run, args=(n,), name=f"peer-{n}", daemon=True) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+        if t.is_alive():
+            raise TimeoutError(f"{t.name} still runs after {timeout_s:.0f} s")
+    return results

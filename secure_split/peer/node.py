@@ -47,6 +47,7 @@ from secure_split.errors import (
 from secure_split.peer.context import PeerContext, PeerResult, clip
 from secure_split.peer.effects import Effect, Record, Send
 from secure_split.peer.gate import Gate
+from secure_split.peer.rounds.barrier import HeadExchange
 from secure_split.peer.schedule import ProgressFn, Schedule
 from secure_split.protocol import Kind, Message, PeerSession, SessionState, WireTensor
 from secure_split.transport import Transport, TransportPeer
@@ -189,13 +190,9 @@ class PeerNode:
         """Sign our audit head, send it to `peers` and wait until each sent us theirs for `key`
         (a barrier id, a request number); theirs are verified and recorded as they arrive."""
         head = self.audit.checkpoint(reason)
-        for peer in peers:
-            self.send(peer, Kind.AUDIT_RECEIPT, step=key, meta=head.to_meta())
-        self.wait(
-            lambda: self.receipts.get(key, set()) >= set(peers),
-            lambda: f"exchanging signed audit heads ({reason})",
-            lambda: sorted(set(peers) - self.receipts.get(key, set())),
-        )
+        exchange = HeadExchange(key, peers, self.receipts)
+        self.apply(exchange.send(head.to_meta()))
+        self.wait(lambda: exchange.done, lambda: f"exchanging signed audit heads ({reason})", exchange.missing)
         return head
 
     def broadcast_shutdown(self, status: str, reason: str) -> None:

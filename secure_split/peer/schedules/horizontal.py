@@ -77,6 +77,7 @@ from secure_split.peer.rounds.averaging import (
     WeightRelay,
     WeightsUpdate,
 )
+from secure_split.peer.rounds.barrier import BarrierRound
 from secure_split.peer.rounds.contexts import ContextPlan, ContextRound
 from secure_split.peer.rounds.psi import PsiRound
 from secure_split.peer.steps import StepRunner, ids_from_wire, ids_to_wire
@@ -134,7 +135,7 @@ class HorizontalSchedule:
         self.train_steps: list[StepMetrics] = []
         self.eval_steps: list[StepMetrics] = []
         self.history: list[dict[str, Any]] = []
-        self.acks: dict[int, dict[str, tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]]] = {}
+        self.barrier: BarrierRound | None = None
         self.context: ContextRound | None = None
         # coordinator state
         self.owner_ids: dict[str, np.ndarray] = {}
@@ -523,9 +524,8 @@ class HorizontalSchedule:
             self.hacks.setdefault((str(msg.meta["reason"]), str(msg.meta.get("phase", ""))), set()).add(sender)
             return True
         if kind == Kind.BARRIER_ACK:
-            epoch = _meta_int(msg, "epoch", -1)
-            self.acks.setdefault(epoch, {})[sender] = (
-                task_metrics_from_meta(msg.meta.get("train")), task_metrics_from_meta(msg.meta.get("eval")))
+            if self.barrier is None or not self.barrier.on_ack(msg):
+                raise RemoteProtocolError(f"'{sender}' acknowledged a barrier that is not open")
             return True
         if kind == Kind.ACTIVATION:
             return self._coordinator_activation(msg)
@@ -752,18 +752,19 @@ class HorizontalSchedule:
 
     def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
         """An epoch barrier with the live owners; adds up everyone's metric sums."""
-        members = self._live()
-        for p in members:
-            self.node.send(p, Kind.BARRIER, step=epoch + 1, meta={"epoch": epoch, "reason": reason})
+        barrier = self.barrier = BarrierRound(epoch, reason, self._live())
+        self.node.apply(barrier.open())
         own_train, own_eval = self._barrier_local(epoch, reason)
 
-        def missing() -> list[str]:
-            return sorted((set(members) & set(self._live())) - set(self.acks.get(epoch, {})))
+        def live(o: str) -> bool:
+            return o in self._live()
 
-        self.node.wait(lambda: not missing(), lambda: f"waiting for every owner at the {reason} barrier of epoch {epoch}", missing)
-        reported = list(self.acks.get(epoch, {}).values())
-        train = sum_task_metrics([own_train, *(t for t, _ in reported)])
-        evaluation = sum_task_metrics([own_eval, *(e for _, e in reported)])
+        self.node.wait(lambda: barrier.done(live), lambda: f"waiting for every owner at the {reason} barrier of epoch {epoch}",
+                       lambda: barrier.missing(live))
+        self.barrier = None
+        reports = list(barrier.reports.values())
+        train = sum_task_metrics([own_train, *(task_metrics_from_meta(r.train) for r in reports)])
+        evaluation = sum_task_metrics([own_eval, *(task_metrics_from_meta(r.eval) for r in reports)])
         return epoch_values(train, evaluation)
 
     # -- both roles -----------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from secure_split.engine.schedule import epoch_batches, eval_batches, split_trai
 from secure_split.errors import ConfigError, ConfigProblem, RemoteProtocolError, TrainingError
 from secure_split.peer.checkpoints import checkpoint_digest
 from secure_split.peer.context import PeerContext
+from secure_split.peer.rounds.barrier import BarrierRound
 from secure_split.peer.rounds.contexts import ContextPlan, ContextRound
 from secure_split.peer.rounds.he_merge import HeKeyHolder
 from secure_split.peer.rounds.psi import PsiRound
@@ -80,7 +81,7 @@ class SyncSchedule:
         self.psi: PsiRound | None = None
         self.steps: StepRunner | None = None
         self.shutdown: tuple[str, str] | None = None
-        self.acks: dict[int, dict[str, tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]]] = {}
+        self.barrier: BarrierRound | None = None
         self.train_steps: list[StepMetrics] = []
         self.eval_steps: list[StepMetrics] = []
         self.history: list[dict[str, Any]] = []
@@ -147,9 +148,8 @@ class SyncSchedule:
                                                       str(msg.meta.get("segment", "")), bytes(msg.blob)))
             return True
         if kind == Kind.BARRIER_ACK and self.ctx.is_coordinator:
-            epoch = _meta_int(msg, "epoch", -1)
-            self.acks.setdefault(epoch, {})[msg.binding.sender] = (
-                task_metrics_from_meta(msg.meta.get("train")), task_metrics_from_meta(msg.meta.get("eval")))
+            if self.barrier is None or not self.barrier.on_ack(msg):
+                raise RemoteProtocolError(f"'{msg.binding.sender}' acknowledged a barrier that is not open")
             return True
         if self.steps is None:
             return False  # set-up is not finished here yet
@@ -387,17 +387,15 @@ class SyncSchedule:
 
     def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
         """Coordinator side of a barrier. Returns the merged metrics of every peer."""
-        for peer in self.node.counterparties:
-            self.node.send(peer, Kind.BARRIER, step=epoch + 1, meta={"epoch": epoch, "reason": reason})
+        barrier = self.barrier = BarrierRound(epoch, reason, self.node.counterparties)
+        self.node.apply(barrier.open())
         train, evaluation = self._barrier_local(epoch, reason)
-        self.node.wait(
-            lambda: len(self.acks.get(epoch, {})) == len(self.node.counterparties),
-            lambda: f"waiting for every peer at the {reason} barrier of epoch {epoch}",
-            lambda: sorted(set(self.node.counterparties) - set(self.acks.get(epoch, {}))),
-        )
+        self.node.wait(lambda: barrier.done(), lambda: f"waiting for every peer at the {reason} barrier of epoch {epoch}",
+                       barrier.missing)
+        self.barrier = None
         merged = epoch_values(train, evaluation)
-        for peer_train, peer_eval in self.acks.get(epoch, {}).values():
-            merged.update(epoch_values(peer_train, peer_eval))
+        for report in barrier.reports.values():
+            merged.update(epoch_values(task_metrics_from_meta(report.train), task_metrics_from_meta(report.eval)))
         return merged
 
     # -- both roles ---------------------------------------------------------------------------
