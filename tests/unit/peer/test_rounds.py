@@ -124,35 +124,39 @@ def test_psi_records_the_alignment_once_without_ids() -> None:
 # -- barriers and audit heads ---------------------------------------------------------------------
 
 
+def _barrier_run(seed: int, members: list[str]) -> tuple[BarrierRound, dict[int, set[str]]]:
+    received: dict[int, set[str]] = {}
+    barrier = BarrierRound(3, "epoch_end", members)
+    exchanges = {m: HeadExchange(barrier.key, ["coordinator"], received) for m in members}
+
+    def coordinator(msg: Message) -> list[Any]:
+        if msg.kind == Kind.AUDIT_RECEIPT:
+            received.setdefault(msg.binding.step, set()).add(msg.binding.sender)
+            return []
+        assert barrier.on_ack(msg)
+        return []
+
+    def member(name: str) -> Any:
+        def take(msg: Message) -> list[Any]:
+            assert msg.kind == Kind.BARRIER and msg.meta["epoch"] == 3
+            sums = {"labels": {"loss_sum": 1.5, "correct": 3, "count": 4}}
+            head = {"peer": name, "seq": 7, "head": "ab" * 32, "signature": "cd" * 64}
+            return [*exchanges[name].send(head),
+                    Send("coordinator", Kind.BARRIER_ACK, step=barrier.key, meta={"epoch": 3, "eval": sums})]
+        return take
+
+    sim = DeliverySimulator({"coordinator": coordinator, **{m: member(m) for m in members}}, seed=seed, max_delay=3)
+    sim.post("coordinator", barrier.open())
+    sim.run()
+    return barrier, received
+
+
 def test_a_barrier_collects_every_members_report_in_any_order() -> None:
     members = ["a", "b", "c", "d"]
-    received: dict[int, set[str]] = {}
     for seed in range(SEEDS):
-        barrier = BarrierRound(3, "epoch_end", members)
-        exchanges = {m: HeadExchange(barrier.key, ["coordinator"], received) for m in members}
-        received.clear()
-
-        def coordinator(msg: Message) -> list[Any]:
-            if msg.kind == Kind.AUDIT_RECEIPT:
-                received.setdefault(msg.binding.step, set()).add(msg.binding.sender)
-                return []
-            assert barrier.on_ack(msg)
-            return []
-
-        def member(name: str) -> Any:
-            def take(msg: Message) -> list[Any]:
-                assert msg.kind == Kind.BARRIER and msg.meta["epoch"] == 3
-                sums = {"labels": {"loss_sum": 1.5, "correct": 3, "count": 4}}
-                head = {"peer": name, "seq": 7, "head": "ab" * 32, "signature": "cd" * 64}
-                return [*exchanges[name].send(head),
-                        Send("coordinator", Kind.BARRIER_ACK, step=barrier.key, meta={"epoch": 3, "eval": sums})]
-            return take
-
-        sim = DeliverySimulator({"coordinator": coordinator, **{m: member(m) for m in members}}, seed=seed, max_delay=3)
-        sim.post("coordinator", barrier.open())
-        sim.run()
-        assert barrier.done() and sorted(barrier.reports) == members
-        assert received[barrier.key] == set(members)
+        barrier, received = _barrier_run(seed, members)
+        assert barrier.done() and sorted(barrier.reports) == members, f"seed {seed}"
+        assert received[barrier.key] == set(members), f"seed {seed}"
 
 
 def test_a_barrier_does_not_wait_for_a_lost_member_and_refuses_strangers() -> None:
@@ -177,42 +181,47 @@ IDENTITIES: dict[str, Identity] = {n: fixed_identity(n) for n in [*OWNERS, "coor
 KEYS = {n: i.transport_public_z85 for n, i in IDENTITIES.items()}
 
 
+def _average_run(seed: int, start: dict[str, np.ndarray], via_coordinator: bool) -> tuple[dict[str, np.ndarray], set[str]]:
+    weights = {o: start[o].copy() for o in OWNERS}
+    sides = {o: OwnerWeights(o, OWNERS, "coordinator", via_coordinator=via_coordinator, identity=IDENTITIES[o],
+                             transport_keys=KEYS, max_bytes=1 << 20) for o in OWNERS}
+    relay = WeightRelay(OWNERS, enabled=via_coordinator)
+    acks: set[str] = set()
+
+    def coordinator(msg: Message) -> list[Any]:
+        if msg.kind == Kind.BARRIER_ACK:
+            assert msg.meta["reason"] == AVERAGED and msg.meta["phase"] == "a1"
+            acks.add(msg.binding.sender)
+            return []
+        return relay.relay(msg, lost=lambda _: False)
+
+    def owner(name: str) -> Any:
+        def take(msg: Message) -> list[Any]:
+            if msg.kind == Kind.BARRIER:
+                out, update = sides[name].open_average("a1", OWNERS, weights[name])
+            else:
+                out, update = sides[name].on_weights(msg, lambda: weights[name])
+            if update is not None:
+                weights[name] = update.weights
+                out = [*out, Send("coordinator", Kind.BARRIER_ACK, meta={"epoch": 0, "reason": update.ack[0],
+                                                                          "phase": update.ack[1]})]
+            return out
+        return take
+
+    sim = DeliverySimulator({"coordinator": coordinator, **{o: owner(o) for o in OWNERS}}, seed=seed, max_delay=4)
+    sim.post("coordinator", [Send(o, Kind.BARRIER, meta={"epoch": 0, "reason": "average", "phase": "a1",
+                                                        "members": OWNERS}) for o in OWNERS])
+    sim.run()
+    return weights, acks
+
+
 @pytest.mark.parametrize("via_coordinator", [False, True])
 def test_sealed_averaging_gives_every_owner_the_mean_in_any_order(via_coordinator: bool) -> None:
     rng = np.random.default_rng(0)
     start = {o: rng.standard_normal(50).astype(np.float32) for o in OWNERS}
     mean = np.mean(np.stack(list(start.values())), axis=0).astype(np.float32)
     for seed in range(max(1, SEEDS // 10)):
-        weights = {o: start[o].copy() for o in OWNERS}
-        sides = {o: OwnerWeights(o, OWNERS, "coordinator", via_coordinator=via_coordinator, identity=IDENTITIES[o],
-                                 transport_keys=KEYS, max_bytes=1 << 20) for o in OWNERS}
-        relay = WeightRelay(OWNERS, enabled=via_coordinator)
-        acks: set[str] = set()
-
-        def coordinator(msg: Message) -> list[Any]:
-            if msg.kind == Kind.BARRIER_ACK:
-                assert msg.meta["reason"] == AVERAGED and msg.meta["phase"] == "a1"
-                acks.add(msg.binding.sender)
-                return []
-            return relay.relay(msg, lost=lambda _: False)
-
-        def owner(name: str) -> Any:
-            def take(msg: Message) -> list[Any]:
-                if msg.kind == Kind.BARRIER:
-                    out, update = sides[name].open_average("a1", OWNERS, weights[name])
-                else:
-                    out, update = sides[name].on_weights(msg, lambda: weights[name])
-                if update is not None:
-                    weights[name] = update.weights
-                    out = [*out, Send("coordinator", Kind.BARRIER_ACK, meta={"epoch": 0, "reason": update.ack[0],
-                                                                              "phase": update.ack[1]})]
-                return out
-            return take
-
-        sim = DeliverySimulator({"coordinator": coordinator, **{o: owner(o) for o in OWNERS}}, seed=seed, max_delay=4)
-        sim.post("coordinator", [Send(o, Kind.BARRIER, meta={"epoch": 0, "reason": "average", "phase": "a1",
-                                                            "members": OWNERS}) for o in OWNERS])
-        sim.run()
+        weights, acks = _average_run(seed, start, via_coordinator)
         assert acks == set(OWNERS), f"seed {seed}"
         for o in OWNERS:
             assert np.allclose(weights[o], mean, atol=1e-6), f"seed {seed}: {o}"
