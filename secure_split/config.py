@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from secure_split.canonical import digest_of
+from secure_split.data_source import DataSource, DataSourceSpec, data_source_problems, resolve_data_source
 from secure_split.errors import ConfigError, ConfigProblem
 from secure_split.yamlfile import KeyPath, YamlDocument, read_yaml
 
@@ -163,7 +164,9 @@ class PeerConfigSpec(_Strict):
     peer: str
     deployment: str = Field(description="the shared deployment file, relative to this file")
     secret_key: str = Field(description="this peer's secret key file (mode 0600)")
-    data: str | None = Field(None, description="this peer's data file (safetensors: ids, features, labels)")
+    data: str | DataSourceSpec | None = Field(
+        None, description="this peer's data: a safetensors file (ids, features, labels.TASK), or a mapping "
+        "{path, format, id_column, features, labels, categorical, impute, preprocess} (docs/data.md)")
     checkpoints: str = Field("checkpoints", description="folder for this peer's checkpoints")
     audit: str = Field("audit", description="folder for this peer's audit log")
     threads: int | Literal["auto"] = Field("auto", description="torch threads for this peer")
@@ -400,6 +403,8 @@ class PeerConfig:
     data_path: Path | None
     checkpoints_dir: Path
     audit_dir: Path
+    data_source: DataSource | None = None
+    """The whole `data:` section (file, format, columns, preprocessing); `data_path` is its file."""
 
     @property
     def name(self) -> str:
@@ -427,9 +432,16 @@ def load_peer_config(path: str | Path) -> PeerConfig:
     key = (base / spec.secret_key).resolve()
     if not key.is_file():
         problems.append(doc.problem(("secret_key",), f"secret key file {key} not found; create it with `secure-split keys new`"))
-    data = (base / spec.data).resolve() if spec.data else None
+    data_spec = DataSourceSpec(path=spec.data) if isinstance(spec.data, str) else spec.data
+    data = (base / data_spec.path).resolve() if data_spec is not None else None
     if data is not None and not data.is_file():
-        problems.append(doc.problem(("data",), f"data file {data} not found"))
+        problems.append(doc.problem(("data",) if isinstance(spec.data, str) else ("data", "path"),
+                                    f"data file {data} not found"))
+    if isinstance(spec.data, DataSourceSpec):
+        problems.extend(doc.problem(k, m) for k, m in data_source_problems(spec.data))
+    elif isinstance(spec.data, str) and Path(spec.data).suffix.lower() in (".csv", ".tsv", ".parquet", ".pq", ".npy"):
+        problems.append(doc.problem(("data",), "a csv, parquet or npy file needs the long form of data: "
+                                               "{path, id_column, labels, ...} (see docs/data.md)"))
     if problems:
         raise ConfigError(problems)
     return PeerConfig(
@@ -440,6 +452,7 @@ def load_peer_config(path: str | Path) -> PeerConfig:
         data_path=data,
         checkpoints_dir=(base / spec.checkpoints).resolve(),
         audit_dir=(base / spec.audit).resolve(),
+        data_source=resolve_data_source(spec.data, base, doc.path.resolve()) if spec.data is not None else None,
     )
 
 
