@@ -29,7 +29,7 @@ from secure_split.engine.data.peer_data import (
     write_peer_data,
 )
 from secure_split.engine.data.preprocess import ColumnFit, Preprocessing, fit_preprocessing
-from secure_split.engine.data.tables import SiteData, load_site_data
+from secure_split.engine.data.tables import SiteData, load_site_data, site_from_arrays
 
 __all__ = [
     "DEFAULT_MAX_DATA_BYTES",
@@ -49,5 +49,6 @@ __all__ = [
     "load_site_data",
     "needs_data",
     "read_safetensors_data",
+    "site_from_arrays",
     "write_peer_data",
 ]

@@ -29,7 +29,7 @@ from secure_split.errors import ConfigError, ConfigProblem, TrainingError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["MAX_PROBLEMS", "MISSING_MARKERS", "SiteData", "load_site_data"]
+__all__ = ["MAX_PROBLEMS", "MISSING_MARKERS", "SiteData", "load_site_data", "site_from_arrays"]
 
 MAX_PROBLEMS = 50
 SHOWN_ROWS = 5
@@ -574,3 +574,30 @@ def _from_safetensors(source: DataSource, problems: _Problems, inference: bool) 
     _duplicate_ids(site, problems)
     problems.raise_if_any()
     return site
+
+
+def site_from_arrays(ids: object, features: object, *, labels: Mapping[str, object] | None = None,
+                     **section: Any) -> SiteData:
+    """Rows built in code, with a data section's preprocessing choices (demos, baselines, tests).
+
+    Feature column j is named "features[j]", as for a safetensors file's 2-D features.
+
+    Args:
+        ids: unique integer sample ids [N].
+        features: numbers [N, d] (NaN where missing).
+        labels: task -> class indices [N].
+        section: keys of the long form of `data:` that apply to unnamed columns (`preprocess`,
+            `impute`), e.g. `preprocess={"scale": "standard"}`.
+
+    Raises:
+        ValueError: the arrays do not agree, or the section is not valid.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if x.ndim != 2 or x.shape[0] != id_arr.shape[0] or len(np.unique(id_arr)) != len(id_arr):
+        raise ValueError(f"need unique ids [N] and features [N, d], got {list(id_arr.shape)} and {list(x.shape)}")
+    source = DataSource.of("(in memory).safetensors", **section)
+    numbers = {f"features[{j}]": x[:, j].copy() for j in range(x.shape[1])}
+    return SiteData(source=source, ids=id_arr, file_rows=np.arange(1, len(id_arr) + 1, dtype=np.int64),
+                    numbers=numbers, feature_order=tuple(numbers),
+                    labels={k: np.asarray(v, dtype=np.int64) for k, v in (labels or {}).items()})
