@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from secure_split.canonical import digest_of
 from secure_split.data_source import DataSource, DataSourceSpec, data_source_problems, resolve_data_source
@@ -158,13 +158,29 @@ class DeploymentSpec(_Strict):
     limits: LimitsSpec = LimitsSpec()
 
 
+def _data_form(value: Any) -> str | None:
+    """Which form of `data:` a value is; the tags are union names `_pydantic_problems` drops."""
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, dict | DataSourceSpec):
+        return "dict"
+    return None
+
+
+DataSection = Annotated[
+    Annotated[str, Tag("str")] | Annotated[DataSourceSpec, Tag("dict")],
+    Discriminator(_data_form, custom_error_type="data_form",
+                  custom_error_message="expected a safetensors file's path or a mapping {path, format, id_column, ...}"),
+]
+
+
 class PeerConfigSpec(_Strict):
     """One organisation's private peer config."""
 
     peer: str
     deployment: str = Field(description="the shared deployment file, relative to this file")
     secret_key: str = Field(description="this peer's secret key file (mode 0600)")
-    data: str | DataSourceSpec | None = Field(
+    data: DataSection | None = Field(
         None, description="this peer's data: a safetensors file (ids, features, labels.TASK), or a mapping "
         "{path, format, id_column, features, labels, categorical, impute, preprocess} (docs/data.md)")
     checkpoints: str = Field("checkpoints", description="folder for this peer's checkpoints")
