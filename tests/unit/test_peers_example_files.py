@@ -29,7 +29,7 @@ def _script() -> ModuleType:
 
 def test_the_example_csv_files_are_the_generated_ones() -> None:
     for name, text in _script().example_data().items():
-        assert (REPO / "peers" / "data" / f"{name}.csv").read_text() == text, f"regenerate: scripts/run_example.py data"
+        assert (REPO / "peers" / "data" / f"{name}.csv").read_text() == text, "regenerate: scripts/run_example.py data"
 
 
 @pytest.mark.parametrize("peer", PEERS)
