@@ -109,7 +109,11 @@ class TrainingSpec(_Strict):
     seed: int = 0
     epochs: int = Field(3, ge=0, le=100_000)
     batch_size: int = Field(64, ge=1, le=1_000_000)
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0,
+        description="share of the aligned sample ids held out for evaluation (`split_train_test` with `seed`); "
+        "the rest are the training rows, on which each peer also fits its preprocessing",
+    )
     micro_batches: int = Field(
         1, ge=1, le=64,
         description="reserved for micro-batch pipelining (designed in docs/performance.md, not built): only 1 "

@@ -831,7 +831,7 @@ class PeerExecutor:
             if topo.segments[s].loss and col not in self.data.labels:
                 raise ConfigError(ConfigProblem(
                     self.data.source or "(this peer's data)", f"labels.{col}",
-                    f"segment '{s}' computes its loss on label task '{col}', which this peer's data "
+                    f"segment '{s}' computes its loss on label column '{col}', which this peer's data "
                     f"does not have (it has: {sorted(self.data.labels) or 'none'}); run `secure-split data check` "
                     "on this peer's config",
                 ))

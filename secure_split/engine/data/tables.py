@@ -276,7 +276,7 @@ def _read_npy(source: DataSource, pick: Callable[[list[str]], list[str]], proble
     except (ValueError, OSError, SyntaxError) as exc:
         problems.add("data", f"not a readable .npy file: {exc}")
         problems.raise_if_any()
-    shape, _fortran, dtype = header
+    shape, fortran, dtype = header
     if len(shape) != 2:
         problems.add("data", f"a .npy data file holds one 2-D array [rows, columns], got shape {list(shape)}")
     elif dtype.kind not in "biuf" or dtype.hasobject:
@@ -293,7 +293,9 @@ def _read_npy(source: DataSource, pick: Callable[[list[str]], list[str]], proble
     problems.raise_if_any()
     wanted = pick(names)
     problems.raise_if_any()
-    arr = np.load(source.path, allow_pickle=False, mmap_mode="r")
+    # Read from the checked header's numeric dtype and shape: no np.load, nothing that can unpickle.
+    arr = np.memmap(source.path, dtype=dtype, mode="r", offset=offset, shape=tuple(shape),
+                    order="F" if fortran else "C")
     return {n: pa.array(np.ascontiguousarray(arr[:, names.index(n)])) for n in wanted}
 
 

@@ -74,6 +74,9 @@ def test_npy_names_its_columns_in_the_config(tmp_path: Path) -> None:
     site = load_site_data(DataSource.of(path, id_column="pid", columns=["pid", "age", "bmi", "y"],
                                         labels={"labels": "y"}))
     assert site.ids.tolist() == IDS and site.numbers["bmi"].tolist() == BMI and site.labels["labels"].tolist() == LABEL
+    np.save(path, np.asfortranarray(np.column_stack([IDS, AGE, BMI, LABEL]).astype(np.float32)))
+    again = load_site_data(DataSource.of(path, id_column="pid", columns=["pid", "age", "bmi", "y"]))
+    assert again.ids.tolist() == IDS and again.numbers["age"].tolist() == AGE  # column-major too
     with pytest.raises(ValueError, match="columns"):
         DataSource.of(path, id_column="pid")  # a .npy array has no column names
 
