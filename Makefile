@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck layers bench clean policies-check
+.PHONY: venv demo example test lint typecheck layers bench clean policies-check
 
 venv: $(STAMP)
 
@@ -21,9 +21,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/secure-split demo vanilla
 
+# The worked example of peers/: two hospitals and a lab on CSV files, one `peer run` process each;
+# checks the policy and each organisation's data, trains, verifies the audit logs, predicts.
+example: $(STAMP)
+	$(PY) scripts/run_example.py
+
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff check secure_split tests bench
+	$(VENV)/bin/ruff check secure_split tests bench scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 

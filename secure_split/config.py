@@ -13,11 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from secure_split.canonical import digest_of
+from secure_split.data_source import DataSource, DataSourceSpec, data_source_problems, resolve_data_source
 from secure_split.errors import ConfigError, ConfigProblem
 from secure_split.yamlfile import KeyPath, YamlDocument, read_yaml
 
@@ -108,7 +109,11 @@ class TrainingSpec(_Strict):
     seed: int = 0
     epochs: int = Field(3, ge=0, le=100_000)
     batch_size: int = Field(64, ge=1, le=1_000_000)
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0,
+        description="share of the aligned sample ids held out for evaluation (`split_train_test` with `seed`); "
+        "the rest are the training rows, on which each peer also fits its preprocessing",
+    )
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: Literal["sync", "sequential", "splitfed"] = "sync"
     handoff: Literal["relay", "direct"] = Field(
@@ -152,13 +157,31 @@ class DeploymentSpec(_Strict):
     limits: LimitsSpec = LimitsSpec()
 
 
+def _data_form(value: Any) -> str | None:
+    """Which form of `data:` a value is; the tags are union names `_pydantic_problems` drops."""
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, dict | DataSourceSpec):
+        return "dict"
+    return None
+
+
+DataSection = Annotated[
+    Annotated[str, Tag("str")] | Annotated[DataSourceSpec, Tag("dict")],
+    Discriminator(_data_form, custom_error_type="data_form",
+                  custom_error_message="expected a safetensors file's path or a mapping {path, format, id_column, ...}"),
+]
+
+
 class PeerConfigSpec(_Strict):
     """One organisation's private peer config."""
 
     peer: str
     deployment: str = Field(description="the shared deployment file, relative to this file")
     secret_key: str = Field(description="this peer's secret key file (mode 0600)")
-    data: str | None = Field(None, description="this peer's data file (safetensors: ids, features, labels)")
+    data: DataSection | None = Field(
+        None, description="this peer's data: a safetensors file (ids, features, labels.TASK), or a mapping "
+        "{path, format, id_column, features, labels, categorical, impute, preprocess} (docs/data.md)")
     checkpoints: str = Field("checkpoints", description="folder for this peer's checkpoints")
     audit: str = Field("audit", description="folder for this peer's audit log")
     threads: int | Literal["auto"] = Field("auto", description="torch threads for this peer")
@@ -392,6 +415,8 @@ class PeerConfig:
     data_path: Path | None
     checkpoints_dir: Path
     audit_dir: Path
+    data_source: DataSource | None = None
+    """The whole `data:` section (file, format, columns, preprocessing); `data_path` is its file."""
 
     @property
     def name(self) -> str:
@@ -419,9 +444,16 @@ def load_peer_config(path: str | Path) -> PeerConfig:
     key = (base / spec.secret_key).resolve()
     if not key.is_file():
         problems.append(doc.problem(("secret_key",), f"secret key file {key} not found; create it with `secure-split keys new`"))
-    data = (base / spec.data).resolve() if spec.data else None
+    data_spec = DataSourceSpec(path=spec.data) if isinstance(spec.data, str) else spec.data
+    data = (base / data_spec.path).resolve() if data_spec is not None else None
     if data is not None and not data.is_file():
-        problems.append(doc.problem(("data",), f"data file {data} not found"))
+        problems.append(doc.problem(("data",) if isinstance(spec.data, str) else ("data", "path"),
+                                    f"data file {data} not found"))
+    if isinstance(spec.data, DataSourceSpec):
+        problems.extend(doc.problem(k, m) for k, m in data_source_problems(spec.data))
+    elif isinstance(spec.data, str) and Path(spec.data).suffix.lower() in (".csv", ".tsv", ".parquet", ".pq", ".npy"):
+        problems.append(doc.problem(("data",), "a csv, parquet or npy file needs the long form of data: "
+                                               "{path, id_column, labels, ...} (see docs/data.md)"))
     if problems:
         raise ConfigError(problems)
     return PeerConfig(
@@ -432,6 +464,7 @@ def load_peer_config(path: str | Path) -> PeerConfig:
         data_path=data,
         checkpoints_dir=(base / spec.checkpoints).resolve(),
         audit_dir=(base / spec.audit).resolve(),
+        data_source=resolve_data_source(spec.data, base, doc.path.resolve()) if spec.data is not None else None,
     )
 
 

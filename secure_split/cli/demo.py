@@ -47,6 +47,8 @@ class PeerPlan:
     ids: Any
     features: Any = None
     labels: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] | None = None
+    """The peer config's `data.preprocess` (fitted at the peer on its own training rows), if any."""
 
 
 @dataclass
@@ -217,13 +219,16 @@ def scenario_multi_task(epochs: int, **_: Any) -> ScenarioPlan:
 def _vertical(epochs: int, *, he: bool) -> ScenarioPlan:
     """Breast cancer split by columns between two hospitals with overlapping patient lists;
     labels at a lab. Ids are aligned by PSI at run time; the baseline trains on the same
-    intersection."""
+    intersection. The hospitals hold the clinical values as measured and standardise their own
+    columns on their own training rows (`preprocess: {scale: standard}` in their peer configs);
+    the baseline applies the same transform."""
     import numpy as np
 
     from secure_split.engine import zoo
     from secure_split.engine.data import breast_cancer
+    from secure_split.engine.schedule import split_train_test
 
-    ids, x, y = breast_cancer()
+    ids, x, y = breast_cancer(raw=True)
     rng = np.random.default_rng(11)
     n = len(ids)
     # Each party holds a different, partially overlapping subset of the patients.
@@ -234,11 +239,16 @@ def _vertical(epochs: int, *, he: bool) -> ScenarioPlan:
     inter = np.intersect1d(np.intersect1d(a_rows, b_rows), l_rows)
     top = zoo.BREAST_CANCER_SUM_TOP if he else zoo.BREAST_CANCER_VERTICAL_TOP
     merge: dict[str, Any] = {"merge": "sum", "he": True} if he else {"merge": "concat"}
+    seed, test_fraction = 7, 0.2
+    training = {"seed": seed, "epochs": epochs, "batch_size": 64, "test_fraction": test_fraction,
+                "optimizer": {"type": "adam", "lr": zoo.BREAST_CANCER_LR}}
+    standard = {"scale": "standard"}
+    train_ids, _ = split_train_test(ids[inter], test_fraction, seed)
     return ScenarioPlan(
         name="vertical-he" if he else "vertical",
         peers=[
-            PeerPlan("hospital_a", ids[a_rows], features=xa[a_rows]),
-            PeerPlan("hospital_b", ids[b_rows], features=xb[b_rows]),
+            PeerPlan("hospital_a", ids[a_rows], features=xa[a_rows], preprocess=standard),
+            PeerPlan("hospital_b", ids[b_rows], features=xb[b_rows], preprocess=standard),
             PeerPlan("lab", ids[l_rows], labels={"labels": y[l_rows]}),
         ],
         coordinator="lab",
@@ -248,13 +258,21 @@ def _vertical(epochs: int, *, he: bool) -> ScenarioPlan:
             "top": {"peer": "lab", "loss": "cross_entropy", "model": top, **merge},
         },
         edges=[{"from": "bottom_a", "to": "top"}, {"from": "bottom_b", "to": "top"}],
-        training={"seed": 7, "epochs": epochs, "batch_size": 64, "test_fraction": 0.2,
-                  "optimizer": {"type": "adam", "lr": zoo.BREAST_CANCER_LR}},
-        baseline_features={"bottom_a": xa[inter], "bottom_b": xb[inter]},
+        training=training,
+        baseline_features={"bottom_a": _preprocessed(ids[inter], xa[inter], train_ids, standard),
+                           "bottom_b": _preprocessed(ids[inter], xb[inter], train_ids, standard)},
         baseline_labels={"top": y[inter]},
         baseline_ids=ids[inter],
         main_task="labels",
     )
+
+
+def _preprocessed(ids: Any, x: Any, train_ids: Any, preprocess: dict[str, Any]) -> Any:
+    """`x` transformed as a peer with `data.preprocess: preprocess` transforms it, fitted on `train_ids`."""
+    from secure_split.engine.data import fit_preprocessing, site_from_arrays
+
+    site = site_from_arrays(ids, x, preprocess=preprocess)
+    return fit_preprocessing(site, train_ids).apply(site).features
 
 
 def scenario_vertical(epochs: int, **_: Any) -> ScenarioPlan:
@@ -564,7 +582,8 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
             "peer": p.name,
             "deployment": "../deployment.yaml",
             "secret_key": f"../keys/{p.name}.key",
-            **({"data": f"../data/{p.name}.safetensors"} if p.ids is not None else {}),
+            **({"data": f"../data/{p.name}.safetensors" if p.preprocess is None else
+                {"path": f"../data/{p.name}.safetensors", "preprocess": p.preprocess}} if p.ids is not None else {}),
             "checkpoints": f"../checkpoints/{p.name}",
             "audit": "../audit",
             "threads": 1,

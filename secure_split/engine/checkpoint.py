@@ -3,7 +3,9 @@
 A checkpoint of epoch N is two files in the peer's checkpoint folder:
 - `epoch-NNNN.safetensors`: `PeerExecutor.state_tensors()` (segments and optimizer state);
 - `epoch-NNNN.json`: canonical JSON with the epoch, peer, deployment hash, the weights' SHA-256,
-  the tensor names, `optimizer_meta()` and the caller's meta.
+  the tensor names, `optimizer_meta()`, the caller's meta and, where the peer preprocesses its
+  data, the fitted `Preprocessing` (imputation values, scaling statistics, categories): part of
+  the trained model at this peer, read back for inference by `checkpoint_preprocessing`.
 The weights are written first and the manifest last (each to a temporary file, then renamed), so
 a checkpoint exists exactly when its manifest does, and a crash leaves no half checkpoint. Files
 are created mode 0600: weights trained on private data are private too.
@@ -27,10 +29,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from secure_split.canonical import canonical_json, sha256_hex
+from secure_split.engine.data.preprocess import Preprocessing
 from secure_split.engine.executor import PeerExecutor
-from secure_split.errors import TrainingError
+from secure_split.errors import ConfigError, TrainingError
 
-__all__ = ["MAX_CHECKPOINT_BYTES", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
+__all__ = ["MAX_CHECKPOINT_BYTES", "checkpoint_preprocessing", "list_checkpoints", "load_checkpoint",
+           "save_checkpoint"]
 
 MAX_CHECKPOINT_BYTES = 8 * 1024**3
 _MAX_MANIFEST_BYTES = 16 * 1024**2
@@ -54,7 +58,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(
-    directory: str | Path, *, epoch: int, executor: PeerExecutor, meta: Mapping[str, Any]
+    directory: str | Path, *, epoch: int, executor: PeerExecutor, meta: Mapping[str, Any],
+    preprocessing: Preprocessing | None = None,
 ) -> Path:
     """Write the checkpoint of `epoch` for `executor`'s peer.
 
@@ -64,6 +69,8 @@ def save_checkpoint(
         executor: the executor whose state is saved (between steps).
         meta: JSON-able extras to keep (e.g. {"deployment_hash": ..., "step": ..., "metrics": ...});
             "deployment_hash" overrides the executor's deployment hash in the manifest.
+        preprocessing: the transform this peer's data went through (`fit_preprocessing`), kept
+            in the manifest so that inference applies the same one; None for data read as is.
 
     Returns:
         The manifest path (`epoch-NNNN.json`); the weights lie next to it.
@@ -89,6 +96,8 @@ def save_checkpoint(
         "optimizer": executor.optimizer_meta(),
         "meta": dict(meta),
     }
+    if preprocessing is not None:
+        manifest["preprocessing"] = preprocessing.to_json()
     encoded = canonical_json(manifest)  # fails before anything is written if meta is not JSON-able
     _write_private(weights_path, blob)
     _write_private(manifest_path, encoded)
@@ -147,7 +156,8 @@ def list_checkpoints(directory: str | Path) -> list[int]:
 
 
 def load_checkpoint(
-    directory: str | Path, epoch: int, executor: PeerExecutor, *, max_bytes: int = MAX_CHECKPOINT_BYTES
+    directory: str | Path, epoch: int, executor: PeerExecutor, *, max_bytes: int = MAX_CHECKPOINT_BYTES,
+    preprocessing: Preprocessing | None = None,
 ) -> dict[str, Any]:
     """Verify and load the checkpoint of `epoch` into `executor`.
 
@@ -156,17 +166,28 @@ def load_checkpoint(
         epoch: which checkpoint.
         executor: receives the state (between steps).
         max_bytes: refuse a larger weights file.
+        preprocessing: on resume, the transform this peer fitted again at start-up; it must be
+            the one saved (else the data or its split changed since, and the weights would see
+            other inputs than they were trained on).
 
     Returns:
         The manifest (with the caller's `meta` under "meta").
 
     Raises:
         TrainingError: the checkpoint is missing, belongs to another peer or deployment, is too
-            big, its SHA-256 does not match (modified or torn), or its tensors do not fit the
-            executor. Nothing is loaded in any of these cases.
+            big, its SHA-256 does not match (modified or torn), its tensors do not fit the
+            executor, or its preprocessing differs from `preprocessing`. Nothing is loaded in
+            any of these cases.
     """
     d = Path(directory)
     weights_path, manifest_path = _paths(d, epoch)
+    saved = checkpoint_preprocessing(d, epoch)
+    if preprocessing is not None and (saved is None or saved.to_json() != preprocessing.to_json()):
+        raise TrainingError(
+            f"checkpoint {manifest_path} was trained on data preprocessed otherwise than this peer's data is now "
+            "(its file, columns, preprocessing or the split changed); resume with the data it was trained on, "
+            "or start a new run"
+        )
     if not manifest_path.is_file() or not weights_path.is_file():
         raise TrainingError(f"no checkpoint of epoch {epoch} in {d} (expected {manifest_path.name} and "
                             f"{weights_path.name})")
@@ -200,3 +221,25 @@ def load_checkpoint(
         raise TrainingError(f"checkpoint weights {weights_path} hold other tensors than the manifest lists")
     executor.load_state_tensors(tensors, manifest["optimizer"])
     return manifest
+
+
+def checkpoint_preprocessing(directory: str | Path, epoch: int) -> Preprocessing | None:
+    """The preprocessing saved with the checkpoint of `epoch` (None where the data was read as is).
+
+    Read this before building the executor for inference, and apply it to the rows to predict
+    (`load_rows_to_predict`): the model's first layer was trained on exactly that transform.
+
+    Raises:
+        TrainingError: no such checkpoint, or a manifest that is not valid or whose
+            preprocessing is malformed.
+    """
+    _, manifest_path = _paths(Path(directory), epoch)
+    if not manifest_path.is_file():
+        raise TrainingError(f"no checkpoint of epoch {epoch} in {directory} (expected {manifest_path.name})")
+    manifest = _read_manifest(manifest_path)
+    if "preprocessing" not in manifest:
+        return None
+    try:
+        return Preprocessing.from_json(manifest["preprocessing"], where=str(manifest_path))
+    except ConfigError as exc:
+        raise TrainingError(f"checkpoint {manifest_path}: {exc.problems[0].message}") from None

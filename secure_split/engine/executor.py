@@ -829,10 +829,12 @@ class PeerExecutor:
         for s in self.local:
             col = topo.segments[s].labels
             if topo.segments[s].loss and col not in self.data.labels:
-                raise ConfigError(
+                raise ConfigError(ConfigProblem(
+                    self.data.source or "(this peer's data)", f"labels.{col}",
                     f"segment '{s}' computes its loss on label column '{col}', which this peer's data "
-                    f"does not have (it has: {sorted(self.data.labels) or 'none'})"
-                )
+                    f"does not have (it has: {sorted(self.data.labels) or 'none'}); run `secure-split data check` "
+                    "on this peer's config",
+                ))
 
     def _require_step(self, step: int | None, kind: str, edge: str) -> _Step:
         if kind == "activation" and self._ahead is not None and step == self._ahead.step:

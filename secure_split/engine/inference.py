@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from secure_split.config import Deployment, PeerConfig
-from secure_split.engine.checkpoint import load_checkpoint
-from secure_split.engine.data import load_peer_data
+from secure_split.engine.checkpoint import checkpoint_preprocessing, load_checkpoint
+from secure_split.engine.data import load_rows_to_predict
 from secure_split.engine.executor import PeerExecutor, merge_inputs
 from secure_split.errors import ConfigError, ConfigProblem
 from secure_split.topology import Topology
@@ -37,7 +37,10 @@ def trained_segments(deployment: Deployment, peers: Mapping[str, PeerConfig], ep
     """
     out: dict[str, nn.Module] = {}
     for name, cfg in peers.items():
-        executor = PeerExecutor(deployment, name, load_peer_data(cfg.data_path) if cfg.data_path else None)
+        # The peer's own rows, transformed as in training (the checkpoint keeps the transform).
+        data = (load_rows_to_predict(cfg, cfg.data_source.path, checkpoint_preprocessing(cfg.checkpoints_dir, epoch))
+                if cfg.data_source is not None else None)
+        executor = PeerExecutor(deployment, name, data)
         load_checkpoint(cfg.checkpoints_dir, epoch, executor)
         out.update(executor.segments)
     return out

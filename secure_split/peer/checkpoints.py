@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from secure_split.canonical import sha256_hex
-from secure_split.engine.checkpoint import list_checkpoints, load_checkpoint
+from secure_split.engine.checkpoint import checkpoint_preprocessing, list_checkpoints, load_checkpoint
 from secure_split.engine.executor import PeerExecutor
 from secure_split.errors import ConfigError, ConfigProblem
 from secure_split.peer.context import PeerContext
 
-__all__ = ["checkpoint_digest", "load_trained"]
+__all__ = ["checkpoint_digest", "chosen_epoch", "load_trained"]
 
 
 def checkpoint_digest(directory: str | Path, epoch: int) -> str:
@@ -20,8 +20,8 @@ def checkpoint_digest(directory: str | Path, epoch: int) -> str:
     return sha256_hex(meta.read_bytes()) if meta.is_file() else ""
 
 
-def load_trained(ctx: PeerContext, executor: PeerExecutor, epoch: int | None) -> int:
-    """Load `epoch` (default: the newest intact checkpoint) into `executor`; return it.
+def chosen_epoch(ctx: PeerContext, epoch: int | None) -> int:
+    """The checkpoint to use: `epoch`, or the newest intact one.
 
     Raises:
         ConfigError: no checkpoint, or none of that epoch.
@@ -36,5 +36,14 @@ def load_trained(ctx: PeerContext, executor: PeerExecutor, epoch: int | None) ->
     if chosen not in have:
         raise ConfigError(ConfigProblem(str(ctx.cfg.path), "checkpoints", (
             f"no intact checkpoint of epoch {chosen} in {directory} (there are: {have or 'none'})")))
-    load_checkpoint(directory, chosen, executor)
     return chosen
+
+
+def load_trained(ctx: PeerContext, executor: PeerExecutor, epoch: int) -> None:
+    """Load the checkpoint of `epoch` into `executor` (with the preprocessing it was trained with).
+
+    Raises:
+        TrainingError: the checkpoint does not verify or does not fit.
+    """
+    directory = ctx.cfg.checkpoints_dir
+    load_checkpoint(directory, epoch, executor, preprocessing=checkpoint_preprocessing(directory, epoch))

@@ -15,8 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from secure_split.config import Deployment, PeerConfig, load_deployment, load_peer_config
 from secure_split.crypto.keys import Identity, load_identity
+from secure_split.engine.data import (
+    PeerData,
+    Preprocessing,
+    SiteData,
+    fit_preprocessing,
+    load_checked_site_data,
+)
+from secure_split.engine.schedule import split_train_test
 from secure_split.errors import ConfigError, ConfigProblem
 from secure_split.policy import Policy, check_startup, load_policy, required_flows
 from secure_split.topology import Topology
@@ -65,6 +75,9 @@ class PeerContext:
         policy: the signed policy.
         topology: the deployment's segments and edges.
         counterparties: every peer this one exchanges messages with (from the required flows).
+        site: this peer's rows as read from its data source and checked against the deployment
+            (None for a peer that holds no data); preprocessing is fitted later, on the
+            training rows of the aligned ids (`training_data`).
     """
 
     cfg: PeerConfig
@@ -73,6 +86,7 @@ class PeerContext:
     policy: Policy
     topology: Topology
     counterparties: list[str]
+    site: SiteData | None = None
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -119,8 +133,34 @@ class PeerContext:
             raise ConfigError(problems)
         policy = load_policy(deployment.policy_path)
         check_startup(policy, deployment)
+        # Data before any network: a file that does not fit the deployment fails here, named.
+        site = load_checked_site_data(cfg, deployment)
         return cls(cfg, deployment, identity, policy, Topology.from_deployment(deployment),
-                   counterparties(deployment, policy, me))
+                   counterparties(deployment, policy, me), site)
+
+    def training_data(self, ids: np.ndarray | None = None, *, positions: bool = False
+                      ) -> tuple[PeerData | None, Preprocessing | None]:
+        """This peer's rows, restricted to `ids` (the aligned ids) when given, preprocessed with a
+        transform fitted on its training rows only.
+
+        The training rows are the coordinator's split: `split_train_test` of the aligned ids
+        (every party of a PSI holds the same intersection), or, where a horizontal coordinator
+        schedules row positions (`positions`), of the positions 0..N-1 of the sorted ids.
+
+        Returns:
+            (the data the executor reads, the fitted preprocessing); (None, None) without data.
+        """
+        if self.site is None:
+            return None, None
+        site = self.site if ids is None else self.site.subset(ids)
+        training = self.deployment.spec.training
+        if positions:
+            order = np.sort(site.ids)
+            train_ids = order[split_train_test(np.arange(len(order)), training.test_fraction, training.seed)[0]]
+        else:
+            train_ids = split_train_test(site.ids, training.test_fraction, training.seed)[0]
+        prep = fit_preprocessing(site, train_ids)
+        return prep.apply(site), prep
 
     def resume_problem(self) -> str | None:
         """Why `--resume` cannot continue this peer's audit log under this deployment, or None."""

@@ -48,7 +48,6 @@ import numpy as np
 
 from secure_split.config import horizontal_owners
 from secure_split.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from secure_split.engine.data import PeerData, load_peer_data
 from secure_split.engine.executor import PeerExecutor
 from secure_split.engine.metrics import (
     StepMetrics,
@@ -108,7 +107,9 @@ class HorizontalSchedule:
         self.ctx = ctx
         self.me = ctx.me
         spec = ctx.deployment.spec
-        self.data: PeerData | None = load_peer_data(ctx.cfg.data_path) if ctx.cfg.data_path else None
+        # Where the coordinator holds no labels, steps name row positions rather than ids.
+        self.ordinal = not any(seg.loss and seg.peer == spec.coordinator for seg in spec.segments.values())
+        self.data, self.preprocessing = ctx.training_data(positions=self.ordinal)
         self.executor = PeerExecutor(ctx.deployment, self.me, self.data, defer_update=True)
         self.checkpoint_dir = ctx.cfg.checkpoints_dir
         self.available_checkpoints = list_checkpoints(self.checkpoint_dir) if resume else []
@@ -123,8 +124,6 @@ class HorizontalSchedule:
         # Sealed weights go through the coordinator when relayed, and always under HE averaging
         # (the policy then allows weights only to and from the coordinator).
         self.via_coordinator = self.relay or self.he_average
-        # Where the coordinator holds no labels, steps name row positions rather than ids.
-        self.ordinal = not any(seg.loss and seg.peer == self.coordinator for seg in spec.segments.values())
         self.training_started = False
         self.lost: set[str] = set()
         self.joining: dict[str, bool] = {}  # restarted owner -> set-up finished
@@ -348,8 +347,8 @@ class HorizontalSchedule:
         return True
 
     def _own_ids(self) -> list[int]:
-        assert self.data is not None
-        return [int(x) for x in self.data.ids.tolist()]
+        assert self.ctx.site is not None
+        return [int(x) for x in self.ctx.site.ids.tolist()]
 
     def _start_psi(self, owner: str) -> None:
         rnd = PsiRound(self.me, [self.me, owner], self._own_ids(), deployment_hash=self.ctx.deployment.hash,
@@ -420,7 +419,7 @@ class HorizontalSchedule:
         assert result is not None
         if result.ids.shape[0] < 2:
             raise TrainingError(f"PSI: the coordinator labels only {result.ids.shape[0]} of this owner's samples; nothing to train on")
-        self.data = self.data.subset(result.ids)
+        self.data, self.preprocessing = self.ctx.training_data(result.ids)
         self.executor = PeerExecutor(self.ctx.deployment, self.me, self.data, defer_update=True)
         self.steps = StepRunner(self.executor, self.ctx.topology, self.me,
                                 max_bytes=self.ctx.deployment.spec.limits.max_message_bytes)
@@ -774,10 +773,10 @@ class HorizontalSchedule:
         ckpt = self.checkpoint_dir
         if reason == "start":
             if epoch >= 0:
-                load_checkpoint(ckpt, epoch, self.executor)
+                load_checkpoint(ckpt, epoch, self.executor, preprocessing=self.preprocessing)
                 self.node.record("checkpoint_resumed", epoch=epoch, digest=checkpoint_digest(ckpt, epoch))
         elif reason == "epoch_end":
-            save_checkpoint(ckpt, epoch=epoch, executor=self.executor, meta={
+            save_checkpoint(ckpt, epoch=epoch, executor=self.executor, preprocessing=self.preprocessing, meta={
                 "deployment": self.ctx.deployment.hash, "peer": self.me, "policy": self.ctx.policy.hash})
             self.node.record("checkpoint_saved", epoch=epoch, digest=checkpoint_digest(ckpt, epoch))
         peers = self._live() if self.is_coordinator else [self.coordinator]

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from secure_split.engine.data import PeerData, load_peer_data
+from secure_split.engine.checkpoint import checkpoint_preprocessing
+from secure_split.engine.data import PeerData, load_rows_to_predict
 from secure_split.engine.executor import PeerExecutor
 from secure_split.errors import ConfigError, ConfigProblem, PolicyDenied, RemoteProtocolError
-from secure_split.peer.checkpoints import checkpoint_digest, load_trained
+from secure_split.peer.checkpoints import checkpoint_digest, chosen_epoch, load_trained
 from secure_split.peer.context import PeerContext
 from secure_split.peer.serving import inference_plan
 from secure_split.peer.steps import StepRunner
@@ -56,13 +57,15 @@ class PredictSchedule:
         self.ctx = ctx
         self.me = ctx.me
         self.plan = inference_plan(ctx.deployment, self.me)
-        self.inputs: PeerData = load_peer_data(input_path)
+        self.epoch = chosen_epoch(ctx, epoch)
+        prep = checkpoint_preprocessing(ctx.cfg.checkpoints_dir, self.epoch)
+        self.inputs: PeerData = load_rows_to_predict(ctx.cfg, input_path, prep)
         if len(self.inputs) == 0:
             raise ConfigError(ConfigProblem(str(input_path), "ids", "the input file holds no samples"))
         self.executor = PeerExecutor(ctx.deployment, self.me, self.inputs)
         self.steps = StepRunner(self.executor, ctx.topology, self.me,
                                 max_bytes=ctx.deployment.spec.limits.max_message_bytes)
-        self.epoch = load_trained(ctx, self.executor, epoch)
+        load_trained(ctx, self.executor, self.epoch)
         self.batch_size = batch_size or ctx.deployment.spec.training.batch_size
         if self.batch_size < 1:
             raise ConfigError(ConfigProblem("--batch-size", "batch_size", "give a batch size of at least 1"))

@@ -36,7 +36,7 @@ from secure_split.errors import (
     RemoteProtocolError,
     SecureSplitError,
 )
-from secure_split.peer.checkpoints import checkpoint_digest, load_trained
+from secure_split.peer.checkpoints import checkpoint_digest, chosen_epoch, load_trained
 from secure_split.peer.context import PeerContext, clip
 from secure_split.peer.serving import inference_clients, prediction_edge
 from secure_split.peer.steps import StepRunner
@@ -76,7 +76,8 @@ class ServeSchedule:
         self.executor = PeerExecutor(ctx.deployment, self.me, None)
         self.steps = StepRunner(self.executor, ctx.topology, self.me,
                                 max_bytes=ctx.deployment.spec.limits.max_message_bytes)
-        self.epoch = load_trained(ctx, self.executor, epoch)
+        self.epoch = chosen_epoch(ctx, epoch)
+        load_trained(ctx, self.executor, self.epoch)
         self.max_requests = max_requests
         self.idle_exit_s = idle_exit_s
         self.requests_done = 0

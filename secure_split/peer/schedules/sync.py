@@ -26,7 +26,6 @@ import numpy as np
 
 from secure_split.crypto.he import CkksContext
 from secure_split.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from secure_split.engine.data import PeerData, load_peer_data
 from secure_split.engine.executor import PeerExecutor
 from secure_split.engine.metrics import (
     StepMetrics,
@@ -70,7 +69,7 @@ class SyncSchedule:
         self.ctx = ctx
         self.me = ctx.me
         spec = ctx.deployment.spec
-        self.data: PeerData | None = load_peer_data(ctx.cfg.data_path) if ctx.cfg.data_path else None
+        self.data, self.preprocessing = ctx.training_data()
         self.executor = self._new_executor()
         self.checkpoint_dir = ctx.cfg.checkpoints_dir
         self.available_checkpoints = list_checkpoints(self.checkpoint_dir) if resume else []
@@ -249,10 +248,11 @@ class SyncSchedule:
         parties = psi_parties(self.ctx.deployment)
         if self.me not in parties:
             return
-        if self.data is None:
+        site = self.ctx.site
+        if site is None:
             raise ConfigError(ConfigProblem(str(self.ctx.cfg.path), "data", "vertical training needs this peer's data file (ids) for PSI"))
         spec = self.ctx.deployment.spec
-        self.psi = PsiRound(self.me, parties, [int(x) for x in self.data.ids.tolist()],
+        self.psi = PsiRound(self.me, parties, [int(x) for x in site.ids.tolist()],
                             deployment_hash=self.ctx.deployment.hash, max_message_bytes=spec.limits.max_message_bytes)
         self.node.apply(self.psi.start())
         others = [p for p in parties if p != self.me]
@@ -262,7 +262,7 @@ class SyncSchedule:
         assert result is not None
         if result.ids.shape[0] < 2:
             raise TrainingError(f"PSI: the parties share only {result.ids.shape[0]} sample id(s); nothing to train on")
-        self.data = self.data.subset(result.ids)
+        self.data, self.preprocessing = self.ctx.training_data(result.ids)
         self.executor = self._new_executor()
 
     def _wait_setup(self, ready: Any, what: str, from_peers: list[str]) -> None:
@@ -406,10 +406,10 @@ class SyncSchedule:
         ckpt = self.checkpoint_dir
         if reason == "start":
             if epoch >= 0:
-                load_checkpoint(ckpt, epoch, self.executor)
+                load_checkpoint(ckpt, epoch, self.executor, preprocessing=self.preprocessing)
                 self.node.record("checkpoint_resumed", epoch=epoch, digest=checkpoint_digest(ckpt, epoch))
         elif reason == "epoch_end":
-            save_checkpoint(ckpt, epoch=epoch, executor=self.executor, meta={
+            save_checkpoint(ckpt, epoch=epoch, executor=self.executor, preprocessing=self.preprocessing, meta={
                 "deployment": self.ctx.deployment.hash, "peer": self.me, "policy": self.ctx.policy.hash})
             self.node.record("checkpoint_saved", epoch=epoch, digest=checkpoint_digest(ckpt, epoch))
         # Receipts are keyed by barrier id (= epoch + 1; the start barrier of a fresh run is 0).

@@ -15,7 +15,7 @@ from secure_split.policy import Policy, load_policy, policy_for_deployment, sign
 
 REPO = Path(__file__).resolve().parents[3]
 POLICIES = REPO / "policies"
-SHIPPED = ["vanilla", "u_shaped", "multi_hop", "multi_task", "two_hospitals", "bank_hospital"]
+SHIPPED = ["vanilla", "u_shaped", "multi_hop", "multi_task", "two_hospitals", "bank_hospital", "hospitals_lab"]
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,9 @@
-"""One peer's own data: sample ids, raw features, label columns; its safetensors file; demo datasets.
+"""One peer's samples as the executor uses them (`PeerData`), and the safetensors data file.
 
-A peer's data file holds exactly the tensors "ids" (int64 [N], unique), optionally "features"
-(float32 [N, ...]) and any number of "labels.NAME" (int64 [N]). Each peer process opens only its
-own file; these tensors never leave the peer (the protocol has no message kind for them).
-
-The bundled datasets come from scikit-learn's bundled files: nothing is downloaded.
+A safetensors data file holds exactly the tensors "ids" (int64 [N], unique), optionally
+"features" (float32 [N, ...], finite) and any number of "labels.TASK" (int64 [N]), where TASK is
+the `labels:` value of a loss segment (default "labels"). Each peer process opens only its own
+file; these tensors never leave the peer (the protocol has no message kind for them).
 """
 
 from __future__ import annotations
@@ -26,9 +25,8 @@ __all__ = [
     "DEFAULT_MAX_DATA_BYTES",
     "PeerData",
     "as_id_tensor",
-    "breast_cancer",
-    "digits",
-    "load_peer_data",
+    "read_safetensors_data",
+    "read_safetensors_tensors",
     "write_peer_data",
 ]
 
@@ -66,7 +64,8 @@ class PeerData:
     Attributes:
         ids: int64 [N], unique sample ids (the join key agreed between parties).
         features: float32 [N, ...] raw features, or None for a peer that only holds labels.
-        labels: label column name -> int64 [N].
+        labels: label task -> int64 [N] class indices.
+        source: the file the rows came from, for messages ("" when built in code).
 
     Raises:
         ValueError: if dtypes, shapes or id uniqueness are wrong.
@@ -75,6 +74,7 @@ class PeerData:
     ids: torch.Tensor
     features: torch.Tensor | None = None
     labels: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    source: str = ""
     # Sorted ids and their positions: rows() is a binary search, O(B log N) per batch.
     _sorted_ids: np.ndarray = field(init=False, repr=False)
     _order: np.ndarray = field(init=False, repr=False)
@@ -133,6 +133,7 @@ class PeerData:
             ids=self.ids[idx].contiguous(),
             features=self.features[idx].contiguous() if self.features is not None else None,
             labels={k: v[idx].contiguous() for k, v in self.labels.items()},
+            source=self.source,
         )
 
 
@@ -148,6 +149,11 @@ def _data_problems(ids: object, features: object, labels: object) -> list[str]:
             problems.append("features must be a float32 tensor")
         elif features.dim() < 2 or features.shape[0] != n:
             problems.append(f"features must have shape [N={n}, ...], got {list(features.shape)}")
+        elif n and not bool(torch.isfinite(features).all()):
+            bad = (~torch.isfinite(features)).reshape(n, -1).any(dim=1).nonzero().flatten()
+            shown = ", ".join(str(int(r)) for r in bad[:5])
+            problems.append(f"features hold NaN or infinite values in {len(bad)} row(s) (rows, from 0: {shown}). "
+                            "Fill them before writing the file, or use the long form of data: with impute:")
     if not isinstance(labels, Mapping):
         problems.append("labels must be a mapping of column name -> int64 tensor")
         return problems
@@ -198,90 +204,75 @@ def write_peer_data(
     return out
 
 
-def load_peer_data(path: str | Path, *, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> PeerData:
-    """Load one peer's data file, checking it fully.
-
-    The file size is checked before anything is read; the key names, dtypes and shapes are
-    checked from the header before any tensor is loaded.
+def read_safetensors_tensors(
+    path: str | Path, *, max_bytes: int = DEFAULT_MAX_DATA_BYTES
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Read a safetensors data file's tensors, checking size, names and dtypes before loading any.
 
     Args:
         path: the safetensors file.
         max_bytes: refuse a larger file.
 
     Returns:
-        The checked `PeerData`.
+        (ids, features or None, labels: TASK -> tensor), not yet checked against each other.
 
     Raises:
-        ConfigError: if the file is missing, too big, not safetensors, has other keys, wrong
-            dtypes or shapes that do not agree (all problems at once where possible).
+        ConfigError: the file is missing, too big, not safetensors, or holds other tensor names
+            or dtypes (every problem at once, each naming the file and the tensor).
     """
     p = Path(path)
 
-    def fail(problems: Sequence[str]) -> ConfigError:
-        return ConfigError([ConfigProblem(file=str(p), key="data", message=m) for m in problems])
+    def fail(problems: Sequence[tuple[str, str]]) -> ConfigError:
+        return ConfigError([ConfigProblem(file=str(p), key=k, message=m) for k, m in problems])
 
     if not p.is_file():
-        raise fail([f"data file {p} not found"])
+        raise fail([("data", f"data file {p} not found")])
     size = p.stat().st_size
     if size > max_bytes:
-        raise fail([f"data file is {size} bytes, more than the limit of {max_bytes}"])
+        raise fail([("data", f"data file is {size} bytes, more than the limit of {max_bytes}")])
     try:
         with safe_open(str(p), framework="pt") as f:
             keys = list(f.keys())
-            problems = [
-                f"unexpected tensor {k!r}; a data file holds only 'ids', 'features' and 'labels.NAME'"
+            problems: list[tuple[str, str]] = [
+                (k, f"unexpected tensor {k!r}; a data file holds only 'ids', 'features' and 'labels.TASK', "
+                    "where TASK is the `labels:` value of a loss segment in the deployment (default 'labels'), "
+                    "e.g. 'labels.labels'")
                 for k in keys
                 if k not in ("ids", "features") and not k.startswith(_LABEL_PREFIX)
             ]
             if "ids" not in keys:
-                problems.append("the file has no 'ids' tensor")
+                problems.append(("ids", "the file has no 'ids' tensor (int64 sample ids)"))
             want = {"ids": "I64", "features": "F32"}
             for k in keys:
                 dtype = f.get_slice(k).get_dtype()
                 expect = want.get(k, "I64")
                 if dtype != expect:
-                    problems.append(f"tensor {k!r} has dtype {dtype}, expected {expect}")
+                    problems.append((k, f"tensor {k!r} has dtype {dtype}, expected {expect}"))
             if problems:
                 raise fail(problems)
             tensors: dict[str, Any] = {k: f.get_tensor(k) for k in keys}
     except ConfigError:
         raise
     except Exception as exc:  # safetensors raises its own errors for a malformed header
-        raise fail([f"not a readable safetensors file: {exc}"]) from None
+        raise fail([("data", f"not a readable safetensors file ({exc}); a CSV, Parquet or .npy file needs the "
+                             "long form of the peer config's data: {path, format, id_column, labels} "
+                             "(docs/data.md)")]) from None
     labels = {k[len(_LABEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_LABEL_PREFIX)}
+    return tensors["ids"], tensors.get("features"), labels
+
+
+def read_safetensors_data(path: str | Path, *, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> PeerData:
+    """Load one peer's safetensors data file, checking it fully (see `read_safetensors_tensors`).
+
+    Returns:
+        The checked `PeerData` (features finite, ids unique, labels class indices >= 0).
+
+    Raises:
+        ConfigError: as `read_safetensors_tensors`, or tensors that do not agree with each other.
+    """
+    ids, features, labels = read_safetensors_tensors(path, max_bytes=max_bytes)
     try:
-        return PeerData(ids=tensors["ids"], features=tensors.get("features"), labels=labels)
+        return PeerData(ids=ids, features=features, labels=labels, source=str(path))
     except ValueError as exc:
-        raise fail(str(exc).split("; ")) from None
-
-
-def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes).
-
-    Returns:
-        (ids int64 [1797] = 0..1796, X float32 [1797, 1, 8, 8] scaled to [0, 1], y int64 [1797]).
-    """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
-    return torch.arange(len(y), dtype=torch.int64), x.contiguous(), y
-
-
-def breast_cancer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled Wisconsin breast cancer data (569 patients, 30 features, 2 classes).
-
-    Features are standardised with the mean and (population) standard deviation of all 569
-    rows: a demo convenience; a real deployment standardises on training rows at each owner.
-
-    Returns:
-        (ids int64 [569] = 0..568, X float32 [569, 30] standardised, y int64 [569]).
-    """
-    from sklearn.datasets import load_breast_cancer
-
-    bunch = load_breast_cancer()
-    x = np.asarray(bunch.data, dtype=np.float64)
-    x = (x - x.mean(axis=0)) / x.std(axis=0)
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
-    return torch.arange(len(y), dtype=torch.int64), torch.from_numpy(x.astype(np.float32)), y
+        raise ConfigError([ConfigProblem(file=str(path), key="data", message=m)
+                           for m in str(exc).split("; ")]) from None
