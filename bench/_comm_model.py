@@ -37,7 +37,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from secure_split.cli.demo import free_ports
 from secure_split.crypto.keys import Identity, generate_identity
 from secure_split.crypto.seal import open_from, seal_to
 from secure_split.engine import zoo
@@ -45,6 +44,7 @@ from secure_split.engine.models import build_segment, derive_seed
 from secure_split.engine.tensors import from_wire, to_wire
 from secure_split.errors import TransportError
 from secure_split.protocol import Binding, Kind, Message, decode, encode
+from secure_split.scenarios import free_ports
 from secure_split.transport import Transport, TransportPeer
 
 __all__ = [

@@ -151,7 +151,7 @@ def _fork_peer(cfg: Path, result: Path, log: Path) -> _ForkedPeer:
 def run_one(schedule: str, owners: int, *, epochs: int, steps: int, timeout_s: float, keep: bool,
             prefork: bool = False) -> dict[str, Any]:
     """Generate, launch N + 1 peers, sample memory until all exit, collect results."""
-    from secure_split.cli.demo import SCENARIOS, generate
+    from secure_split.scenarios import SCENARIOS, generate
 
     plan = SCENARIOS[schedule](epochs, owners=owners, test_fraction=TEST_FRACTION)
     plan.training["max_steps_per_epoch"] = steps

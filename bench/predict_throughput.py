@@ -61,9 +61,10 @@ def train(scenario: str, workdir: Path, timeout_s: float) -> Any:
     """Generate the demo deployment and train it for one epoch (every peer its own process)."""
     from secure_split.cli import demo
     from secure_split.cli.output import err_console
+    from secure_split.scenarios import SCENARIOS, generate
 
-    plan = demo.SCENARIOS[scenario](1)
-    gen = demo.generate(plan, workdir)
+    plan = SCENARIOS[scenario](1)
+    gen = generate(plan, workdir)
     launched = demo.launch_peers(gen, plan.coordinator)
     with err_console.capture():
         demo.watch_peers(launched, plan.coordinator, timeout_s=timeout_s, quiet=True)

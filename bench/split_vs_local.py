@@ -7,7 +7,7 @@ label_holder: three cut edges, four peers) and a digits CNN with two 64-channel 
 plus the CNN, MLP and chain again with `training.overlap` (`cnn-overlap`, `mlp-overlap`,
 `chain-overlap`) — it measures, in one run and interleaved:
 
-- **split**: the deployment generated with `secure_split.cli.demo.generate` (keys, signed
+- **split**: the deployment generated with `secure_split.scenarios.generate` (keys, signed
   policy, per-peer data files) and run by `launch_peers` / `watch_peers` as one
   `secure-split peer run` OS process per peer, 1 torch thread each, everything on: CURVE + ZAP,
   the policy gate on both sides (with the egress leakage guards), the hash-chained audit log,
@@ -91,7 +91,7 @@ WIDE_CNN_TOP = [{"linear": {"in": 1024, "out": 256}}, {"relu": {}}, {"linear": {
 
 def plan_for(model: str, epochs: int) -> Any:
     """The demo ScenarioPlan of one benchmark model."""
-    from secure_split.cli.demo import SCENARIOS, PeerPlan, ScenarioPlan
+    from secure_split.scenarios import SCENARIOS, PeerPlan, ScenarioPlan
 
     if model.endswith("-overlap"):  # the same deployment with training.overlap (the owner runs ahead)
         import dataclasses
@@ -156,8 +156,9 @@ def run_split(plan: Any, workdir: Path, *, timeout_s: float, probe: Path | None 
     """Generate the deployment, run every peer as its own process, return its epoch times."""
     from secure_split.cli import demo
     from secure_split.config import load_deployment
+    from secure_split.scenarios import generate
 
-    gen = demo.generate(plan, workdir)
+    gen = generate(plan, workdir)
     dep = load_deployment(gen.deployment)
     steps = train_steps_per_epoch(dep, plan.baseline_ids)
     t0 = time.monotonic()
@@ -282,7 +283,7 @@ def bench(models: list[str], epochs: dict[str, int], repeats: int, workroot: Pat
                     res = run_split(plan, wd, timeout_s=timeout_s, verify=True)
                 else:
                     if not (wd / "deployment.yaml").is_file():
-                        from secure_split.cli.demo import generate
+                        from secure_split.scenarios import generate
 
                         generate(plan, wd)
                     res = run_local(plan, wd)

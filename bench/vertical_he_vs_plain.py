@@ -3,7 +3,7 @@
 Runs the `vertical` demo scenario (two hospitals' cut tensors concatenated at the lab, in the
 clear) and `vertical-he` (the same tensors summed at the lab under CKKS: the owners encrypt, the
 lab adds and masks, the key holder decrypts the masked sum rounded, the lab unmasks) as real
-deployments: `secure_split.cli.demo.generate` writes keys, signed policy and per-peer data,
+deployments: `secure_split.scenarios.generate` writes keys, signed policy and per-peer data,
 `demo.launch_peers` starts one `secure-split peer run` OS process per peer (3 peers, CURVE, policy
 gate, audit log, PSI alignment, checkpoints: everything on, 1 torch thread each). The scenarios
 alternate (plain, HE, plain, HE, ...) so load on the shared machine hits both alike.
@@ -86,7 +86,7 @@ WIDE_SUM_TOP = [{"linear": {"in": 128, "out": 16}}, {"relu": {}}, {"linear": {"i
 
 def make_plan(variant: str, he: bool, epochs: int) -> Any:
     """The demo's vertical plan, or (variant "wide") the same with 128-wide cut tensors."""
-    from secure_split.cli.demo import SCENARIOS
+    from secure_split.scenarios import SCENARIOS
 
     plan = SCENARIOS["vertical-he" if he else "vertical"](epochs)
     if variant == "wide":
@@ -383,9 +383,10 @@ def analyse(
 
 def run_once(variant: str, he: bool, epochs: int, workdir: Path, timeout_s: float) -> dict[str, Any]:
     from secure_split.cli import demo
+    from secure_split.scenarios import generate
 
     plan = make_plan(variant, he, epochs)
-    gen = demo.generate(plan, workdir)
+    gen = generate(plan, workdir)
     launch_wall, launch_mono = time.time(), time.monotonic()
     launched = demo.launch_peers(gen, plan.coordinator)
     events, problem = watch(launched, plan.coordinator, timeout_s)

@@ -84,15 +84,15 @@ class FakeLink:
 
 
 def demo_plan(scenario: str, **options: Any) -> Any:
-    """The ScenarioPlan of a demo scenario (see `secure_split.cli.demo.SCENARIOS`)."""
-    from secure_split.cli.demo import SCENARIOS
+    """The ScenarioPlan of a demo scenario (see `secure_split.scenarios.SCENARIOS`)."""
+    from secure_split.scenarios import SCENARIOS
 
     return SCENARIOS[scenario](options.pop("epochs", 1), **options)
 
 
 def generate_deployment(scenario: str, workdir: str | Path, **options: Any) -> Any:
     """Generate a demo deployment in `workdir` without starting peers; returns its paths."""
-    from secure_split.cli.demo import generate
+    from secure_split.scenarios import generate
 
     return generate(demo_plan(scenario, **options), Path(workdir))
 

@@ -160,7 +160,7 @@ class LeakageTarget:
 
 def _dummy_peer(i: int) -> dict[str, str]:
     # Keys are never used: nothing is sent. Valid-looking values pass the schema.
-    return {"endpoint": f"tcp://127.0.0.1:{47000 + i}", "sign_key": f"{i:064x}", "transport_key": "0" * 40}
+    return {"endpoint": f"tcp://127.0.0.1:{47000 + i}", "sign_key": f"{i:064x}", "transport_key": f"{i:040d}"}
 
 
 def _deployment_from_dict(raw: dict[str, Any], path: Path) -> Deployment:
@@ -169,10 +169,11 @@ def _deployment_from_dict(raw: dict[str, Any], path: Path) -> Deployment:
 
 
 def demo_target(name: str, *, epochs: int = FULL_EPOCHS) -> LeakageTarget:
-    """The deployment of a demo scenario (as `secure-split demo` builds it), on digits.
+    """The deployment of a demo scenario (`secure_split.scenarios`, as `secure-split demo` builds
+    it), on digits; two hops for multi-hop.
 
     Args:
-        name: "vanilla", "u-shaped" or "multi-hop" (two hops).
+        name: "vanilla", "u-shaped" or "multi-hop".
         epochs: training epochs written into the deployment.
 
     Returns:
@@ -181,59 +182,21 @@ def demo_target(name: str, *, epochs: int = FULL_EPOCHS) -> LeakageTarget:
     Raises:
         ConfigError: for an unknown name.
     """
-    from secure_split.engine import zoo
+    from secure_split.scenarios import SCENARIOS
 
-    if name == "vanilla":
-        peers = ["owner", "label_holder"]
-        segments: dict[str, dict[str, Any]] = {
-            "bottom": {"peer": "owner", "input": "features", "model": zoo.DIGITS_CNN_BOTTOM},
-            "top": {"peer": "label_holder", "loss": "cross_entropy", "model": zoo.DIGITS_CNN_TOP},
-        }
-        edges = [("bottom", "top")]
-    elif name == "u-shaped":
-        peers = ["owner", "server"]
-        segments = {
-            "head": {"peer": "owner", "input": "features", "model": zoo.DIGITS_U_HEAD},
-            "middle": {"peer": "server", "model": zoo.DIGITS_U_MIDDLE},
-            "tail": {"peer": "owner", "loss": "cross_entropy", "model": zoo.DIGITS_U_TAIL},
-        }
-        edges = [("head", "middle"), ("middle", "tail")]
-    elif name == "multi-hop":
-        peers = ["owner", "hop1", "hop2", "label_holder"]
-        segments = {
-            "bottom": {"peer": "owner", "input": "features", "model": zoo.DIGITS_CNN_BOTTOM},
-            "mid1": {"peer": "hop1", "model": zoo.DIGITS_HOP},
-            "mid2": {"peer": "hop2", "model": zoo.DIGITS_HOP},
-            "top": {"peer": "label_holder", "loss": "cross_entropy", "model": zoo.DIGITS_CNN_TOP},
-        }
-        edges = [("bottom", "mid1"), ("mid1", "mid2"), ("mid2", "top")]
-    else:
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    "TARGET",
-                    "target",
-                    f"unknown demo {name!r}; give a deployment file or one of {', '.join(DEMO_TARGETS)}",
-                )
-            ]
-        )
-    loss_peer = next(s["peer"] for s in segments.values() if "loss" in s)
+    if name not in DEMO_TARGETS:
+        raise ConfigError(ConfigProblem(
+            "TARGET", "target", f"unknown demo {name!r}; give a deployment file or one of {', '.join(DEMO_TARGETS)}"))
+    plan = SCENARIOS[name](epochs)
     raw: dict[str, Any] = {
         "version": 1,
         "name": f"leakage-{name}",
-        "coordinator": loss_peer,
+        "coordinator": plan.coordinator,
         "policy": "policy.yaml",
-        "peers": {p: _dummy_peer(i) for i, p in enumerate(peers)},
-        "segments": copy.deepcopy(segments),
-        "edges": [{"from": a, "to": b} for a, b in edges],
-        # As the demo: seed 7, batch 64, Adam at the zoo's learning rate.
-        "training": {
-            "seed": 7,
-            "epochs": epochs,
-            "batch_size": 64,
-            "test_fraction": 0.2,
-            "optimizer": {"type": "adam", "lr": zoo.DIGITS_LR},
-        },
+        "peers": {p.name: _dummy_peer(i) for i, p in enumerate(plan.peers)},
+        "segments": copy.deepcopy(plan.segments),
+        "edges": copy.deepcopy(plan.edges),
+        "training": copy.deepcopy(plan.training),
     }
     return _target_from(name, _deployment_from_dict(raw, Path(f"<demo {name}>")))
 

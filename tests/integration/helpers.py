@@ -172,11 +172,11 @@ class Deploy:
 
 def generate_template(workdir: Path, scenario: str = "vanilla", **options: Any) -> Deploy:
     """Generate a demo deployment once (keys, data, signed policy); clone it per test."""
-    from secure_split.cli import demo
+    from secure_split.scenarios import SCENARIOS, generate
 
-    plan = demo.SCENARIOS[scenario](1, **options)
+    plan = SCENARIOS[scenario](1, **options)
     workdir.mkdir(parents=True, exist_ok=True)
-    gen = demo.generate(plan, workdir)
+    gen = generate(plan, workdir)
     return Deploy(gen.workdir, gen.deployment, gen.policy, dict(gen.peer_configs), plan.coordinator)
 
 
@@ -202,7 +202,7 @@ def clone_deployment(
     data = d.read_deployment()
     data["training"] = {**data["training"], "epochs": epochs, "max_steps_per_epoch": max_steps, **(training or {})}
     data["limits"] = {**data["limits"], **(limits or {})}
-    from secure_split.cli.demo import free_ports
+    from secure_split.scenarios import free_ports
 
     for (_name, peer), port in zip(data["peers"].items(), free_ports(len(data["peers"])), strict=True):
         peer["endpoint"] = f"tcp://127.0.0.1:{port}"

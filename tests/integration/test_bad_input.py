@@ -105,7 +105,7 @@ def test_rogue_key_holder_during_a_run_is_refused_and_training_completes(
         assert wait_for(lambda: bool(events(d.audit("label_holder"), "peer_joined")), 120), "handshake never completed"
         ident = load_identity(d.workdir / "keys" / "owner.key")
         target = dep.spec.peers["label_holder"]
-        from secure_split.cli.demo import free_ports
+        from secure_split.scenarios import free_ports
 
         rogue = Transport("owner", f"tcp://127.0.0.1:{free_ports(1)[0]}", ident.transport_secret_z85,
                           ident.transport_public_z85,

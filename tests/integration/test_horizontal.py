@@ -26,7 +26,7 @@ TENSOR_KINDS = {"activation", "gradient"}
 
 def _generate(tmp_path: Path, scenario: str, *, owners: int, epochs: int = 1, max_steps: int | None = 3,
               **options: Any) -> Deploy:
-    from secure_split.cli.demo import SCENARIOS, generate
+    from secure_split.scenarios import SCENARIOS, generate
 
     plan = SCENARIOS[scenario](epochs, owners=owners, **options)
     plan.training["max_steps_per_epoch"] = max_steps

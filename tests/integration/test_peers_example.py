@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from secure_split.cli.demo import free_ports
 from secure_split.engine.schedule import split_train_test
+from secure_split.scenarios import free_ports
 
 pytestmark = pytest.mark.integration
 

@@ -44,7 +44,7 @@ def _state_digest(checkpoints: Path) -> str:
 @pytest.mark.integration
 @pytest.mark.parametrize("scenario", sorted(RECORDED))
 def test_trained_weights_are_bit_identical_to_the_replaced_runtime(scenario: str, tmp_path: Path) -> None:
-    from secure_split.cli.demo import generate
+    from secure_split.scenarios import generate
 
     options, recorded = RECORDED[scenario]
     plan = demo_plan(scenario, epochs=2, **options)

@@ -15,20 +15,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from secure_split.cli.demo import (
-    HORIZONTAL_ACCURACY_TOLERANCE,
-    SCENARIOS,
-    _owners_row,
-    baseline_deployment,
-    generate,
-    owner_shards,
-    run_demo,
-)
+from secure_split.cli.demo import _owners_row, baseline_deployment, run_demo
 from secure_split.config import horizontal_owners, load_deployment, load_peer_config
 from secure_split.engine.data import digits, load_peer_data
 from secure_split.engine.models import derive_seed, horizontal_seed_names
 from secure_split.errors import ConfigError
 from secure_split.policy import check_startup, load_policy, required_flows
+from secure_split.scenarios import HORIZONTAL_ACCURACY_TOLERANCE, SCENARIOS, generate, owner_shards
 
 N_DIGITS = 1797
 
@@ -244,8 +237,8 @@ def _readme_demo_commands() -> list[list[str]]:
 def test_every_demo_command_in_the_readme_parses_and_plans(argv: list[str]) -> None:
     import typer
 
-    from secure_split.cli.demo import SCENARIO_OPTIONS
     from secure_split.cli.main import app
+    from secure_split.scenarios import SCENARIO_OPTIONS
 
     demo = typer.main.get_command(app).commands["demo"]  # type: ignore[attr-defined]
     params = demo.make_context("demo", list(argv)).params
