@@ -308,6 +308,7 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
         if p.endpoint in endpoints:
             problems.append(doc.problem(("peers", name, "endpoint"), f"same endpoint as peer '{endpoints[p.endpoint]}'"))
         endpoints[p.endpoint] = name
+    problems += _pasted_key_problems(doc, spec)
     for sname, seg in spec.segments.items():
         if not NAME_RE.match(sname):
             problems.append(doc.problem(("segments", sname), "segment names are lowercase letters, digits and _"))
@@ -370,6 +371,70 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
         if he:
             problems.append(doc.problem(("training", "overlap"), f"overlap does not combine with the HE merge(s) {he}"))
     return problems
+
+
+def _pasted_key_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:
+    """A key listed for two peers: the later one was pasted from the earlier peer's `keys show`."""
+    problems: list[ConfigProblem] = []
+    owners: dict[tuple[str, str], str] = {}
+    for name, p in spec.peers.items():
+        for key in ("sign_key", "transport_key"):
+            other = owners.setdefault((key, getattr(p, key)), name)
+            if other != name:
+                line = doc.line_of(("peers", other, key))
+                problems.append(doc.problem(("peers", name, key), (
+                    f"the key for {name} in {doc.path.name} is {other}'s (the same {key} as peers.{other}.{key}"
+                    f"{f', line {line}' if line else ''}); each peer has its own keys: paste {name}'s from "
+                    f"`secure-split keys show {name}.pub`"
+                )))
+    return problems
+
+
+def own_key_problems(
+    deployment: Deployment, peer: str, sign_key_hex: str, transport_key_z85: str, key_file: str | Path
+) -> list[ConfigProblem]:
+    """Whether a peer's own key file holds the keys the deployment lists for it; if not, which key is wrong.
+
+    Args:
+        deployment: the loaded deployment.
+        peer: this peer's name.
+        sign_key_hex, transport_key_z85: the public halves of the key file the peer loaded.
+        key_file: that key file (named in the problems).
+
+    Returns:
+        Empty when both keys match; otherwise one problem naming the key that differs, and whose
+        it is when it belongs to another peer ("this key file holds hospital_a's keys"), with the
+        deployment line to fix.
+    """
+    peers = deployment.spec.peers
+    mine = peers.get(peer)
+    if mine is None or (mine.sign_key, mine.transport_key) == (sign_key_hex, transport_key_z85):
+        return []
+    doc = read_yaml(deployment.path, "deployment")
+    where = deployment.path.name
+
+    def at(*key: str | int) -> str:
+        line = doc.line_of(key)
+        return f"{where}:{line}" if line else where
+
+    for other, p in peers.items():
+        if other != peer and (p.sign_key, p.transport_key) == (sign_key_hex, transport_key_z85):
+            return [ConfigProblem(str(key_file), "-", (
+                f"this key file holds {other}'s keys ({at('peers', other)} lists them for {other}), not {peer}'s; "
+                f"point secret_key in {peer}'s peer config at {peer}'s own key file"
+            ))]
+    wrong = [k for k, mine_v, file_v in (("sign_key", mine.sign_key, sign_key_hex),
+                                         ("transport_key", mine.transport_key, transport_key_z85)) if mine_v != file_v]
+    parts = []
+    for key in wrong:
+        listed = getattr(mine, key)
+        whose = next((o for o, p in peers.items() if o != peer and getattr(p, key) == listed), None)
+        owner = f" (it is {whose}'s)" if whose else ""
+        parts.append(f"the {key} for {peer} in {where} ({at('peers', peer, key)}) is not this key file's{owner}")
+    return [ConfigProblem(str(key_file), "-", (
+        "; ".join(parts) + f": paste the output of `secure-split keys show {key_file}` into peers.{peer} of {where}, "
+        "or use the key file generated for this peer"
+    ))]
 
 
 def load_deployment(path: str | Path) -> Deployment:

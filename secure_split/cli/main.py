@@ -35,7 +35,7 @@ app.add_typer(peer_app, name="peer")
 def _mount_subcommands() -> None:
     import importlib
 
-    for name in ("policy", "audit", "leakage"):
+    for name in ("policy", "audit", "leakage", "deployment"):
         try:
             module = importlib.import_module(f"secure_split.cli.{name}")
         except ModuleNotFoundError as exc:  # pragma: no cover - only while a sub-app is being written
@@ -62,11 +62,19 @@ def keys_new(
         report_error(exc)
         raise typer.Exit(int(ExitCode.BAD_CONFIG)) from None
     secret, public = write_key_files(ident, dir)
-    console.print(f"secret key: {secret} (mode 0600; never share it)")
-    console.print(f"public key: {public}")
-    console.print(f"  sign_key: {ident.sign_key_hex}")
-    console.print(f"  transport_key: {ident.transport_public_z85}")
-    console.print(f"  fingerprint: {ident.public.fingerprint}")
+    # YAML-ready: the comments and the block paste into deployment.yaml as they are.
+    console.print(f"# secret key: {secret} (mode 0600; never share it)", markup=False, soft_wrap=True)
+    console.print(f"# public key: {public}", markup=False, soft_wrap=True)
+    console.print(public_yaml_block(ident.public), markup=False, soft_wrap=True)
+
+
+def public_yaml_block(pub: Any) -> str:
+    """A peer's public keys as a deployment.yaml `peers:` entry (values quoted: Z85 text holds
+    characters YAML reads as syntax), with its fingerprint as a comment for the policy."""
+    return (
+        f"{pub.name}:\n  sign_key: \"{pub.sign_key_hex}\"\n  transport_key: \"{pub.transport_key_z85}\"\n"
+        f"  # fingerprint (the policy's parties.{pub.name}.fingerprint): \"{pub.fingerprint}\""
+    )
 
 
 @keys_app.command("show")
@@ -75,8 +83,7 @@ def keys_show(path: Annotated[Path, typer.Argument(help="a NAME.pub or NAME.key 
     from secure_split.crypto.keys import load_identity, load_public
 
     pub = load_identity(path).public if path.suffix == ".key" else load_public(path)
-    console.print(f"{pub.name}:\n  sign_key: {pub.sign_key_hex}\n  transport_key: \"{pub.transport_key_z85}\"")
-    console.print(f"  # fingerprint: {pub.fingerprint}")
+    console.print(public_yaml_block(pub), markup=False, soft_wrap=True)
 
 
 @peer_app.command("run")

@@ -27,9 +27,6 @@ from secure_split.engine.schedule import epoch_batches, split_train_test
 from secure_split.engine.tensors import from_wire, to_wire
 from secure_split.protocol import WireTensor
 
-SIGN_KEY = "ab" * 32
-TRANSPORT_KEY = "x" * 40
-
 
 def deployment_yaml(
     peers: list[str],
@@ -47,8 +44,9 @@ def deployment_yaml(
         "peers": {
             p: {
                 "endpoint": f"tcp://127.0.0.1:{5600 + i}",
-                "sign_key": SIGN_KEY,
-                "transport_key": TRANSPORT_KEY,
+                # Each peer its own placeholder keys: a key listed for two peers is refused.
+                "sign_key": f"{i:02x}" * 32,
+                "transport_key": f"{i:02d}" * 20,
             }
             for i, p in enumerate(peers)
         },
