@@ -157,6 +157,13 @@ class DeploymentSpec(_Strict):
     limits: LimitsSpec = LimitsSpec()
 
 
+class MetricsSpec(_Strict):
+    """Where a peer serves its Prometheus metrics (see docs/operations.md for the list)."""
+
+    host: str = Field("127.0.0.1", description="address to bind; localhost unless a Prometheus server elsewhere scrapes it")
+    port: int = Field(ge=1, le=65535, description="TCP port of the metrics endpoint (http://HOST:PORT/metrics)")
+
+
 class PeerConfigSpec(_Strict):
     """One organisation's private peer config."""
 
@@ -167,6 +174,8 @@ class PeerConfigSpec(_Strict):
     checkpoints: str = Field("checkpoints", description="folder for this peer's checkpoints")
     audit: str = Field("audit", description="folder for this peer's audit log")
     threads: int | Literal["auto"] = Field("auto", description="torch threads for this peer")
+    metrics: MetricsSpec | None = Field(None, description="serve Prometheus metrics here (off when absent)")
+    ops_log: str | None = Field(None, description="the operational JSON-lines log (default: AUDIT/PEER.ops.log)")
 
 
 _UNION_TAGS = ("int", "str", "float", "bool", "list", "dict", "none")
@@ -465,10 +474,20 @@ class PeerConfig:
     data_path: Path | None
     checkpoints_dir: Path
     audit_dir: Path
+    ops_log_path: Path | None = None
 
     @property
     def name(self) -> str:
         return self.spec.peer
+
+    @property
+    def metrics_url(self) -> str | None:
+        """http://HOST:PORT/metrics when the config serves metrics, else None."""
+        m = self.spec.metrics
+        if m is None:
+            return None
+        host = f"[{m.host}]" if ":" in m.host else m.host
+        return f"http://{host}:{m.port}/metrics"
 
 
 def load_peer_config(path: str | Path) -> PeerConfig:
@@ -505,6 +524,9 @@ def load_peer_config(path: str | Path) -> PeerConfig:
         data_path=data,
         checkpoints_dir=(base / spec.checkpoints).resolve(),
         audit_dir=(base / spec.audit).resolve(),
+        # Next to the audit log, and not a *.jsonl: `audit verify` reads every *.jsonl in that folder.
+        ops_log_path=(base / spec.ops_log).resolve() if spec.ops_log
+        else (base / spec.audit).resolve() / f"{spec.peer}.ops.log",
     )
 
 

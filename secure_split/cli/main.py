@@ -27,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 keys_app = typer.Typer(help="Create and inspect peer identities.", no_args_is_help=True)
-peer_app = typer.Typer(help="Run a peer process.", no_args_is_help=True)
+peer_app = typer.Typer(help="Run a peer process, or ask one how it is doing.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(peer_app, name="peer")
 
@@ -116,6 +116,43 @@ def peer_run(
         raise typer.Exit(int(getattr(res, "exit_code", 0) or ExitCode.FAILED))
     if progress != "jsonl":
         err_console.print(f"peer '{res.name}' finished: sent {res.bytes_sent} B, received {res.bytes_received} B")
+
+
+@peer_app.command("status")
+def peer_status(
+    config: Annotated[Path, typer.Argument(help="this organisation's peers/NAME.yaml")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Say what a peer is doing: its metrics endpoint if it serves one, else its ops and audit logs.
+
+    Exit 0 running or finished, 1 its last run failed, 2 the config is unreadable, 3 it should be
+    running but does not answer (crashed?) or never ran.
+    """
+    from secure_split.config import load_peer_config
+    from secure_split.peer.status import default_ops_log_path
+    from secure_split.peer.status import peer_status as judge
+
+    cfg = load_peer_config(config)
+    live, why = None, None
+    if cfg.metrics_url is not None:
+        from secure_split.peer.metrics import scrape, summarise
+
+        try:
+            live = summarise(scrape(cfg.metrics_url))
+        except (OSError, ValueError) as exc:
+            why = f"{cfg.metrics_url}: {exc}"
+    ops_log = cfg.ops_log_path or default_ops_log_path(cfg.audit_dir, cfg.name)
+    status = judge(cfg.name, ops_log, cfg.audit_dir / f"{cfg.name}.jsonl", live, why)
+    if as_json:
+        print(json.dumps({"peer": status.peer, "verdict": status.verdict, "detail": status.detail,
+                          "live": status.live, "last_events": status.last_events,
+                          "audit_end": status.audit_end}, indent=1, sort_keys=True, default=str))
+    else:
+        console.print(f"{status.peer}: {status.verdict.upper()}: {status.detail}", markup=False, soft_wrap=True)
+        for event in status.last_events:
+            fields = ", ".join(f"{k}={v}" for k, v in sorted(event.items()) if k not in ("event", "time", "peer"))
+            console.print(f"  {event.get('time', '?')}  {event.get('event')}  {fields}", markup=False, soft_wrap=True)
+    raise typer.Exit(status.exit_code)
 
 
 def _progress_printer(mode: str) -> Any:
