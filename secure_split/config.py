@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,6 +144,54 @@ class LimitsSpec(_Strict):
     heartbeat_s: float = Field(1.0, gt=0.0)
 
 
+class RetiredKeySpec(_Strict):
+    """A peer's former keys, kept so that they are refused from `retired_at` on, while audit entries
+    signed before then still verify under them (`secure-split keys rotate` writes these)."""
+
+    peer: str = Field(description="whose keys these were")
+    sign_key: str = Field(description="the retired Ed25519 public key, 64 hex characters")
+    transport_key: str = Field(description="the retired Curve25519 public key, 40 Z85 characters")
+    retired_at: str = Field(description="when it stopped being valid: a quoted ISO time with timezone, "
+                                        "e.g. \"2026-12-31T23:59:59Z\"")
+    reason: str = Field("", max_length=200, description="why: scheduled, lost, leaked, ...")
+
+    @field_validator("sign_key")
+    @classmethod
+    def _sign_key(cls, v: str) -> str:
+        return PeerSpec._sign_key(v)
+
+    @field_validator("transport_key")
+    @classmethod
+    def _transport_key(cls, v: str) -> str:
+        return PeerSpec._transport_key(v)
+
+    @field_validator("retired_at")
+    @classmethod
+    def _retired_at(cls, v: str) -> str:
+        parse_retired_at(v)
+        return v
+
+    @property
+    def retired_time(self) -> datetime:
+        """`retired_at` as an aware UTC datetime."""
+        return parse_retired_at(self.retired_at)
+
+
+def parse_retired_at(text: str) -> datetime:
+    """An ISO time with timezone (Z or +hh:mm) as an aware UTC datetime.
+
+    Raises:
+        ValueError: not an ISO time, or no timezone.
+    """
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("expected an ISO time with timezone, e.g. \"2026-12-31T23:59:59Z\"") from None
+    if t.tzinfo is None:
+        raise ValueError("give the time a timezone, e.g. \"2026-12-31T23:59:59Z\"")
+    return t.astimezone(UTC)
+
+
 class DeploymentSpec(_Strict):
     """The shared, public deployment file."""
 
@@ -155,6 +204,7 @@ class DeploymentSpec(_Strict):
     edges: list[EdgeSpec]
     training: TrainingSpec = TrainingSpec()
     limits: LimitsSpec = LimitsSpec()
+    retired_keys: list[RetiredKeySpec] = Field(default_factory=list, description="keys no peer may use any more")
 
 
 class MetricsSpec(_Strict):
@@ -318,6 +368,7 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
             problems.append(doc.problem(("peers", name, "endpoint"), f"same endpoint as peer '{endpoints[p.endpoint]}'"))
         endpoints[p.endpoint] = name
     problems += _pasted_key_problems(doc, spec)
+    problems += _retired_key_problems(doc, spec)
     for sname, seg in spec.segments.items():
         if not NAME_RE.match(sname):
             problems.append(doc.problem(("segments", sname), "segment names are lowercase letters, digits and _"))
@@ -397,6 +448,48 @@ def _pasted_key_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[Config
                     f"`secure-split keys show {name}.pub`"
                 )))
     return problems
+
+
+def _retired_key_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:
+    """A peer listed with a key that was retired: refused (a lost or leaked key must stay out)."""
+    retired: dict[str, tuple[int, RetiredKeySpec]] = {}
+    for i, r in enumerate(spec.retired_keys):
+        retired.setdefault(r.sign_key, (i, r))
+        retired.setdefault(r.transport_key, (i, r))
+    problems: list[ConfigProblem] = []
+    for name, p in spec.peers.items():
+        for key in ("sign_key", "transport_key"):
+            hit = retired.get(getattr(p, key))
+            if hit is not None:
+                i, r = hit
+                why = f", {r.reason}" if r.reason else ""
+                problems.append(doc.problem(("peers", name, key), (
+                    f"this {key} is {r.peer}'s retired key (retired_keys[{i}], retired at {r.retired_at}{why}); "
+                    f"a retired key is never used again: list {name}'s current keys (`secure-split keys show {name}.pub`)"
+                )))
+    return problems
+
+
+def sign_keys_valid_at(spec: DeploymentSpec, peer: str, when: datetime) -> list[str]:
+    """The Ed25519 public keys under which `peer`'s signatures made at `when` verify.
+
+    The current key always, plus every retired key of the peer whose `retired_at` is later than
+    `when` (for the audit verifier: history stays verifiable under the key that signed it, and a
+    retired key signs nothing after its retirement).
+
+    Args:
+        spec: the deployment.
+        peer: the signer.
+        when: the signature's time (aware; a naive time is taken as UTC).
+    """
+    t = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    current = [spec.peers[peer].sign_key] if peer in spec.peers else []
+    return current + [r.sign_key for r in spec.retired_keys if r.peer == peer and t < r.retired_time]
+
+
+def retired_transport_keys(spec: DeploymentSpec) -> dict[str, str]:
+    """Retired transport keys -> whose they were and since when (for `Transport(retired_keys=...)`)."""
+    return {r.transport_key: f"{r.peer}'s key, retired at {r.retired_at}" for r in spec.retired_keys}
 
 
 def own_key_problems(

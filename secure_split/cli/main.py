@@ -184,6 +184,15 @@ def _register_demo() -> None:
 _register_demo()
 
 
+def _register_rotate() -> None:
+    from secure_split.cli import rotate
+
+    rotate.register(keys_app)
+
+
+_register_rotate()
+
+
 def _register_serving() -> None:
     from secure_split.cli import serving
 
