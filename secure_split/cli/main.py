@@ -92,7 +92,8 @@ def peer_run(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint all peers share")] = False,
     threads: Annotated[str, typer.Option(help="torch threads: a number, or 'auto' (cores / local peers)")] = "",
     result: Annotated[Path | None, typer.Option(help="write this peer's result as JSON here")] = None,
-    progress: Annotated[str, typer.Option(help="progress output: 'rich', 'jsonl' (machine-readable) or 'none'")] = "rich",
+    progress: Annotated[str, typer.Option(help="progress output: 'auto' (rich on a terminal, else jsonl), 'rich', "
+                                               "'jsonl' (machine-readable, on stdout) or 'none'")] = "auto",
 ) -> None:
     """Start one peer. When every peer is up, the coordinator runs training; each exits 0 when done."""
     from secure_split.cli.threads import apply_thread_policy, choose_threads
@@ -156,6 +157,8 @@ def peer_status(
 
 
 def _progress_printer(mode: str) -> Any:
+    if mode == "auto":
+        mode = "rich" if sys.stderr.isatty() else "jsonl"
     if mode == "jsonl":
         def emit(event: dict[str, Any]) -> None:
             sys.stdout.write(json.dumps(event, sort_keys=True) + "\n")
@@ -171,6 +174,10 @@ def _progress_printer(mode: str) -> Any:
                                   "carrying on with the others", markup=False)
             elif event.get("event") == "owner_joined":
                 err_console.print(f"owner '{event['owner']}' rejoined", markup=False)
+            elif event.get("event") in ("waiting", "rejoined", "rollback", "state"):
+                # Any peer: whom it waits for and since when, who came back, where it rolled back to.
+                fields = ", ".join(f"{k}={v}" for k, v in sorted(event.items()) if k != "event")
+                err_console.print(f"{event['event']}: {fields}", markup=False)
         return show
     return None
 
