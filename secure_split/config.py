@@ -522,8 +522,9 @@ def own_key_problems(
     for other, p in peers.items():
         if other != peer and (p.sign_key, p.transport_key) == (sign_key_hex, transport_key_z85):
             return [ConfigProblem(str(key_file), "-", (
-                f"this key file holds {other}'s keys ({at('peers', other)} lists them for {other}), not {peer}'s; "
-                f"point secret_key in {peer}'s peer config at {peer}'s own key file"
+                f"this secret key does not match the public keys of peer '{peer}' in {where}: this key file holds "
+                f"{other}'s keys ({at('peers', other)} lists them for {other}), not {peer}'s; point secret_key in "
+                f"{peer}'s peer config at {peer}'s own key file"
             ))]
     wrong = [k for k, mine_v, file_v in (("sign_key", mine.sign_key, sign_key_hex),
                                          ("transport_key", mine.transport_key, transport_key_z85)) if mine_v != file_v]
@@ -534,7 +535,8 @@ def own_key_problems(
         owner = f" (it is {whose}'s)" if whose else ""
         parts.append(f"the {key} for {peer} in {where} ({at('peers', peer, key)}) is not this key file's{owner}")
     return [ConfigProblem(str(key_file), "-", (
-        "; ".join(parts) + f": paste the output of `secure-split keys show {key_file}` into peers.{peer} of {where}, "
+        f"this secret key does not match the public keys of peer '{peer}' in {where}: "
+        + "; ".join(parts) + f": paste the output of `secure-split keys show {key_file}` into peers.{peer} of {where}, "
         "or use the key file generated for this peer"
     ))]
 
