@@ -44,10 +44,10 @@ def hash_(
         typer.echo(json.dumps({"deployment": dep.spec.name, "hash": dep.hash, "sections": sections}, indent=1))
         return
     typer.echo(f"deployment '{dep.spec.name}'  hash {dep.hash}")
-    width = max(len(name) for name in sections)
+    width = max(len(name) for name in sections) + 2
     for name, digest in sections.items():
-        indent = "    " if "." in name else "  "
-        typer.echo(f"{indent}{name.ljust(width)}  {digest}")
+        label = f"  {name}" if "." in name else name
+        typer.echo(f"  {label.ljust(width)}  {digest}")
 
 
 @app.command("diff")
