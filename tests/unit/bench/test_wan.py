@@ -38,7 +38,7 @@ import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for i in range(int(sys.argv[2])):
     s.sendto(b"x" * 100, (sys.argv[1], 9000))
-    if i % 20 == 19:
+    if i % 5 == 4:
         time.sleep(0.01)  # stay far below the TUN queue, so only the emulated loss drops packets
 """
 
