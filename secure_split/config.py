@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -143,6 +144,54 @@ class LimitsSpec(_Strict):
     heartbeat_s: float = Field(1.0, gt=0.0)
 
 
+class RetiredKeySpec(_Strict):
+    """A peer's former keys, kept so that they are refused from `retired_at` on, while audit entries
+    signed before then still verify under them (`secure-split keys rotate` writes these)."""
+
+    peer: str = Field(description="whose keys these were")
+    sign_key: str = Field(description="the retired Ed25519 public key, 64 hex characters")
+    transport_key: str = Field(description="the retired Curve25519 public key, 40 Z85 characters")
+    retired_at: str = Field(description="when it stopped being valid: a quoted ISO time with timezone, "
+                                        "e.g. \"2026-12-31T23:59:59Z\"")
+    reason: str = Field("", max_length=200, description="why: scheduled, lost, leaked, ...")
+
+    @field_validator("sign_key")
+    @classmethod
+    def _sign_key(cls, v: str) -> str:
+        return PeerSpec._sign_key(v)
+
+    @field_validator("transport_key")
+    @classmethod
+    def _transport_key(cls, v: str) -> str:
+        return PeerSpec._transport_key(v)
+
+    @field_validator("retired_at")
+    @classmethod
+    def _retired_at(cls, v: str) -> str:
+        parse_retired_at(v)
+        return v
+
+    @property
+    def retired_time(self) -> datetime:
+        """`retired_at` as an aware UTC datetime."""
+        return parse_retired_at(self.retired_at)
+
+
+def parse_retired_at(text: str) -> datetime:
+    """An ISO time with timezone (Z or +hh:mm) as an aware UTC datetime.
+
+    Raises:
+        ValueError: not an ISO time, or no timezone.
+    """
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError("expected an ISO time with timezone, e.g. \"2026-12-31T23:59:59Z\"") from None
+    if t.tzinfo is None:
+        raise ValueError("give the time a timezone, e.g. \"2026-12-31T23:59:59Z\"")
+    return t.astimezone(UTC)
+
+
 class DeploymentSpec(_Strict):
     """The shared, public deployment file."""
 
@@ -155,6 +204,14 @@ class DeploymentSpec(_Strict):
     edges: list[EdgeSpec]
     training: TrainingSpec = TrainingSpec()
     limits: LimitsSpec = LimitsSpec()
+    retired_keys: list[RetiredKeySpec] = Field(default_factory=list, description="keys no peer may use any more")
+
+
+class MetricsSpec(_Strict):
+    """Where a peer serves its Prometheus metrics (see docs/operations.md for the list)."""
+
+    host: str = Field("127.0.0.1", description="address to bind; localhost unless a Prometheus server elsewhere scrapes it")
+    port: int = Field(ge=1, le=65535, description="TCP port of the metrics endpoint (http://HOST:PORT/metrics)")
 
 
 def _data_form(value: Any) -> str | None:
@@ -185,6 +242,8 @@ class PeerConfigSpec(_Strict):
     checkpoints: str = Field("checkpoints", description="folder for this peer's checkpoints")
     audit: str = Field("audit", description="folder for this peer's audit log")
     threads: int | Literal["auto"] = Field("auto", description="torch threads for this peer")
+    metrics: MetricsSpec | None = Field(None, description="serve Prometheus metrics here (off when absent)")
+    ops_log: str | None = Field(None, description="the operational JSON-lines log (default: AUDIT/PEER.ops.log)")
 
 
 _UNION_TAGS = ("int", "str", "float", "bool", "list", "dict", "none")
@@ -326,6 +385,8 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
         if p.endpoint in endpoints:
             problems.append(doc.problem(("peers", name, "endpoint"), f"same endpoint as peer '{endpoints[p.endpoint]}'"))
         endpoints[p.endpoint] = name
+    problems += _pasted_key_problems(doc, spec)
+    problems += _retired_key_problems(doc, spec)
     for sname, seg in spec.segments.items():
         if not NAME_RE.match(sname):
             problems.append(doc.problem(("segments", sname), "segment names are lowercase letters, digits and _"))
@@ -387,6 +448,114 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
     return problems
 
 
+def _pasted_key_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:
+    """A key listed for two peers: the later one was pasted from the earlier peer's `keys show`."""
+    problems: list[ConfigProblem] = []
+    owners: dict[tuple[str, str], str] = {}
+    for name, p in spec.peers.items():
+        for key in ("sign_key", "transport_key"):
+            other = owners.setdefault((key, getattr(p, key)), name)
+            if other != name:
+                line = doc.line_of(("peers", other, key))
+                problems.append(doc.problem(("peers", name, key), (
+                    f"the key for {name} in {doc.path.name} is {other}'s (the same {key} as peers.{other}.{key}"
+                    f"{f', line {line}' if line else ''}); each peer has its own keys: paste {name}'s from "
+                    f"`secure-split keys show {name}.pub`"
+                )))
+    return problems
+
+
+def _retired_key_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:
+    """A peer listed with a key that was retired: refused (a lost or leaked key must stay out)."""
+    retired: dict[str, tuple[int, RetiredKeySpec]] = {}
+    for i, r in enumerate(spec.retired_keys):
+        retired.setdefault(r.sign_key, (i, r))
+        retired.setdefault(r.transport_key, (i, r))
+    problems: list[ConfigProblem] = []
+    for name, p in spec.peers.items():
+        for key in ("sign_key", "transport_key"):
+            hit = retired.get(getattr(p, key))
+            if hit is not None:
+                i, r = hit
+                why = f", {r.reason}" if r.reason else ""
+                problems.append(doc.problem(("peers", name, key), (
+                    f"this {key} is {r.peer}'s retired key (retired_keys[{i}], retired at {r.retired_at}{why}); "
+                    f"a retired key is never used again: list {name}'s current keys (`secure-split keys show {name}.pub`)"
+                )))
+    return problems
+
+
+def sign_keys_valid_at(spec: DeploymentSpec, peer: str, when: datetime) -> list[str]:
+    """The Ed25519 public keys under which `peer`'s signatures made at `when` verify.
+
+    The current key always, plus every retired key of the peer whose `retired_at` is later than
+    `when` (for the audit verifier: history stays verifiable under the key that signed it, and a
+    retired key signs nothing after its retirement).
+
+    Args:
+        spec: the deployment.
+        peer: the signer.
+        when: the signature's time (aware; a naive time is taken as UTC).
+    """
+    t = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    current = [spec.peers[peer].sign_key] if peer in spec.peers else []
+    return current + [r.sign_key for r in spec.retired_keys if r.peer == peer and t < r.retired_time]
+
+
+def retired_transport_keys(spec: DeploymentSpec) -> dict[str, str]:
+    """Retired transport keys -> whose they were and since when (for `Transport(retired_keys=...)`)."""
+    return {r.transport_key: f"{r.peer}'s key, retired at {r.retired_at}" for r in spec.retired_keys}
+
+
+def own_key_problems(
+    deployment: Deployment, peer: str, sign_key_hex: str, transport_key_z85: str, key_file: str | Path
+) -> list[ConfigProblem]:
+    """Whether a peer's own key file holds the keys the deployment lists for it; if not, which key is wrong.
+
+    Args:
+        deployment: the loaded deployment.
+        peer: this peer's name.
+        sign_key_hex, transport_key_z85: the public halves of the key file the peer loaded.
+        key_file: that key file (named in the problems).
+
+    Returns:
+        Empty when both keys match; otherwise one problem naming the key that differs, and whose
+        it is when it belongs to another peer ("this key file holds hospital_a's keys"), with the
+        deployment line to fix.
+    """
+    peers = deployment.spec.peers
+    mine = peers.get(peer)
+    if mine is None or (mine.sign_key, mine.transport_key) == (sign_key_hex, transport_key_z85):
+        return []
+    doc = read_yaml(deployment.path, "deployment")
+    where = deployment.path.name
+
+    def at(*key: str | int) -> str:
+        line = doc.line_of(key)
+        return f"{where}:{line}" if line else where
+
+    for other, p in peers.items():
+        if other != peer and (p.sign_key, p.transport_key) == (sign_key_hex, transport_key_z85):
+            return [ConfigProblem(str(key_file), "-", (
+                f"this secret key does not match the public keys of peer '{peer}' in {where}: this key file holds "
+                f"{other}'s keys ({at('peers', other)} lists them for {other}), not {peer}'s; point secret_key in "
+                f"{peer}'s peer config at {peer}'s own key file"
+            ))]
+    wrong = [k for k, mine_v, file_v in (("sign_key", mine.sign_key, sign_key_hex),
+                                         ("transport_key", mine.transport_key, transport_key_z85)) if mine_v != file_v]
+    parts = []
+    for key in wrong:
+        listed = getattr(mine, key)
+        whose = next((o for o, p in peers.items() if o != peer and getattr(p, key) == listed), None)
+        owner = f" (it is {whose}'s)" if whose else ""
+        parts.append(f"the {key} for {peer} in {where} ({at('peers', peer, key)}) is not this key file's{owner}")
+    return [ConfigProblem(str(key_file), "-", (
+        f"this secret key does not match the public keys of peer '{peer}' in {where}: "
+        + "; ".join(parts) + f": paste the output of `secure-split keys show {key_file}` into peers.{peer} of {where}, "
+        "or use the key file generated for this peer"
+    ))]
+
+
 def load_deployment(path: str | Path) -> Deployment:
     """Load and validate a deployment file.
 
@@ -417,10 +586,20 @@ class PeerConfig:
     audit_dir: Path
     data_source: DataSource | None = None
     """The whole `data:` section (file, format, columns, preprocessing); `data_path` is its file."""
+    ops_log_path: Path | None = None
 
     @property
     def name(self) -> str:
         return self.spec.peer
+
+    @property
+    def metrics_url(self) -> str | None:
+        """http://HOST:PORT/metrics when the config serves metrics, else None."""
+        m = self.spec.metrics
+        if m is None:
+            return None
+        host = f"[{m.host}]" if ":" in m.host else m.host
+        return f"http://{host}:{m.port}/metrics"
 
 
 def load_peer_config(path: str | Path) -> PeerConfig:
@@ -465,6 +644,9 @@ def load_peer_config(path: str | Path) -> PeerConfig:
         checkpoints_dir=(base / spec.checkpoints).resolve(),
         audit_dir=(base / spec.audit).resolve(),
         data_source=resolve_data_source(spec.data, base, doc.path.resolve()) if spec.data is not None else None,
+        # Next to the audit log, and not a *.jsonl: `audit verify` reads every *.jsonl in that folder.
+        ops_log_path=(base / spec.ops_log).resolve() if spec.ops_log
+        else (base / spec.audit).resolve() / f"{spec.peer}.ops.log",
     )
 
 

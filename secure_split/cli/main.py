@@ -27,7 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 keys_app = typer.Typer(help="Create and inspect peer identities.", no_args_is_help=True)
-peer_app = typer.Typer(help="Run a peer process.", no_args_is_help=True)
+peer_app = typer.Typer(help="Run a peer process, or ask one how it is doing.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(peer_app, name="peer")
 
@@ -35,7 +35,7 @@ app.add_typer(peer_app, name="peer")
 def _mount_subcommands() -> None:
     import importlib
 
-    for name in ("policy", "audit", "leakage", "data"):
+    for name in ("policy", "audit", "leakage", "data", "deployment"):
         try:
             module = importlib.import_module(f"secure_split.cli.{name}")
         except ModuleNotFoundError as exc:  # pragma: no cover - only while a sub-app is being written
@@ -62,11 +62,19 @@ def keys_new(
         report_error(exc)
         raise typer.Exit(int(ExitCode.BAD_CONFIG)) from None
     secret, public = write_key_files(ident, dir)
-    console.print(f"secret key: {secret} (mode 0600; never share it)")
-    console.print(f"public key: {public}")
-    console.print(f"  sign_key: {ident.sign_key_hex}")
-    console.print(f"  transport_key: {ident.transport_public_z85}")
-    console.print(f"  fingerprint: {ident.public.fingerprint}")
+    # YAML-ready: the comments and the block paste into deployment.yaml as they are.
+    console.print(f"# secret key: {secret} (mode 0600; never share it)", markup=False, soft_wrap=True)
+    console.print(f"# public key: {public}", markup=False, soft_wrap=True)
+    console.print(public_yaml_block(ident.public), markup=False, soft_wrap=True)
+
+
+def public_yaml_block(pub: Any) -> str:
+    """A peer's public keys as a deployment.yaml `peers:` entry (values quoted: Z85 text holds
+    characters YAML reads as syntax), with its fingerprint as a comment for the policy."""
+    return (
+        f"{pub.name}:\n  sign_key: \"{pub.sign_key_hex}\"\n  transport_key: \"{pub.transport_key_z85}\"\n"
+        f"  # fingerprint (the policy's parties.{pub.name}.fingerprint): \"{pub.fingerprint}\""
+    )
 
 
 @keys_app.command("show")
@@ -75,8 +83,7 @@ def keys_show(path: Annotated[Path, typer.Argument(help="a NAME.pub or NAME.key 
     from secure_split.crypto.keys import load_identity, load_public
 
     pub = load_identity(path).public if path.suffix == ".key" else load_public(path)
-    console.print(f"{pub.name}:\n  sign_key: {pub.sign_key_hex}\n  transport_key: \"{pub.transport_key_z85}\"")
-    console.print(f"  # fingerprint: {pub.fingerprint}")
+    console.print(public_yaml_block(pub), markup=False, soft_wrap=True)
 
 
 @peer_app.command("run")
@@ -85,7 +92,8 @@ def peer_run(
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint all peers share")] = False,
     threads: Annotated[str, typer.Option(help="torch threads: a number, or 'auto' (cores / local peers)")] = "",
     result: Annotated[Path | None, typer.Option(help="write this peer's result as JSON here")] = None,
-    progress: Annotated[str, typer.Option(help="progress output: 'rich', 'jsonl' (machine-readable) or 'none'")] = "rich",
+    progress: Annotated[str, typer.Option(help="progress output: 'auto' (rich on a terminal, else jsonl), 'rich', "
+                                               "'jsonl' (machine-readable, on stdout) or 'none'")] = "auto",
 ) -> None:
     """Start one peer. When every peer is up, the coordinator runs training; each exits 0 when done."""
     from secure_split.cli.threads import apply_thread_policy, choose_threads
@@ -110,7 +118,46 @@ def peer_run(
         err_console.print(f"peer '{res.name}' finished: sent {res.bytes_sent} B, received {res.bytes_received} B")
 
 
+@peer_app.command("status")
+def peer_status(
+    config: Annotated[Path, typer.Argument(help="this organisation's peers/NAME.yaml")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Say what a peer is doing: its metrics endpoint if it serves one, else its ops and audit logs.
+
+    Exit 0 running or finished, 1 its last run failed, 2 the config is unreadable, 3 it should be
+    running but does not answer (crashed?) or never ran.
+    """
+    from secure_split.config import load_peer_config
+    from secure_split.peer.status import default_ops_log_path
+    from secure_split.peer.status import peer_status as judge
+
+    cfg = load_peer_config(config)
+    live, why = None, None
+    if cfg.metrics_url is not None:
+        from secure_split.peer.metrics import scrape, summarise
+
+        try:
+            live = summarise(scrape(cfg.metrics_url))
+        except (OSError, ValueError) as exc:
+            why = f"{cfg.metrics_url}: {exc}"
+    ops_log = cfg.ops_log_path or default_ops_log_path(cfg.audit_dir, cfg.name)
+    status = judge(cfg.name, ops_log, cfg.audit_dir / f"{cfg.name}.jsonl", live, why)
+    if as_json:
+        print(json.dumps({"peer": status.peer, "verdict": status.verdict, "detail": status.detail,
+                          "live": status.live, "last_events": status.last_events,
+                          "audit_end": status.audit_end}, indent=1, sort_keys=True, default=str))
+    else:
+        console.print(f"{status.peer}: {status.verdict.upper()}: {status.detail}", markup=False, soft_wrap=True)
+        for event in status.last_events:
+            fields = ", ".join(f"{k}={v}" for k, v in sorted(event.items()) if k not in ("event", "time", "peer"))
+            console.print(f"  {event.get('time', '?')}  {event.get('event')}  {fields}", markup=False, soft_wrap=True)
+    raise typer.Exit(status.exit_code)
+
+
 def _progress_printer(mode: str) -> Any:
+    if mode == "auto":
+        mode = "rich" if sys.stderr.isatty() else "jsonl"
     if mode == "jsonl":
         def emit(event: dict[str, Any]) -> None:
             sys.stdout.write(json.dumps(event, sort_keys=True) + "\n")
@@ -126,6 +173,10 @@ def _progress_printer(mode: str) -> Any:
                                   "carrying on with the others", markup=False)
             elif event.get("event") == "owner_joined":
                 err_console.print(f"owner '{event['owner']}' rejoined", markup=False)
+            elif event.get("event") in ("waiting", "rejoined", "rollback", "state"):
+                # Any peer: whom it waits for and since when, who came back, where it rolled back to.
+                fields = ", ".join(f"{k}={v}" for k, v in sorted(event.items()) if k != "event")
+                err_console.print(f"{event['event']}: {fields}", markup=False)
         return show
     return None
 
@@ -137,6 +188,15 @@ def _register_demo() -> None:
 
 
 _register_demo()
+
+
+def _register_rotate() -> None:
+    from secure_split.cli import rotate
+
+    rotate.register(keys_app)
+
+
+_register_rotate()
 
 
 def _register_serving() -> None:

@@ -232,8 +232,7 @@ def _party_findings(policy: Policy, deployment: Deployment) -> list[Finding]:
                 Finding(
                     "error",
                     "parties",
-                    f"party '{name}' has fingerprint {party.fingerprint} in the policy, but its keys in the "
-                    f"deployment give {fp}: the policy was written for other keys",
+                    _fingerprint_mismatch(policy, deployment, name, fp),
                     line=policy.line_of("parties", name, "fingerprint"),
                 )
             )
@@ -247,6 +246,37 @@ def _party_findings(policy: Policy, deployment: Deployment) -> list[Finding]:
             )
         )
     return out
+
+
+def _fingerprint_mismatch(policy: Policy, deployment: Deployment, name: str, fp: str) -> str:
+    """Say whose key went where when a party's fingerprint does not match its deployment keys."""
+    dep_file = deployment.path.name
+    pol_file = policy.path.name
+    listed = policy.parties[name].fingerprint
+    dep_fps = {
+        other: peer_fingerprint(p.sign_key, p.transport_key) for other, p in deployment.spec.peers.items()
+    }
+    for other, party in sorted(policy.parties.items()):
+        if other != name and party.fingerprint == fp:
+            line = policy.line_of("parties", other, "fingerprint")
+            return (
+                f"the key for {name} in {dep_file} is {other}'s: {name}'s keys there give fingerprint {fp}, "
+                f"which {pol_file} lists for {other}{f' (line {line})' if line else ''}; paste {name}'s own keys "
+                f"(`secure-split keys show {name}.pub`) into peers.{name} of {dep_file} (if those are "
+                f"{name}'s keys, the fingerprint for {other} in {pol_file} is the one pasted wrong)"
+            )
+    for other, other_fp in sorted(dep_fps.items()):
+        if other != name and other_fp == listed:
+            return (
+                f"the fingerprint for {name} in {pol_file} is {other}'s: it matches {other}'s keys in "
+                f"{dep_file}; put {name}'s fingerprint there ({fp}, if {dep_file} is right; if the policy is "
+                f"right, the keys for {other} in {dep_file} are {name}'s)"
+            )
+    return (
+        f"party '{name}' has fingerprint {listed} in the policy, but its sign_key and transport_key in "
+        f"{dep_file} give {fp}: one of the two keys was pasted wrong, or the policy was written for other "
+        f"keys; `secure-split keys show {name}.pub` prints {name}'s keys and fingerprint to compare"
+    )
 
 
 def _placement_findings(policy: Policy, deployment: Deployment) -> list[Finding]:

@@ -493,9 +493,14 @@ def policy_from_document(doc: YamlDocument) -> Policy:
                 )
             )
         elif pspec.fingerprint in fingerprints:
+            other = fingerprints[pspec.fingerprint]
+            line = doc.line_of(("parties", other, "fingerprint"))
             problems.append(
                 doc.problem(
-                    (*key, "fingerprint"), f"same fingerprint as party '{fingerprints[pspec.fingerprint]}'"
+                    (*key, "fingerprint"),
+                    f"the fingerprint for {pname} in {doc.path.name} is {other}'s (same fingerprint as party "
+                    f"'{other}'{f', line {line}' if line else ''}); each party has its own key: copy {pname}'s "
+                    f"from `secure-split keys show {pname}.pub`",
                 )
             )
         fingerprints.setdefault(pspec.fingerprint, pname)

@@ -151,6 +151,20 @@ def signature_problems(policy: Policy, deployment: Deployment) -> list[Signature
             out.append(SignatureProblem(name, "invalid", f"{path} is not a policy signature by '{name}'"))
             continue
         anchor = peers[name].sign_key
+        retired = next(
+            (r for r in deployment.spec.retired_keys if r.sign_key == data.get("sign_key")), None
+        )
+        if retired is not None:
+            out.append(
+                SignatureProblem(
+                    name,
+                    "invalid",
+                    f"{path} was made with {retired.peer}'s retired key (retired at {retired.retired_at}); "
+                    f"a retired key signs nothing: '{name}' signs again with its current key "
+                    f"(secure-split policy sign {policy.path} --key {name}.key)",
+                )
+            )
+            continue
         if data.get("sign_key") != anchor:
             out.append(
                 SignatureProblem(

@@ -94,6 +94,9 @@ class Transport:
         linger_ms: how long `close()` keeps trying to deliver queued messages.
         zap_domain: the ZAP domain our ROUTER enforces.
         send_timeout_s: how long `send` waits when a peer's outbound queue is full.
+        retired_keys: transport keys (Z85) that peers used before a rotation -> whose they were,
+            e.g. "hospital_a's key, retired at 2026-12-01T00:00:00Z". The allowlist refuses them
+            like any unknown key; the refusal event says whose retired key knocked.
 
     Raises:
         ConfigError: listing every invalid argument at once.
@@ -113,11 +116,19 @@ class Transport:
         linger_ms: int = 2000,
         zap_domain: str = "secure-split",
         send_timeout_s: float = 30.0,
+        retired_keys: Mapping[str, str] | None = None,
     ) -> None:
         problems = self._check_arguments(
             name, bind_endpoint, secret_key_z85, public_key_z85, peers,
             max_message_bytes, heartbeat_s, handshake_timeout_s, linger_ms, zap_domain, send_timeout_s,
         )  # fmt: skip
+        self._retired = dict(retired_keys or {})
+        for peer_name, peer in peers.items():
+            if peer.transport_key in self._retired:
+                problems.append(ConfigProblem(
+                    f"transport '{name}'", f"peers.{peer_name}.transport_key",
+                    f"is a retired key ({self._retired[peer.transport_key]}); a retired key is never admitted",
+                ))
         if problems:
             raise ConfigError(problems)
         self._name = name
@@ -589,10 +600,14 @@ class Transport:
 
     def _on_refused(self, key_z85: str) -> None:
         # Runs on the ZAP thread; EventLog is thread-safe.
+        whose = self._retired.get(key_z85)
         self._events.record(
             None,
             "auth_refused",
-            f"refused a client with transport key {key_prefix(key_z85)}: not a peer of this deployment",
+            f"refused a client with transport key {key_prefix(key_z85)}: not a peer of this deployment"
+            if whose is None
+            else f"refused a client with a retired transport key ({whose}): a peer not yet restarted with its "
+            "new key, or someone holding the old secret",
         )
 
     def _require_started(self, doing: str) -> zmq.Socket[bytes]:

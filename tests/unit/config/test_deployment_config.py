@@ -12,6 +12,7 @@ from secure_split.errors import ConfigError, ExitCode
 KEY_A = "a" * 64
 KEY_B = "b" * 64
 TK = "x" * 40
+TK2 = "y" * 40
 
 GOOD = f"""
 version: 1
@@ -20,7 +21,7 @@ coordinator: lh
 policy: policy.yaml
 peers:
   owner: {{endpoint: "tcp://127.0.0.1:5601", sign_key: "{KEY_A}", transport_key: "{TK}"}}
-  lh: {{endpoint: "tcp://127.0.0.1:5602", sign_key: "{KEY_B}", transport_key: "{TK}"}}
+  lh: {{endpoint: "tcp://127.0.0.1:5602", sign_key: "{KEY_B}", transport_key: "{TK2}"}}
 segments:
   bottom: {{peer: owner, input: features, model: [{{linear: {{in: 4, out: 3}}}}]}}
   top: {{peer: lh, loss: cross_entropy, model: [{{linear: {{in: 3, out: 2}}}}]}}

@@ -21,9 +21,6 @@ __all__ = ["LocalRouter", "deployment_yaml", "make_executors", "over_the_wire", 
 from secure_split.engine.metrics import StepMetrics, evaluate, sum_task_metrics
 from secure_split.engine.schedule import epoch_batches, split_train_test
 
-SIGN_KEY = "ab" * 32
-TRANSPORT_KEY = "x" * 40
-
 
 def deployment_yaml(
     peers: list[str],
@@ -41,8 +38,9 @@ def deployment_yaml(
         "peers": {
             p: {
                 "endpoint": f"tcp://127.0.0.1:{5600 + i}",
-                "sign_key": SIGN_KEY,
-                "transport_key": TRANSPORT_KEY,
+                # Each peer its own placeholder keys: a key listed for two peers is refused.
+                "sign_key": f"{i:02x}" * 32,
+                "transport_key": f"{i:02d}" * 20,
             }
             for i, p in enumerate(peers)
         },

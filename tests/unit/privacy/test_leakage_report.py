@@ -124,7 +124,7 @@ def write_deployment(path: Path, segments: dict[str, Any], edges: list[dict[str,
         "coordinator": peers[0],
         "policy": "policy.yaml",
         "peers": {
-            p: {"endpoint": f"tcp://127.0.0.1:{6100 + i}", "sign_key": "ab" * 32, "transport_key": "x" * 40}
+            p: {"endpoint": f"tcp://127.0.0.1:{6100 + i}", "sign_key": f"{i:02x}" * 32, "transport_key": f"{i:02d}" * 20}
             for i, p in enumerate(peers)
         },
         "segments": segments,

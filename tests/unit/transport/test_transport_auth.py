@@ -77,12 +77,17 @@ def test_client_configured_with_the_wrong_server_key_never_connects(kit):
     )
     assert failed is not None
     assert "bob" in failed.detail
-    # libzmq reports a disconnect after each failed handshake; it is not news and not reported.
-    assert not [e for e in seen + alice.events() if e.kind in ("connected", "disconnected")]
     assert alice.wait_connected({"bob"}, 0.2) == {"bob"}
     assert kit.wait_for_event(bob, lambda e: e.kind == "handshake_failed", kit.CONNECT_TIMEOUT_S)
     assert _nothing_delivered(bob, 0.5) == []
     assert bob.messages_received == 0
+    # libzmq reports a disconnect after each failed handshake; on alice's channel to bob it is
+    # not news and not reported. Alice's ROUTER sees a connection of its own come and go (bob's
+    # DEALER, whose real key alice's deployment lacks, is refused there); that one carries no peer
+    # name and arrives whenever bob retries, so the check is about the channel to bob only, and
+    # holds however late the drains run on a loaded machine.
+    seen += alice.events()
+    assert not [e for e in seen if e.peer == "bob" and e.kind in ("connected", "disconnected")]
 
 
 def test_plain_zmq_client_without_curve_cannot_deliver_anything(kit):
