@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from secure_split.config import Deployment, PeerConfig, load_deployment, load_peer_config
+from secure_split.config import Deployment, PeerConfig, load_deployment, load_peer_config, own_key_problems
 from secure_split.crypto.keys import Identity, load_identity
 from secure_split.engine.data import (
     PeerData,
@@ -119,14 +119,8 @@ class PeerContext:
         if me not in spec.peers:
             raise ConfigError(ConfigProblem(str(cfg.path), "peer", f"'{me}' is not a peer of deployment {deployment.path}"))
         identity = load_identity(cfg.secret_key_path)
-        mine = spec.peers[me]
-        problems: list[ConfigProblem] = []
-        if identity.sign_key_hex != mine.sign_key or identity.transport_public_z85 != mine.transport_key:
-            problems.append(ConfigProblem(
-                str(cfg.secret_key_path), "-",
-                f"this secret key does not match the public keys of peer '{me}' in {deployment.path}; "
-                "use the key file generated for this peer or update the deployment",
-            ))
+        problems = own_key_problems(deployment, me, identity.sign_key_hex, identity.transport_public_z85,
+                                    cfg.secret_key_path)
         if identity.name != me:
             problems.append(ConfigProblem(str(cfg.secret_key_path), "peer", f"key file is for '{identity.name}', not '{me}'"))
         if problems:

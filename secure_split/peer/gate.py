@@ -56,6 +56,14 @@ class FrameTransport(Protocol):
     def recv(self, timeout_s: float) -> tuple[str, list[memoryview]] | None: ...
 
 
+class GateObserver(Protocol):
+    """What the gate reports for the operator's metrics (`peer.metrics.PeerMetrics` fits)."""
+
+    def on_message(self, counterparty: str, direction: Any, kind: str, nbytes: int) -> None: ...
+
+    def on_refusal(self, direction: Any, reason: str) -> None: ...
+
+
 @dataclass
 class GateStats:
     """Counters a peer reports at the end of a run (bytes are the transport's own counters)."""
@@ -99,6 +107,7 @@ class Gate:
         sessions: Mapping[str, PeerSession],
         max_message_bytes: int,
         session_factory: Callable[[str], PeerSession] | None = None,
+        observer: GateObserver | None = None,
     ) -> None:
         self.me = me
         self.deployment_hash = deployment_hash
@@ -108,6 +117,7 @@ class Gate:
         self.sessions = dict(sessions)
         self.max_message_bytes = max_message_bytes
         self.session_factory = session_factory
+        self.observer = observer
         self.stats = GateStats()
         # Peers that started a fresh session since the last call of `take_rejoined()`.
         self._rejoined: list[str] = []
@@ -166,6 +176,8 @@ class Gate:
         self.transport.send(to, frames)
         self.stats.sent += 1
         self.stats.by_kind[kind.value] = self.stats.by_kind.get(kind.value, 0) + 1
+        if self.observer is not None:
+            self.observer.on_message(to, "sent", kind.value, nbytes)
         return msg
 
     def send_hello(self, to: str) -> None:
@@ -184,6 +196,8 @@ class Gate:
         self._record_message("message_sent", msg, flow, frames, decision)
         self.transport.send(to, frames)
         self.stats.sent += 1
+        if self.observer is not None:
+            self.observer.on_message(to, "sent", msg.kind.value, 0)
 
     def refuse(self, to: str, reason: str, code: str, *, kind: Kind = Kind.ERROR) -> None:
         """Tell `to` that we refused something it sent. Best effort: never raises."""
@@ -306,6 +320,8 @@ class Gate:
         self._record_message("message_received", msg, flow, frames, decision)
         self.stats.received += 1
         self.stats.by_kind[header.kind.value] = self.stats.by_kind.get(header.kind.value, 0) + 1
+        if self.observer is not None:
+            self.observer.on_message(sender, "received", header.kind.value, nbytes)
         return msg
 
     def check_route(self, sender: str, receiver: str, kind: Kind, *, edge: str = "") -> Decision:
@@ -333,6 +349,8 @@ class Gate:
         return out
 
     def _record_denied(self, flow: Flow, step: int, decision: Decision) -> None:
+        if self.observer is not None:
+            self.observer.on_refusal("out" if flow.direction == "send" else "in", "policy_denied")
         self.audit.record(
             "policy_denied",
             direction=flow.direction,
@@ -373,6 +391,8 @@ class Gate:
 
     def _refuse_inbound(self, sender: str, header: Header | None, exc: Exception, *, code: str) -> None:
         self.stats.refused_in += 1
+        if self.observer is not None:
+            self.observer.on_refusal("in", code)
         self.audit.record(
             "refused",
             direction="receive",

@@ -34,6 +34,8 @@ import numpy as np
 
 import secure_split
 from secure_split.audit import AuditLog, SignedHead
+from secure_split.config import retired_transport_keys
+from secure_split.deployment_diff import deployment_section_digests, explain_deployment_mismatch
 from secure_split.errors import (
     CryptoError,
     ExitCode,
@@ -47,8 +49,10 @@ from secure_split.errors import (
 from secure_split.peer.context import PeerContext, PeerResult, clip
 from secure_split.peer.effects import Effect, Record, Send
 from secure_split.peer.gate import Gate
+from secure_split.peer.metrics import PeerMetrics
 from secure_split.peer.rounds.barrier import HeadExchange
 from secure_split.peer.schedule import ProgressFn, Schedule
+from secure_split.peer.status import OpsLog
 from secure_split.protocol import Kind, Message, PeerSession, SessionState, WireTensor
 from secure_split.transport import Transport, TransportPeer
 
@@ -91,12 +95,18 @@ class PeerNode:
         self.serving = serving
         self._progress = progress or (lambda event: None)
         self.result: PeerResult = ctx.new_result()
+        role = "coordinator" if ctx.is_coordinator else "peer"
+        self.metrics = PeerMetrics(ctx.me, list(ctx.counterparties if counterparties is None else counterparties),
+                                   deployment_hash=ctx.deployment.hash, policy_hash=ctx.policy.hash,
+                                   version=secure_split.__version__, role=role)
+        self.ops: OpsLog | None = None
         self.counterparties: list[str] = list(ctx.counterparties if counterparties is None else counterparties)
         self.receipts: dict[int, set[str]] = {}
         self.handshaking = True
         self._later: deque[Message] = deque()
         self._lost_since: dict[str, float] = {}
         self._violations: dict[str, deque[tuple[float, str]]] = {}
+        self._sections = deployment_section_digests(ctx.deployment)
         self._dirty = False
         schedule.attach(self)
 
@@ -108,8 +118,21 @@ class PeerNode:
         return self.ctx.me
 
     def progress(self, event: dict[str, Any]) -> None:
-        """Report progress to the operator's display."""
-        self._progress(event)
+        """Report progress to the operator's display, the metrics endpoint and the ops log."""
+        name = event.get("event")
+        if name == "step":
+            self.metrics.on_step(int(event.get("step", 0)), int(event.get("epoch", 0)), event.get("loss"))
+        elif name == "epoch" and self.ops is not None:
+            self.ops.event("epoch", epoch=event.get("epoch"), epochs=event.get("epochs"), values=event.get("values", {}))
+        elif name in ("owner_lost", "owner_joined", "waiting", "rejoined", "rollback") and self.ops is not None:
+            self.ops.event(str(name), **{k: v for k, v in event.items() if k != "event"})
+        self._progress({"peer": self.me, **event})
+
+    def state(self, state: str, detail: str = "") -> None:
+        """What this peer is doing now (handshake, setup, training, waiting, closing, ...)."""
+        self.metrics.set_state(state)
+        if self.ops is not None:
+            self.ops.event("state", state=state, detail=detail)
 
     def record(self, event: str, **fields: Any) -> int:
         """Write one audit entry."""
@@ -152,9 +175,18 @@ class PeerNode:
         return session is not None and session.state is SessionState.ESTABLISHED
 
     def new_session(self, peer: str) -> PeerSession:
-        """A fresh protocol session with `peer` carrying the schedule's HELLO meta."""
-        meta = {"software": secure_split.__version__, **self.schedule.hello_meta()}
-        return PeerSession(self.me, peer, self.ctx.deployment.hash, self.ctx.policy.hash, hello_meta=meta)
+        """A fresh protocol session with `peer` carrying the schedule's HELLO meta and this
+        deployment's section digests (so a peer that runs another deployment is told which
+        sections differ)."""
+        meta = {"software": secure_split.__version__, "sections": self._sections, **self.schedule.hello_meta()}
+        deployment = self.ctx.deployment
+
+        def describe(theirs: Mapping[str, Any]) -> str:
+            return explain_deployment_mismatch(deployment, theirs.get("sections"), peer,
+                                               their_hash=str(theirs.get("deployment", "")))
+
+        return PeerSession(self.me, peer, deployment.hash, self.ctx.policy.hash, hello_meta=meta,
+                           describe_mismatch=describe)
 
     def reset_session(self, peer: str) -> None:
         """Replace the session with `peer` by a fresh one (after it refused our handshake)."""
@@ -184,12 +216,16 @@ class PeerNode:
 
     def signed_head(self, reason: str) -> SignedHead:
         """Sign our audit head now (a checkpoint entry) and return it."""
-        return self.audit.checkpoint(reason)
+        head = self.audit.checkpoint(reason)
+        self.metrics.on_audit_head(head.seq)
+        if self.ops is not None:
+            self.ops.event("audit_head", seq=head.seq)
+        return head
 
     def exchange_heads(self, key: int, peers: Sequence[str], reason: str) -> SignedHead:
         """Sign our audit head, send it to `peers` and wait until each sent us theirs for `key`
         (a barrier id, a request number); theirs are verified and recorded as they arrive."""
-        head = self.audit.checkpoint(reason)
+        head = self.signed_head(reason)
         exchange = HeadExchange(key, peers, self.receipts)
         self.apply(exchange.send(head.to_meta()))
         self.wait(lambda: exchange.done, lambda: f"exchanging signed audit heads ({reason})", exchange.missing)
@@ -233,6 +269,7 @@ class PeerNode:
             # Tell the others at once rather than let them wait for a timeout.
             self.schedule.tell_others_we_stopped(reason)
         finally:
+            self.state("closing")
             self.result.status = status
             self.result.bytes_sent = self.transport.bytes_sent
             self.result.bytes_received = self.transport.bytes_received
@@ -243,21 +280,35 @@ class PeerNode:
             self.audit.close(status, clip(reason), metrics=self.schedule.final_metrics())
             # Linger briefly so our last messages leave before the sockets close.
             self.transport.close()
+            self.state("finished" if status == "ok" else "failed", clip(self.result.error or "", 500))
+            if self.ops is not None:
+                self.ops.event("peer_end", status=status, exit_code=self.result.exit_code, error=self.result.error)
+                self.ops.close()
+            self.metrics.stop()
         return self.result
 
     def _main(self) -> tuple[str, str]:
         self.schedule.prepare()
         if self.does_handshake:
+            self.state("handshake")
             self.handshake()
         else:
             self.handshaking = False
+        self.state("setup")
         self.schedule.set_up()
+        self.state("serving" if self.serving else "training")
         return self.schedule.run()
 
     def _open(self) -> None:
         ctx = self.ctx
         spec = ctx.deployment.spec
         ctx.cfg.audit_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.cfg.spec.metrics is not None:
+            self.metrics.start_http(ctx.cfg.spec.metrics.host, ctx.cfg.spec.metrics.port)
+        if ctx.cfg.ops_log_path is not None:
+            self.ops = OpsLog(ctx.cfg.ops_log_path, self.me, secrets=ctx.identity.secret_text_forms())
+            self.ops.start(deployment=ctx.deployment.hash, policy=ctx.policy.hash, version=secure_split.__version__,
+                           resume=self.resume, metrics_url=ctx.cfg.metrics_url)
         self.audit = AuditLog.open(
             ctx.audit_path, peer=self.me, identity=ctx.identity, deployment_hash=ctx.deployment.hash,
             policy_hash=ctx.policy.hash, resume=self.resume,
@@ -278,7 +329,7 @@ class PeerNode:
         self.transport = Transport(
             self.me, spec.peers[self.me].endpoint, ctx.identity.transport_secret_z85, ctx.identity.transport_public_z85,
             peers, max_message_bytes=spec.limits.max_message_bytes, heartbeat_s=spec.limits.heartbeat_s,
-            handshake_timeout_s=spec.limits.handshake_timeout_s,
+            handshake_timeout_s=spec.limits.handshake_timeout_s, retired_keys=retired_transport_keys(spec),
         )
         self.transport.start()
         self.gate = Gate(
@@ -286,6 +337,7 @@ class PeerNode:
             transport=self.transport, sessions={name: self.new_session(name) for name in self.counterparties},
             max_message_bytes=spec.limits.max_message_bytes,
             session_factory=self.new_session if self.accepts_restarted_peers else None,
+            observer=self.metrics,
         )
 
     def handshake(self) -> None:
@@ -349,7 +401,9 @@ class PeerNode:
                 continue
             if ev.kind == "disconnected":
                 self._lost_since.setdefault(ev.peer, now)
+                self.metrics.on_connectivity(ev.peer, False)
             elif ev.kind == "connected":
+                self.metrics.on_connectivity(ev.peer, True)
                 if self._lost_since.pop(ev.peer, None) is not None:
                     self.audit.record("peer_joined", counterparty=ev.peer, reason="reconnected")
             elif ev.kind == "handshake_failed":

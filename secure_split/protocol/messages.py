@@ -25,7 +25,7 @@ decoded (the codec turns it into `CodecError`: the peer sent it). In short:
 kind                   meta (required; optional)                                   tensors  edge    blob
 =====================  ==========================================================  =======  ======  ====
 hello                  protocol, deployment, policy, nonce(16 B); checkpoints,     0        no      no
-                       software, rows
+                       software, rows, sections
 refuse, error          reason (<= 4000 chars), code; ref_seq                       0        no      no
 shutdown               reason, status                                              0        no      no
 step_begin             epoch, phase (train|eval|infer)                             1 (ids)  no      no
@@ -474,7 +474,9 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
                 "nonce": MetaField("bytes", exact_len=16),
             },
             # rows: an owner's row count, for a coordinator that schedules row positions, not ids
-            optional={"checkpoints": MetaField("int_list", max_len=4096), "software": _SHORT, "rows": _COUNT},
+            optional={"checkpoints": MetaField("int_list", max_len=4096), "software": _SHORT, "rows": _COUNT,
+                      # a digest per deployment section, so a mismatch can name what differs
+                      "sections": MetaField("plain")},
         ),
         Kind.REFUSE: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
         Kind.ERROR: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),

@@ -47,7 +47,7 @@ import enum
 import hashlib
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 from secure_split import PROTOCOL_VERSION
@@ -204,6 +204,7 @@ class PeerSession:
         *,
         hello_meta: Mapping[str, MetaValue] | None = None,
         nonce: bytes | None = None,
+        describe_mismatch: Callable[[Mapping[str, MetaValue]], str] | None = None,
     ) -> None:
         for what, name in (("local", local), ("remote", remote)):
             if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
@@ -232,6 +233,8 @@ class PeerSession:
         self._state = SessionState.NEW
         self._session_id: bytes | None = None
         self._remote_nonce: bytes | None = None
+        # Pure: from the remote HELLO's meta, the words that say which part of the deployment differs.
+        self._describe_mismatch = describe_mismatch
         self._remote_hello_meta: Mapping[str, MetaValue] | None = None
         self._next_send_seq = 1
         self._last_received_seq = 0
@@ -469,6 +472,8 @@ class PeerSession:
             )
         theirs = _text(meta["deployment"])
         if theirs != self._deployment:
+            if self._describe_mismatch is not None:
+                raise self._refuse(self._describe_mismatch(meta))
             raise self._refuse(
                 f"peer '{self._remote}' runs deployment {theirs}, we run {self._deployment}: "
                 "both parties must load the same deployment.yaml"

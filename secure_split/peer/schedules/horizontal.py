@@ -793,8 +793,11 @@ class HorizontalSchedule:
         self.epoch = max(self.epoch, epoch)
         train, evaluation = self._barrier_local(epoch, reason)
         if reason == "epoch_end":
-            self.history.append({"epoch": epoch, "values": epoch_values(train, evaluation)})
+            values = epoch_values(train, evaluation)
+            self.history.append({"epoch": epoch, "values": values})
             self.node.result.epochs_done = epoch + 1
+            self.node.progress({"event": "epoch", "epoch": epoch, "epochs": self.ctx.deployment.spec.training.epochs,
+                                "values": values})
         self.node.send(self.coordinator, Kind.BARRIER_ACK, step=epoch + 1, meta={
             "epoch": epoch, "train": task_metrics_to_meta(train), "eval": task_metrics_to_meta(evaluation)})
 

@@ -85,6 +85,7 @@ class SyncSchedule:
         self.eval_steps: list[StepMetrics] = []
         self.history: list[dict[str, Any]] = []
         self.epochs_done = 0
+        self.epoch = 0
         del spec
 
     def _new_executor(self) -> PeerExecutor:
@@ -298,6 +299,7 @@ class SyncSchedule:
                 self.node.apply(steps.begin_ahead(step, phase, ids_from_wire(msg.tensors[0])))
                 return True
             return False
+        self.epoch = _meta_int(msg, "epoch", self.epoch)
         self._begin(step, phase, ids_from_wire(msg.tensors[0]))
         return True
 
@@ -312,6 +314,11 @@ class SyncSchedule:
         if metrics is None:
             return
         (self.train_steps if phase == "train" else self.eval_steps).append(metrics)
+        if phase == "train" and not self.ctx.is_coordinator:
+            # Every peer reports progress: what it computed itself (its loss, where it has one).
+            m = next(iter(metrics.tasks.values()), None)
+            self.node.progress({"event": "step", "epoch": self.epoch, "step": len(self.train_steps),
+                                "loss": m.mean_loss if m is not None else None})
 
     # -- coordinator ----------------------------------------------------------------------------
 
@@ -425,8 +432,11 @@ class SyncSchedule:
         reason = str(msg.meta.get("reason", "epoch_end"))
         train, evaluation = self._barrier_local(epoch, reason)
         if reason == "epoch_end":
-            self.history.append({"epoch": epoch, "values": epoch_values(train, evaluation)})
+            values = epoch_values(train, evaluation)
+            self.history.append({"epoch": epoch, "values": values})
             self.epochs_done = self.node.result.epochs_done = epoch + 1
+            self.node.progress({"event": "epoch", "epoch": epoch, "epochs": self.ctx.deployment.spec.training.epochs,
+                                "values": values})
         self.node.send(self.ctx.deployment.spec.coordinator, Kind.BARRIER_ACK, step=epoch + 1, meta={
             "epoch": epoch, "train": task_metrics_to_meta(train), "eval": task_metrics_to_meta(evaluation)})
 
