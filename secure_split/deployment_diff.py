@@ -118,11 +118,12 @@ def explain_deployment_mismatch(
         A sentence naming the peer, the sections that differ (when known) and what to run.
     """
     theirs = valid_section_digests(their_digests)
-    hashes = f"its hash {their_hash[:16]}…, ours {ours.hash[:16]}…" if their_hash else f"ours hashes to {ours.hash[:16]}…"
+    # Whole hashes: the operator compares them with what `secure-split deployment hash` prints.
+    hashes = f"it runs deployment {their_hash}, we run {ours.hash}" if their_hash else f"ours hashes to {ours.hash}"
     head = f"peer '{peer}' runs a different deployment.yaml than {ours.path} ({hashes})"
     advice = (
-        f"every party must load the same file: run `secure-split deployment hash {ours.path.name}` at both "
-        f"sites and compare, or `secure-split deployment diff {ours.path.name} THEIRS.yaml` on a copy of theirs"
+        f"both parties must load the same deployment.yaml: run `secure-split deployment hash {ours.path.name}` at "
+        f"both sites and compare, or `secure-split deployment diff {ours.path.name} THEIRS.yaml` on a copy of theirs"
     )
     if theirs is None:
         return f"{head}; {advice}"
