@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from secure_split.cli.output import console, err_console
 from secure_split.errors import ConfigError, ConfigProblem, ExitCode
+from secure_split.yamlfile import dump_yaml, read_yaml
 
 ACCURACY_TOLERANCE = 0.02
 HORIZONTAL_ACCURACY_TOLERANCE = 0.03
@@ -547,14 +547,14 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
     dep_path = workdir / "deployment.yaml"
     dep_path.write_text(
         "# Shared, public deployment: every party holds this same file (its hash is agreed in the handshake).\n"
-        + yaml.safe_dump(deployment, sort_keys=False)
+        + dump_yaml(deployment)
     )
     dep = load_deployment(dep_path)
     policy = policy_for_deployment(dep, name=f"demo-{plan.name}-v1")
     policy_path = workdir / "policy.yaml"
     policy_path.write_text(
         "# Data-sharing policy every party signs. Default deny: only the flows below may cross the wire.\n"
-        + yaml.safe_dump(policy, sort_keys=False)
+        + dump_yaml(policy)
     )
     signed = load_policy(policy_path)  # once: a many-owner policy takes a while to parse
     for ident in identities.values():
@@ -572,7 +572,7 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
         }
         path = workdir / "peers" / f"{p.name}.yaml"
         path.write_text(f"# Private to {p.name}: never shared, never hashed into the deployment.\n"
-                        + yaml.safe_dump(cfg, sort_keys=False))
+                        + dump_yaml(cfg))
         configs[p.name] = path
     return GeneratedDeployment(workdir, dep_path, policy_path, configs)
 
@@ -854,7 +854,7 @@ def baseline_deployment(plan: ScenarioPlan, gen: GeneratedDeployment) -> Any:
 
     if plan.baseline_topology is None:
         return load_deployment(gen.deployment)
-    raw = yaml.safe_load(gen.deployment.read_text())
+    raw = read_yaml(gen.deployment, "deployment").data
     topo = plan.baseline_topology
     peers = {seg["peer"] for seg in topo.segments.values()}
     training = {k: v for k, v in raw["training"].items() if k not in ("schedule", "handoff", "average")}
@@ -868,7 +868,7 @@ def baseline_deployment(plan: ScenarioPlan, gen: GeneratedDeployment) -> Any:
     path = gen.workdir / "baseline.yaml"
     path.write_text("# The centralised baseline's network: the split run's architecture once, trained in one "
                     "process on all the data.\n# Not a deployment to run; the demo compares the split run "
-                    "with it.\n" + yaml.safe_dump(raw, sort_keys=False))
+                    "with it.\n" + dump_yaml(raw))
     return load_deployment(path)
 
 
