@@ -13,10 +13,12 @@ descriptor the guard checks, on the dup itself, that its address pair is the one
 
 The bounds it keeps (each a `limits.*` setting; SECURITY.md, "Bounds"):
 - Outsiders (no key needed): connections that have not authenticated are at most
-  `max_unauthenticated`, and `max_unauthenticated_per_source` per source address; a new one over
-  either cap is closed at once. libzmq closes one that has not authenticated within the handshake
-  interval (`ZMQ_HANDSHAKE_IVL`). A connection counts as authenticated once this side has sent its
-  CURVE READY: the kernel's count of bytes we sent on it passes what an unauthenticated
+  `max_unauthenticated`, and `max_unauthenticated_per_source` per source address. At a cap, the
+  oldest one that has waited more than `PENDING_GRACE_S` is closed to admit the new one (a few
+  idle connections cannot hold the slots); if all are younger (a fast flood), the new one is
+  closed at once. libzmq closes one that has not authenticated within the handshake interval
+  (`ZMQ_HANDSHAKE_IVL`). A connection counts as authenticated once this side has sent its CURVE
+  READY, and only then: the kernel's count of bytes we sent on it passes what an unauthenticated
   connection can ever get from us (greeting, WELCOME, ERROR).
 - Inbound connections of all kinds are at most `max_connections`; new ones beyond are closed.
 - Listed peers: libzmq hands over a multipart message only when all its frames arrived, and its
@@ -62,6 +64,9 @@ FRAME_OVERHEAD = 64
 # Handshake and heartbeat traffic a connection may carry that is never delivered as a message.
 HANDSHAKE_SLACK = 16 * 1024
 HEARTBEAT_BYTES = 160  # PING + PONG, both directions folded, per heartbeat interval
+# A CURVE handshake takes milliseconds; a connection still unauthenticated after this long may be
+# closed to make room for a new one when a cap is reached.
+PENDING_GRACE_S = 1.0
 # How often connections are inspected: often while bytes flow (a cut comes at most one busy tick,
 # about 10 MB at loopback speed, past the bound), rarely while they do not.
 TICK_BUSY_S = 0.01
@@ -179,9 +184,9 @@ class ConnectionGuard:
         self._clock = clock
         self._lock = threading.Condition()
         self._conns: dict[int, _Connection] = {}
-        # Messages delivered from a descriptor whose ACCEPTED the thread has not read yet: their
-        # bytes are credited when it does (a lag of the thread must not look like a backlog).
-        self._early: dict[int, tuple[int, str]] = {}
+        # Messages delivered from a connection whose ACCEPTED the thread has not read yet, by
+        # address pair: credited when it does (a lag of the thread must not look like a backlog).
+        self._early: dict[tuple[object, object], tuple[int, str]] = {}
         self._connected: set[str] = set()
         self._refused_by: set[str] = set()
         self._stats = GuardStats()
@@ -230,22 +235,36 @@ class ConnectionGuard:
     def delivered(self, fd: int, nbytes: int, frames: int, peer: str) -> None:
         """Account a message `Transport.recv` took from the connection `fd` (its `ZMQ_SRCFD`).
 
+        The connection is identified by its address pair, read here from a dup of `fd`: a
+        descriptor number alone may already name another connection.
+
         Args:
             fd: the descriptor libzmq read the message from.
             nbytes: payload bytes of all its frames.
             frames: how many frames it had (the routing-id frame not counted).
             peer: its authenticated sender.
         """
+        if fd < 0:
+            return
+        dup = _Dup(fd)
+        try:
+            pair = dup.pair()
+        finally:
+            dup.close()
+        if pair is None:
+            return
         wire = nbytes + FRAME_OVERHEAD * (frames + 1)
         with self._lock:
             conn = self._conns.get(fd)
-            if conn is not None and conn.outbound_peer is None:
+            if conn is not None and conn.pair == pair and conn.outbound_peer is None:
                 conn.delivered += wire
                 conn.peer = peer
-                conn.authenticated = True
-            elif conn is None and fd >= 0 and len(self._early) < 4 * self._max_connections:
-                before, _ = self._early.get(fd, (0, peer))
-                self._early[fd] = (before + wire, peer)
+                return
+            # The thread has not read this connection's ACCEPTED yet: credit it when it does.
+            before, _ = self._early.pop(pair, (0, peer))
+            self._early[pair] = (before + wire, peer)
+            while len(self._early) > 4 * self._max_connections:
+                del self._early[next(iter(self._early))]  # the oldest: its connection is long gone
 
     def connected(self) -> set[str]:
         """Peers whose outbound channel is up right now (as of the last event the thread read)."""
@@ -374,34 +393,63 @@ class ConnectionGuard:
             if pair is None:
                 return  # gone already (its DISCONNECTED follows)
             source = _host(pair[1])
-            self._refresh_authentication()
-            inbound = [c for c in self._conns.values() if c.outbound_peer is None]
-            waiting = [c for c in inbound if not c.authenticated]
-            reason = None
-            if len(waiting) >= self._max_unauth:
-                reason = (f"{len(waiting)} connections were already waiting to authenticate "
-                          f"(limits.max_unauthenticated = {self._max_unauth})")
-            elif sum(1 for c in waiting if c.source == source) >= self._max_unauth_source:
-                reason = (f"{self._max_unauth_source} connections from {source} were already waiting to "
-                          "authenticate (limits.max_unauthenticated_per_source)")
-            elif len(inbound) >= self._max_connections:
-                reason = f"this peer already holds {len(inbound)} inbound connections, its bound"
+            reason = self._make_room(source)
             if reason is not None:
                 dup.cut()
                 self._count_cut("unauthenticated")
                 self._events.record(None, "connection_cut", f"closed a new connection from {source}: {reason}")
                 return
             conn = self._conns[fd] = _Connection(fd, pair, source, self._clock(), None)
-            if fd in self._early:
-                conn.delivered, conn.peer = self._early.pop(fd)
-                conn.authenticated = True
+            if pair in self._early:
+                conn.delivered, conn.peer = self._early.pop(pair)
         finally:
             dup.close()
 
-    def _refresh_authentication(self) -> None:
-        for conn in list(self._conns.values()):
-            if conn.outbound_peer is None and not conn.authenticated:
+    def _make_room(self, source: str) -> str | None:
+        """Admit one more connection from `source`, or say why not.
+
+        At a cap, a connection that has waited longer than PENDING_GRACE_S without authenticating
+        (a legitimate CURVE handshake takes milliseconds) is closed to make room, the oldest
+        first: an outsider cannot hold the slots with a few idle connections. Only when every
+        waiting one is younger (a fast flood) is the new connection refused.
+        """
+        inbound = [c for c in self._conns.values() if c.outbound_peer is None]
+        if len(inbound) >= self._max_connections:
+            return f"this peer already holds {len(inbound)} inbound connections, its bound"
+        for scope, cap, setting in (
+            (source, self._max_unauth_source, "limits.max_unauthenticated_per_source"),
+            (None, self._max_unauth, "limits.max_unauthenticated"),
+        ):
+            waiting = [c for c in inbound if not c.authenticated and scope in (None, c.source)]
+            if len(waiting) < cap:
+                continue
+            for conn in waiting:  # some may have authenticated since we last looked
                 self._look(conn, cut_over=None)
+            waiting = [c for c in waiting if not c.authenticated and self._conns.get(c.fd) is c]
+            if len(waiting) < cap:
+                continue
+            oldest = min(waiting, key=lambda c: c.opened)
+            if self._clock() - oldest.opened < PENDING_GRACE_S:
+                where = f"from {source}" if scope is not None else "in all"
+                return f"{len(waiting)} connections {where} were already waiting to authenticate ({setting})"
+            self._cut(oldest, "unauthenticated")
+            self._events.record(
+                None, "connection_cut",
+                f"closed a connection from {oldest.source} that had not authenticated in {PENDING_GRACE_S:g} s, "
+                f"to admit a new one ({setting})",
+            )  # fmt: skip
+            inbound.remove(oldest)
+        return None
+
+    def _cut(self, conn: _Connection, reason: CutReason) -> None:
+        dup = _Dup(conn.fd)
+        try:
+            if dup.pair() == conn.pair:
+                dup.cut()
+        finally:
+            dup.close()
+        self._conns.pop(conn.fd, None)
+        self._count_cut(reason)
 
     def _inspect(self) -> bool:
         """Look at every connection; True when bytes are flowing on one of them."""
@@ -462,19 +510,12 @@ class ConnectionGuard:
     def _enforce_per_peer(self) -> None:
         by_peer: dict[str, list[_Connection]] = {}
         for conn in self._conns.values():
-            if conn.outbound_peer is None and conn.peer is not None:
+            if conn.outbound_peer is None and conn.peer is not None and conn.authenticated:
                 by_peer.setdefault(conn.peer, []).append(conn)
         for peer, conns in by_peer.items():
             excess = len(conns) - self._per_peer
             for conn in sorted(conns, key=lambda c: c.opened)[: max(0, excess)]:
-                dup = _Dup(conn.fd)
-                try:
-                    if dup.pair() == conn.pair:
-                        dup.cut()
-                finally:
-                    dup.close()
-                self._conns.pop(conn.fd, None)
-                self._count_cut("per_peer")
+                self._cut(conn, "per_peer")
                 self._events.record(
                     peer,
                     "connection_cut",

@@ -242,3 +242,25 @@ def test_a_hard_limit_below_the_budget_is_a_config_error_that_says_how_to_fix_it
     assert done.returncode == 0, done.stderr
     assert "may need 600 open files" in done.stdout and "ulimit -n 600" in done.stdout
     assert "limits.max_unauthenticated" in done.stdout
+
+
+def test_idle_connections_holding_the_slots_are_evicted_for_a_newcomer(kit):
+    alice_id, bob_id, _, bob, bob_ep = _pair(kit, max_unauthenticated=8, max_unauthenticated_per_source=3)
+    idle = [socket.create_connection(_host_port(bob_ep), timeout=kit.CONNECT_TIMEOUT_S) for _ in range(3)]
+    ctx = zmq.Context()
+    try:
+        deadline = time.monotonic() + kit.CONNECT_TIMEOUT_S
+        while bob.connection_stats().unauthenticated < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The slots of this source are full of connections that never speak. Once they have idled
+        # past the grace period, a newcomer evicts the oldest instead of being refused.
+        time.sleep(1.2)  # part of the scenario: the idle ones must be older than PENDING_GRACE_S
+        newcomer = _raw_dealer(ctx, alice_id, bob_id.public, bob_ep)
+        newcomer.send(b"a peer that connects while idle connections hold the slots")
+        received = bob.recv(kit.CONNECT_TIMEOUT_S)
+        assert received is not None and received[0] == "alice"
+        assert bob.connection_stats().cut.get("unauthenticated", 0) >= 1
+    finally:
+        ctx.destroy(linger=0)
+        for sock in idle:
+            sock.close()
