@@ -38,9 +38,7 @@ transport's `connected` / `disconnected` / `handshake_failed` events and its con
 
 from __future__ import annotations
 
-import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -51,16 +49,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from secure_split.transport import monitor
 from secure_split.transport.events import EventLog
+from secure_split.transport.tcp import AUTHENTICATED_MIN_SENT, FRAME_OVERHEAD, ConnectionHandle, host_of
 
-# struct tcp_info (linux/tcp.h): tcpi_bytes_acked at 120, tcpi_bytes_received at 128 (Linux >= 4.1).
-_TCP_INFO_LEN = 136
-_BYTES_ACKED_AT = 120
-# Bytes this side sends before a client is authenticated, at most: ZMTP greeting (64) + CURVE
-# WELCOME (170) + an ERROR command (< 40). READY (about 67 bytes more) only follows a ZAP "yes".
-AUTHENTICATED_MIN_SENT = 280
-# Wire bytes per delivered frame beyond its payload, an upper bound: ZMTP frame header (<= 9) +
-# CURVE MESSAGE command header (<= 9) + name (8) + nonce (8) + MAC (16) + flags (1).
-FRAME_OVERHEAD = 64
 # Handshake and heartbeat traffic a connection may carry that is never delivered as a message.
 HANDSHAKE_SLACK = 16 * 1024
 HEARTBEAT_BYTES = 160  # PING + PONG, both directions folded, per heartbeat interval
@@ -98,46 +88,6 @@ class GuardStats:
     outbound: int = 0
     accepted: int = 0
     cut: dict[str, int] = field(default_factory=dict)
-
-
-class _Dup:
-    """A dup of a libzmq descriptor, checked to still be the connection we recorded."""
-
-    def __init__(self, fd: int) -> None:
-        self.sock: socket.socket | None = None
-        try:
-            self.sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            self.sock = None
-
-    def pair(self) -> tuple[object, object] | None:
-        if self.sock is None:
-            return None
-        try:
-            return (self.sock.getsockname(), self.sock.getpeername())
-        except OSError:
-            return None
-
-    def counters(self) -> tuple[int, int, int]:
-        """(bytes we sent and the peer acknowledged, bytes received, receive buffer size)."""
-        assert self.sock is not None
-        raw = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-        if len(raw) < _TCP_INFO_LEN:  # a kernel older than 4.1: no byte counters
-            return (AUTHENTICATED_MIN_SENT, 0, 0)
-        acked, received = struct.unpack_from("<QQ", raw, _BYTES_ACKED_AT)
-        return acked, received, self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-
-    def cut(self) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()  # closes the dup only; libzmq's descriptor stays its own
-            self.sock = None
 
 
 class ConnectionGuard:
@@ -246,7 +196,7 @@ class ConnectionGuard:
         """
         if fd < 0:
             return
-        dup = _Dup(fd)
+        dup = ConnectionHandle(fd)
         try:
             pair = dup.pair()
         finally:
@@ -355,11 +305,11 @@ class ConnectionGuard:
 
     def _on_outbound(self, peer: str, event: int, value: int) -> None:
         if event == zmq.EVENT_CONNECTED:
-            dup = _Dup(value)
+            dup = ConnectionHandle(value)
             try:
                 pair = dup.pair()
                 if pair is not None:
-                    self._conns[value] = _Connection(value, pair, _host(pair[1]), self._clock(), peer)
+                    self._conns[value] = _Connection(value, pair, host_of(pair[1]), self._clock(), peer)
             finally:
                 dup.close()
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -387,12 +337,12 @@ class ConnectionGuard:
 
     def _accept(self, fd: int) -> None:
         self._stats.accepted += 1
-        dup = _Dup(fd)
+        dup = ConnectionHandle(fd)
         try:
             pair = dup.pair()
             if pair is None:
                 return  # gone already (its DISCONNECTED follows)
-            source = _host(pair[1])
+            source = host_of(pair[1])
             reason = self._make_room(source)
             if reason is not None:
                 dup.cut()
@@ -442,7 +392,7 @@ class ConnectionGuard:
         return None
 
     def _cut(self, conn: _Connection, reason: CutReason) -> None:
-        dup = _Dup(conn.fd)
+        dup = ConnectionHandle(conn.fd)
         try:
             if dup.pair() == conn.pair:
                 dup.cut()
@@ -469,7 +419,7 @@ class ConnectionGuard:
 
     def _look(self, conn: _Connection, *, cut_over: int | None) -> None:
         """Read one connection's TCP counters; drop it if it is gone, cut it if over `cut_over`."""
-        dup = _Dup(conn.fd)
+        dup = ConnectionHandle(conn.fd)
         try:
             if dup.pair() != conn.pair:
                 # Closed, and perhaps reused for another connection: never act on it; forget it.
@@ -490,22 +440,9 @@ class ConnectionGuard:
                 dup.cut()
                 del self._conns[conn.fd]
                 self._count_cut("backlog")
-                self._events.record(conn.outbound_peer or conn.peer, "connection_cut", self._backlog_text(conn, backlog))
+                self._events.record(conn.outbound_peer or conn.peer, "connection_cut", _backlog_text(conn, backlog))
         finally:
             dup.close()
-
-    def _backlog_text(self, conn: _Connection, backlog: int) -> str:
-        if conn.outbound_peer is not None:
-            return (
-                f"closed our connection to '{conn.outbound_peer}': it pushed {backlog} bytes to us, where "
-                "nothing but heartbeats is ever sent on it; zmq reconnects"
-            )
-        who = f"'{conn.peer}'" if conn.peer else f"an authenticated client at {conn.source}"
-        return (
-            f"closed the connection of {who}: {backlog} bytes arrived that did not form a message this "
-            "peer may accept (a message larger than limits.max_message_bytes, or more queued than "
-            "limits.inbound_queue_messages allows)"
-        )
 
     def _enforce_per_peer(self) -> None:
         by_peer: dict[str, list[_Connection]] = {}
@@ -527,11 +464,18 @@ class ConnectionGuard:
         self._stats.cut[reason] = self._stats.cut.get(reason, 0) + 1
 
 
-def _host(address: object) -> str:
-    """The host part of a socket address tuple (the source a per-source cap counts by)."""
-    if isinstance(address, tuple) and address:
-        return str(address[0])
-    return str(address)
+def _backlog_text(conn: _Connection, backlog: int) -> str:
+    if conn.outbound_peer is not None:
+        return (
+            f"closed our connection to '{conn.outbound_peer}': it pushed {backlog} bytes to us, where "
+            "nothing but heartbeats is ever sent on it; zmq reconnects"
+        )
+    who = f"'{conn.peer}'" if conn.peer else f"an authenticated client at {conn.source}"
+    return (
+        f"closed the connection of {who}: {backlog} bytes arrived that did not form a message this "
+        "peer may accept (a message larger than limits.max_message_bytes, or more queued than "
+        "limits.inbound_queue_messages allows)"
+    )
 
 
 def monitored_events(inbound: bool) -> int:
