@@ -185,8 +185,10 @@ class ConnectionGuard:
     def delivered(self, fd: int, nbytes: int, frames: int, peer: str) -> None:
         """Account a message `Transport.recv` took from the connection `fd` (its `ZMQ_SRCFD`).
 
-        The connection is identified by its address pair, read here from a dup of `fd`: a
-        descriptor number alone may already name another connection.
+        A connection the thread knows is credited at once (each later message names its peer
+        again, so a descriptor reused between libzmq's read and this call misnames a connection
+        for one message at most). One it does not know yet is looked up by address pair, through
+        a dup, and credited when the thread reads its ACCEPTED.
 
         Args:
             fd: the descriptor libzmq read the message from.
@@ -196,21 +198,26 @@ class ConnectionGuard:
         """
         if fd < 0:
             return
-        dup = ConnectionHandle(fd)
-        try:
-            pair = dup.pair()
-        finally:
-            dup.close()
-        if pair is None:
-            return
         wire = nbytes + FRAME_OVERHEAD * (frames + 1)
         with self._lock:
             conn = self._conns.get(fd)
-            if conn is not None and conn.pair == pair and conn.outbound_peer is None:
+            if conn is not None and conn.outbound_peer is None:
                 conn.delivered += wire
                 conn.peer = peer
                 return
-            # The thread has not read this connection's ACCEPTED yet: credit it when it does.
+        handle = ConnectionHandle(fd)
+        try:
+            pair = handle.pair()
+        finally:
+            handle.close()
+        if pair is None:
+            return
+        with self._lock:
+            conn = self._conns.get(fd)
+            if conn is not None and conn.pair == pair and conn.outbound_peer is None:
+                conn.delivered += wire  # the thread read its ACCEPTED meanwhile
+                conn.peer = peer
+                return
             before, _ = self._early.pop(pair, (0, peer))
             self._early[pair] = (before + wire, peer)
             while len(self._early) > 4 * self._max_connections:
