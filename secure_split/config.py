@@ -138,10 +138,61 @@ class TrainingSpec(_Strict):
 
 
 class LimitsSpec(_Strict):
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, le=2**31)
-    handshake_timeout_s: float = Field(30.0, gt=0.0)
-    peer_timeout_s: float = Field(60.0, gt=0.0)
-    heartbeat_s: float = Field(1.0, gt=0.0)
+    """Every bound a remote party meets at this peer (SECURITY.md, "Bounds", lists each with what
+    happens beyond it). The defaults are safe; a deployment may tighten or loosen them, and every
+    party runs the same values (they are part of the deployment hash)."""
+
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, le=2**31,
+        description="largest message (all frames together); larger ones are refused before allocation",
+    )
+    handshake_timeout_s: float = Field(30.0, gt=0.0, description="how long a peer waits for every counterparty's HELLO")
+    peer_timeout_s: float = Field(60.0, gt=0.0, description="silence after which a counterparty counts as lost")
+    heartbeat_s: float = Field(1.0, gt=0.0, le=2000.0, description="transport heartbeat interval")
+    # -- listed peers: what one counterparty can make this peer hold ----------------------------
+    step_window: int = Field(
+        2, ge=1, le=64,
+        description="steps ahead of the current one a counterparty may send for; further ones are refused",
+    )
+    max_queued_messages: int = Field(
+        64, ge=4, le=65536, description="messages held per counterparty for steps not yet running",
+    )
+    max_pending_he_rounds: int = Field(
+        2, ge=1, le=64, description="HE merge rounds (step, segment) open at once; more are refused",
+    )
+    max_psi_points: int = Field(
+        1_000_000, ge=1, le=100_000_000, description="ids in one PSI set, ours or a party's; larger sets are refused",
+    )
+    max_rejoins: int = Field(
+        10, ge=0, le=10_000, description="times one counterparty may restart and open a new session in one run",
+    )
+    max_violations: int = Field(
+        20, ge=1, le=100_000,
+        description="refused messages from one counterparty within violation_window_s that stop the run",
+    )
+    violation_window_s: float = Field(60.0, gt=0.0, le=86_400.0, description="the window of max_violations")
+    refusal_audit_per_s: float = Field(
+        2.0, gt=0.0, le=10_000.0,
+        description="refusals of one counterparty recorded one by one per second, on average; beyond it they are counted",
+    )
+    refusal_audit_burst: int = Field(20, ge=1, le=100_000, description="refusals recorded one by one in a burst")
+    # -- outsiders: connections that have not authenticated ------------------------------------
+    unauthenticated_timeout_s: float = Field(
+        10.0, ge=0.1, le=600.0,
+        description="a connection that has not completed its CURVE handshake in this time is closed",
+    )
+    max_unauthenticated: int = Field(
+        16, ge=1, le=4096, description="connections not yet authenticated held at once; more are closed at once",
+    )
+    max_unauthenticated_per_source: int = Field(
+        4, ge=1, le=4096, description="the same, per source address",
+    )
+    connections_per_peer: int = Field(
+        2, ge=1, le=64, description="inbound connections one counterparty's key may hold (a restart briefly needs 2)",
+    )
+    inbound_queue_messages: int = Field(
+        4, ge=1, le=1024, description="complete messages queued per inbound connection before the transport stops reading it",
+    )
 
 
 class RetiredKeySpec(_Strict):
@@ -439,6 +490,11 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
         problems.append(doc.problem(("edges",), "the edges form a cycle; the topology must be a DAG"))
     if horizontal and not problems:
         problems.extend(_horizontal_problems(doc, spec))
+    limits = spec.limits
+    if limits.max_unauthenticated_per_source > limits.max_unauthenticated:
+        problems.append(doc.problem(("limits", "max_unauthenticated_per_source"),
+                                    f"is more than max_unauthenticated ({limits.max_unauthenticated}); "
+                                    "lower it or raise max_unauthenticated"))
     if spec.training.overlap:
         if horizontal:
             problems.append(doc.problem(("training", "overlap"), "overlap is for schedule: sync"))
@@ -633,6 +689,9 @@ def load_peer_config(path: str | Path) -> PeerConfig:
     elif isinstance(spec.data, str) and Path(spec.data).suffix.lower() in (".csv", ".tsv", ".parquet", ".pq", ".npy"):
         problems.append(doc.problem(("data",), "a csv, parquet or npy file needs the long form of data: "
                                                "{path, id_column, labels, ...} (see docs/data.md)"))
+    for folder_key in ("checkpoints", "audit"):
+        if (why := _folder_problem(base / getattr(spec, folder_key), spec.peer, folder_key)) is not None:
+            problems.append(doc.problem((folder_key,), why))
     if problems:
         raise ConfigError(problems)
     return PeerConfig(
@@ -648,6 +707,19 @@ def load_peer_config(path: str | Path) -> PeerConfig:
         ops_log_path=(base / spec.ops_log).resolve() if spec.ops_log
         else (base / spec.audit).resolve() / f"{spec.peer}.ops.log",
     )
+
+
+def _folder_problem(folder: Path, peer: str, key: str) -> str | None:
+    """Why `folder` cannot be this peer's `key` folder (it or a parent is a file), or None."""
+    target = folder.resolve()
+    for path in (target, *target.parents):
+        if path.exists():
+            if path.is_dir():
+                return None
+            what = "is a file" if path == target else f"lies inside {path}, which is a file"
+            log = f" (the audit log is written as {key}/{peer}.jsonl)" if key == "audit" else ""
+            return f"{target} {what}; '{key}' names a folder{log}: give a folder, e.g. '{key}'"
+    return None
 
 
 def peer_fingerprint(sign_key_hex: str, transport_key_z85: str) -> str:

@@ -114,6 +114,19 @@ class ReplayError(RemoteProtocolError):
     """A message was replayed or arrived out of order."""
 
 
+class ViolationLimit(SecureSplitError):
+    """A counterparty sent more refused messages than `limits.max_violations` within the window:
+    the run stops, naming it. Not a `RemoteProtocolError`, so code that refuses one bad message
+    and keeps serving does not swallow it.
+
+    Exit code 4 when every counted violation was a policy denial, else 5.
+    """
+
+    def __init__(self, message: str, *, policy_denials_only: bool = False) -> None:
+        super().__init__(message)
+        self.exit_code = ExitCode.POLICY_DENIED if policy_denials_only else ExitCode.PROTOCOL
+
+
 class HandshakeRefused(RemoteProtocolError):
     """The handshake failed: different deployment/policy hash or protocol version."""
 

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from secure_split.errors import ConfigError, ConfigProblem
+from secure_split.yamlfile import dump_yaml
 
 __all__ = [
     "ACCURACY_TOLERANCE",
@@ -570,14 +569,14 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
     dep_path = workdir / "deployment.yaml"
     dep_path.write_text(
         "# Shared, public deployment: every party holds this same file (its hash is agreed in the handshake).\n"
-        + yaml.safe_dump(deployment, sort_keys=False)
+        + dump_yaml(deployment)
     )
     dep = load_deployment(dep_path)
     policy = policy_for_deployment(dep, name=f"demo-{plan.name}-v1")
     policy_path = workdir / "policy.yaml"
     policy_path.write_text(
         "# Data-sharing policy every party signs. Default deny: only the flows below may cross the wire.\n"
-        + yaml.safe_dump(policy, sort_keys=False)
+        + dump_yaml(policy)
     )
     signed = load_policy(policy_path)  # once: a many-owner policy takes a while to parse
     for ident in identities.values():
@@ -596,6 +595,6 @@ def generate(plan: ScenarioPlan, workdir: Path, *, limits: dict[str, Any] | None
         }
         path = workdir / "peers" / f"{p.name}.yaml"
         path.write_text(f"# Private to {p.name}: never shared, never hashed into the deployment.\n"
-                        + yaml.safe_dump(cfg, sort_keys=False))
+                        + dump_yaml(cfg))
         configs[p.name] = path
     return GeneratedDeployment(workdir, dep_path, policy_path, configs)

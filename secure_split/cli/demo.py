@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -35,6 +34,7 @@ from secure_split.scenarios import (
     ScenarioPlan,
     generate,
 )
+from secure_split.yamlfile import dump_yaml, read_yaml
 
 # -- running -------------------------------------------------------------------------------------
 
@@ -313,7 +313,7 @@ def baseline_deployment(plan: ScenarioPlan, gen: GeneratedDeployment) -> Any:
 
     if plan.baseline_topology is None:
         return load_deployment(gen.deployment)
-    raw = yaml.safe_load(gen.deployment.read_text())
+    raw = read_yaml(gen.deployment, "deployment").data
     topo = plan.baseline_topology
     peers = {seg["peer"] for seg in topo.segments.values()}
     training = {k: v for k, v in raw["training"].items() if k not in ("schedule", "handoff", "average")}
@@ -327,7 +327,7 @@ def baseline_deployment(plan: ScenarioPlan, gen: GeneratedDeployment) -> Any:
     path = gen.workdir / "baseline.yaml"
     path.write_text("# The centralised baseline's network: the split run's architecture once, trained in one "
                     "process on all the data.\n# Not a deployment to run; the demo compares the split run "
-                    "with it.\n" + yaml.safe_dump(raw, sort_keys=False))
+                    "with it.\n" + dump_yaml(raw))
     return load_deployment(path)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from secure_split.errors import RemoteProtocolError
 from secure_split.protocol import WireTensor
+from secure_split.protocol.messages import MAX_SPAN_BYTES, shape_problem
 
 __all__ = ["DTYPES", "MAX_NDIM", "dtype_name", "from_wire", "to_wire"]
 
@@ -111,8 +112,10 @@ def from_wire(w: WireTensor, *, writable: bool = False) -> torch.Tensor:
     """Build a tensor over a received `WireTensor`'s buffer with `torch.frombuffer`.
 
     Everything is checked before a tensor exists: the dtype is in the wire list, the shape has at
-    most 8 non-negative dimensions, and the byte length is exactly prod(shape) * itemsize. A bool
-    tensor must hold only bytes 0 and 1 (torch has undefined behaviour for others).
+    most 8 non-negative dimensions whose span (empty dimensions counted as 1) is at most
+    `MAX_SPAN_BYTES`, and the byte length is exactly prod(shape) * itemsize. A bool tensor must
+    hold only bytes 0 and 1 (torch has undefined behaviour for others). Nothing else is raised
+    for any input.
 
     Args:
         w: the received tensor.
@@ -124,20 +127,27 @@ def from_wire(w: WireTensor, *, writable: bool = False) -> torch.Tensor:
         was needed (writable=True on a read-only buffer, or a buffer not aligned to the itemsize).
 
     Raises:
-        RemoteProtocolError: for an unknown dtype, a bad shape, a byte length that does not match,
-            or a bool tensor with bytes other than 0 and 1.
+        RemoteProtocolError: for an unknown dtype, a bad or oversized shape, a byte length that
+            does not match, or a bool tensor with bytes other than 0 and 1.
     """
     dtype = DTYPES.get(w.dtype) if isinstance(w.dtype, str) else None
     if dtype is None:
         raise RemoteProtocolError(f"tensor dtype {w.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
-    shape = tuple(w.shape)
-    if len(shape) > MAX_NDIM or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise RemoteProtocolError(f"tensor shape {shape!r} is not a list of at most {MAX_NDIM} sizes >= 0")
-    buf = memoryview(w.data)
-    if buf.ndim != 1 or buf.format != "B":
-        buf = buf.cast("B")
+    raw_shape = w.shape
+    if not isinstance(raw_shape, tuple | list) or len(raw_shape) > MAX_NDIM:
+        raise RemoteProtocolError(f"tensor shape {raw_shape!r:.80} is not a list of at most {MAX_NDIM} sizes >= 0")
+    shape = tuple(raw_shape)
+    # The span bound (empty dimensions counted as 1) keeps torch's storage-size arithmetic in range:
+    # torch.empty([64, 2**62, 0]) raises "Storage size calculation overflowed" though it holds nothing.
+    problem = shape_problem(w.dtype, shape, max_span=MAX_SPAN_BYTES)
+    if problem is not None:
+        raise RemoteProtocolError(f"tensor refused: {problem}")
+    try:
+        buf = memoryview(w.data)
+        if buf.ndim != 1 or buf.format != "B":
+            buf = buf.cast("B")
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"tensor data is not a contiguous byte buffer: {exc}") from None
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
     if buf.nbytes != expected:

@@ -22,7 +22,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from secure_split.canonical import digest_of
@@ -58,7 +57,7 @@ from secure_split.policy.model import (
     Requirements,
     Rule,
 )
-from secure_split.yamlfile import MAX_YAML_BYTES, KeyPath, YamlDocument, read_yaml
+from secure_split.yamlfile import KeyPath, YamlDocument, read_yaml
 
 LANGUAGE_VERSION = 1
 POLICY_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]{0,63}$")
@@ -604,35 +603,6 @@ def load_policy(path: str | Path) -> Policy:
         ConfigError: the file cannot be read, is not YAML, or is invalid; lists every problem
             with file and line.
     """
-    _refuse_aliases(Path(path))
-    doc = read_yaml(path, "policy")
+    # A signed policy should read as what it means: no anchors or aliases at all.
+    doc = read_yaml(path, "policy", aliases=False)
     return dataclasses.replace(policy_from_document(doc), path=doc.path.resolve())
-
-
-def _refuse_aliases(path: Path) -> None:
-    """Refuse YAML anchors and aliases before parsing.
-
-    A signed policy should read as what it means, and nested aliases expand exponentially
-    ("billion laughs") in anything that walks the parsed tree, hashing included.
-    """
-    try:
-        if not path.is_file() or path.stat().st_size > MAX_YAML_BYTES:
-            return  # read_yaml reports these
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return
-    try:
-        for token in yaml.scan(text, Loader=yaml.SafeLoader):
-            if isinstance(token, yaml.AliasToken | yaml.AnchorToken):
-                line = token.start_mark.line + 1
-                raise ConfigError(
-                    ConfigProblem(
-                        str(path),
-                        "-",
-                        "YAML anchors and aliases (&name, *name) are not allowed in a "
-                        "policy; write each value out",
-                        line,
-                    )
-                )
-    except yaml.YAMLError:
-        return  # read_yaml reports the syntax error with its line

@@ -11,6 +11,8 @@ Modules:
 - `messages`: `Kind`, `CONTROL_KINDS`, `Binding`, `WireTensor`, `Message`, `KIND_RULES`.
 - `codec`: `encode`, `decode_header`, `decode_body`, `decode`, `Header`, `TensorSpec`.
 - `session`: `PeerSession`, `SessionState`.
+- `bounds`: `StepWindow`, `ViolationBudget`, `RefusalThrottle`: what one counterparty may make a
+  peer hold or do (the `limits.*` settings).
 
 Typical use by the gate::
 
@@ -25,6 +27,7 @@ Typical use by the gate::
                                                tensors=(wire_tensor,))))
 """
 
+from secure_split.protocol.bounds import RefusalThrottle, StepWindow, ViolationBudget
 from secure_split.protocol.codec import (
     KIND_CODES,
     MAGIC,
@@ -73,8 +76,11 @@ __all__ = [
     "MetaValue",
     "PeerSession",
     "Presence",
+    "RefusalThrottle",
     "SessionState",
+    "StepWindow",
     "TensorSpec",
+    "ViolationBudget",
     "WireTensor",
     "decode",
     "decode_body",

@@ -41,6 +41,7 @@ from secure_split.protocol.messages import (
     WireTensor,
     brief,
     message_problems,
+    shape_problem,
 )
 
 __all__ = [
@@ -290,7 +291,7 @@ def decode_header(frame0: bytes | memoryview, *, max_message_bytes: int) -> Head
     except LocalProtocolError as exc:
         _bad_from(exc, str(exc))
     edge, meta = top["edge"], top["meta"]
-    specs = _tensor_specs(top["tensors"])
+    specs = _tensor_specs(top["tensors"], max_message_bytes)
     blob_len = _int_field(top["blob"], "blob length")
     header_len = len(view)
     total = header_len + sum(s.nbytes for s in specs) + blob_len
@@ -310,7 +311,7 @@ def decode_header(frame0: bytes | memoryview, *, max_message_bytes: int) -> Head
     )
 
 
-def _tensor_specs(raw: object) -> tuple[TensorSpec, ...]:
+def _tensor_specs(raw: object, max_message_bytes: int) -> tuple[TensorSpec, ...]:
     if not isinstance(raw, list):
         _bad(f"tensors must be a list, got {type(raw).__name__}")
     if len(raw) > _MAX_TENSORS:
@@ -327,7 +328,12 @@ def _tensor_specs(raw: object) -> tuple[TensorSpec, ...]:
         # Python ints do not overflow: this product is exact even for absurd shapes, and costs nothing.
         nbytes = math.prod(dims) * DTYPE_SIZES[dtype]
         if _int_field(spec["nbytes"], f"tensor {index} nbytes") != nbytes:
-            _bad(f"tensor {index} declares {spec['nbytes']} bytes, {dtype}{list(dims)} needs {nbytes}")
+            _bad(f"tensor {index} declares {spec['nbytes']} bytes, {dtype}{brief(list(dims))} needs {nbytes}")
+        # A tensor with bytes is bounded by the total below (its span is its size). A zero-size one
+        # declares 0 bytes whatever its other dimensions, and torch overflows on [64, 2**62, 0]
+        # when it allocates one: bound its span (empty dimensions counted as 1) here.
+        if nbytes == 0 and (problem := shape_problem(dtype, dims, max_span=max_message_bytes)) is not None:
+            _bad(f"tensor {index}: {problem}")
         specs.append(TensorSpec(dtype=dtype, shape=dims, nbytes=nbytes))
     return tuple(specs)
 

@@ -64,6 +64,7 @@ __all__ = [
     "KIND_RULES",
     "MAX_META_DEPTH",
     "MAX_NDIM",
+    "MAX_SPAN_BYTES",
     "NAME_PATTERN",
     "Binding",
     "Kind",
@@ -74,6 +75,8 @@ __all__ = [
     "Presence",
     "WireTensor",
     "message_problems",
+    "shape_problem",
+    "shape_span",
 ]
 
 
@@ -136,6 +139,12 @@ DTYPE_SIZES: Mapping[str, int] = MappingProxyType(
 """Every dtype a tensor may have on the wire, with its item size in bytes."""
 
 MAX_NDIM = 8
+MAX_SPAN_BYTES = 2**31
+"""The largest span of a tensor shape: prod(max(d, 1)) * itemsize, i.e. its size in bytes if every
+empty dimension held one element. It equals the byte size of any tensor without an empty dimension,
+so it only binds zero-size tensors, whose declared size (0 bytes) says nothing about the other
+dimensions: torch computes their storage size dimension by dimension and overflows on a shape
+like [64, 2**62, 0]. The codec also holds every span to the receiver's `max_message_bytes`."""
 MAX_META_DEPTH = 4
 MAX_KEY_CHARS = 256
 
@@ -152,6 +161,46 @@ def brief(value: object) -> str:
 def _is_int(value: object) -> TypeGuard[int]:
     # bool is an int subclass; a True where a count is expected is a type error, not 1.
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shape_span(shape: Sequence[int], itemsize: int) -> int:
+    """prod(max(d, 1) for d in shape) * itemsize: the byte size the shape would have with every
+    empty dimension holding one element (exact: Python ints do not overflow)."""
+    return math.prod(max(d, 1) for d in shape) * itemsize
+
+
+def shape_problem(dtype: str, shape: object, *, max_span: int = MAX_SPAN_BYTES) -> str | None:
+    """Say why `shape` cannot be the shape of a `dtype` tensor on the wire, or None if it can.
+
+    A shape is at most `MAX_NDIM` ints, each >= 0, whose span (`shape_span`) is at most
+    `max_span` bytes. Checked before anything is allocated for the tensor, by the message (our
+    side) and the codec and `engine.tensors.from_wire` (the peer's side).
+
+    Args:
+        dtype: a wire dtype (one of `DTYPE_SIZES`).
+        shape: the declared shape.
+        max_span: the largest span in bytes (the receiver's message bound, at most `MAX_SPAN_BYTES`).
+
+    Returns:
+        A one-line description of the problem, or None. Never raises.
+    """
+    if not isinstance(shape, tuple | list) or len(shape) > MAX_NDIM:
+        return f"a tensor shape is a list of at most {MAX_NDIM} ints, got {brief(shape)}"
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        return f"tensor dimensions must be ints >= 0, got {brief(shape)}"
+    # Each dimension first: it keeps the product below small enough to compute at once.
+    itemsize = DTYPE_SIZES.get(dtype, 1)
+    limit = min(max_span, MAX_SPAN_BYTES)
+    big = [d for d in shape if d > limit]
+    if big:
+        return f"{dtype}{brief(list(shape))}: dimension {brief(big[0])} is over the bound of {limit}"
+    span = shape_span(shape, itemsize)
+    if span > limit:
+        return (
+            f"{dtype}{list(shape)} spans {span} bytes (empty dimensions counted as 1), "
+            f"over the bound of {limit}"
+        )
+    return None
 
 
 def _problem_in_plain_value(value: object, depth: int, where: str) -> str | None:
@@ -642,8 +691,9 @@ class WireTensor:
         shape = tuple(self.shape)
         if len(shape) > MAX_NDIM:
             raise _fail(f"tensor shape has {len(shape)} dimensions, at most {MAX_NDIM} are allowed")
-        if not all(_is_int(d) and 0 <= d < _SEQ_LIMIT for d in shape):
-            raise _fail(f"tensor shape must hold ints in [0, 2**63), got {brief(shape)}")
+        problem = shape_problem(self.dtype, shape)
+        if problem:
+            raise _fail(problem)
         object.__setattr__(self, "shape", shape)
         data = _as_byte_view(self.data)
         object.__setattr__(self, "data", data)

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-EventKind = Literal["connected", "disconnected", "handshake_failed", "auth_refused", "message_dropped"]
+EventKind = Literal[
+    "connected", "disconnected", "handshake_failed", "auth_refused", "message_dropped", "connection_cut"
+]
 """What happened on a connection.
 
 - ``connected``: a CURVE handshake completed. With a peer name: our outbound channel to that peer
@@ -27,6 +29,10 @@ EventKind = Literal["connected", "disconnected", "handshake_failed", "auth_refus
   server key, peer refused us, protocol mismatch, handshake timeout).
 - ``auth_refused``: a client presented a transport key that is not in our allowlist.
 - ``message_dropped``: an inbound message was discarded before delivery (unknown sender, too big).
+- ``connection_cut``: the connection guard closed a connection that broke a bound: a new one over
+  the caps on unauthenticated connections (``peer=None``; the detail names the source address),
+  one whose undelivered bytes passed what any allowed message could hold (the peer named when its
+  messages named it), or the oldest of a peer's connections beyond ``connections_per_peer``.
 """
 
 # A refused or misconfigured client retries every reconnect interval; fold repeats of one

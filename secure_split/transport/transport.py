@@ -12,6 +12,11 @@ key; nothing inside the frames is trusted for identity.
 
 The transport moves frames; it knows nothing of tensors, policy or sessions. Connection trouble
 is reported as `TransportEvent`s (see `events.py`), not raised, so a peer keeps serving.
+
+A `ConnectionGuard` thread (`guard.py`) reads every socket monitor: it keeps the connection state
+and cuts connections that break a bound (unauthenticated ones over their caps, a connection whose
+undelivered bytes exceed what any allowed message and queue could hold, extra connections of one
+peer). Each cut is a `connection_cut` event.
 """
 
 from __future__ import annotations
@@ -24,22 +29,21 @@ from typing import Literal, cast
 
 import zmq
 from zmq.utils import z85
-from zmq.utils.monitor import recv_monitor_message
 
 from secure_split.errors import ConfigError, ConfigProblem, PeerTimeout, TransportError
-from secure_split.transport import monitor
 from secure_split.transport.allowlist import PeerAllowlist, key_prefix
 from secure_split.transport.events import EventLog, TransportEvent, TransportPeer
+from secure_split.transport.guard import ConnectionGuard, GuardStats, monitored_events
 
 # The codec's header frame and per-frame CURVE overhead ride on top of the tensor payload;
 # MAXMSGSIZE and the total-size check allow this much beyond max_message_bytes.
 HEADER_ALLOWANCE_BYTES = 64 * 1024
-# Messages queued per outbound peer (SNDHWM) and per inbound connection (RCVHWM). Split learning
-# keeps a few tensors in flight per edge; a deeper queue only hides a stalled peer and pins memory
-# (up to this many times max_message_bytes per peer).
+# Messages queued per outbound peer (SNDHWM). Split learning keeps a few tensors in flight per
+# edge; a deeper queue only hides a stalled peer and pins memory (this many times
+# max_message_bytes per peer). Inbound, `inbound_queue_messages` (RCVHWM) bounds each connection.
 QUEUE_MESSAGES = 16
-# How stale connection state may get between two send/recv calls (see _pump_monitors_now_and_then).
-MONITOR_PUMP_INTERVAL_S = 0.05
+# Our DEALERs receive only handshake and heartbeat commands: a larger frame from a server is hostile.
+OUTBOUND_MAX_FRAME_BYTES = 64 * 1024
 # First reconnect after 100 ms (zmq's default), backing off to this while a peer stays unreachable.
 RECONNECT_IVL_MAX_MS = 2000
 
@@ -97,6 +101,12 @@ class Transport:
         retired_keys: transport keys (Z85) that peers used before a rotation -> whose they were,
             e.g. "hospital_a's key, retired at 2026-12-01T00:00:00Z". The allowlist refuses them
             like any unknown key; the refusal event says whose retired key knocked.
+        max_unauthenticated: inbound connections not yet authenticated, at most (more are closed).
+        max_unauthenticated_per_source: the same, per source address.
+        connections_per_peer: inbound connections one peer's key may hold.
+        inbound_queue_messages: complete messages queued per inbound connection (RCVHWM); with
+            the message in transit, a connection's undelivered bytes are bounded by
+            (inbound_queue_messages + 2) * (max_message_bytes + header allowance).
 
     Raises:
         ConfigError: listing every invalid argument at once.
@@ -117,6 +127,10 @@ class Transport:
         zap_domain: str = "secure-split",
         send_timeout_s: float = 30.0,
         retired_keys: Mapping[str, str] | None = None,
+        max_unauthenticated: int = 16,
+        max_unauthenticated_per_source: int = 4,
+        connections_per_peer: int = 2,
+        inbound_queue_messages: int = 4,
     ) -> None:
         problems = self._check_arguments(
             name, bind_endpoint, secret_key_z85, public_key_z85, peers,
@@ -129,6 +143,14 @@ class Transport:
                     f"transport '{name}'", f"peers.{peer_name}.transport_key",
                     f"is a retired key ({self._retired[peer.transport_key]}); a retired key is never admitted",
                 ))
+        for key, value in (
+            ("max_unauthenticated", max_unauthenticated),
+            ("max_unauthenticated_per_source", max_unauthenticated_per_source),
+            ("connections_per_peer", connections_per_peer),
+            ("inbound_queue_messages", inbound_queue_messages),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(ConfigProblem(f"transport '{name}'", key, "must be a positive integer"))
         if problems:
             raise ConfigError(problems)
         self._name = name
@@ -143,20 +165,20 @@ class Transport:
         self._linger_ms = linger_ms
         self._zap_domain = zap_domain
         self._send_timeout_s = send_timeout_s
+        self._max_unauthenticated = max_unauthenticated
+        self._max_unauthenticated_per_source = max_unauthenticated_per_source
+        self._connections_per_peer = connections_per_peer
+        self._inbound_queue = inbound_queue_messages
 
         self._state: _State = "new"
         self._events = EventLog()
-        self._connected: set[str] = set()
-        # Peers whose allowlist refused our key. libzmq does not retry such a connection, so
-        # sends to them fail at once instead of waiting for send_timeout_s.
-        self._refused_by: set[str] = set()
+        self._guard: ConnectionGuard | None = None
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._allowlist: PeerAllowlist | None = None
         self._router: zmq.Socket[bytes] | None = None
         self._dealers: dict[str, zmq.Socket[bytes]] = {}
-        # monitor PAIR socket -> peer name (None for our ROUTER)
+        # monitor PAIR socket -> peer name (None for our ROUTER); read only by the guard thread
         self._monitors: dict[zmq.Socket[bytes], str | None] = {}
-        self._last_pump_s = 0.0
         self._bytes_sent = 0
         self._bytes_received = 0
         self._messages_sent = 0
@@ -280,7 +302,7 @@ class Transport:
         # Without it, libzmq 4.3 admits any CURVE client unauthenticated whenever no ZAP handler
         # is bound (e.g. if the allowlist thread died): encryption without authentication.
         router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-        router.setsockopt(zmq.RCVHWM, QUEUE_MESSAGES)
+        router.setsockopt(zmq.RCVHWM, self._inbound_queue)
         router.setsockopt(zmq.SNDHWM, 1)  # the ROUTER never sends
         try:
             router.bind(self._bind_endpoint)
@@ -296,8 +318,10 @@ class Transport:
             dealer.setsockopt(zmq.CURVE_SECRETKEY, self._secret_key)
             dealer.setsockopt(zmq.CURVE_PUBLICKEY, self._public_key)
             dealer.setsockopt(zmq.SNDHWM, QUEUE_MESSAGES)
-            # Nothing legitimate arrives on a DEALER; keep what a hostile server could push tiny.
+            # Nothing legitimate arrives on a DEALER; keep what a hostile server could push tiny
+            # (the guard cuts a connection that pushes more than a few such frames).
             dealer.setsockopt(zmq.RCVHWM, 1)
+            dealer.setsockopt(zmq.MAXMSGSIZE, OUTBOUND_MAX_FRAME_BYTES)
             dealer.setsockopt(zmq.SNDTIMEO, max(1, round(self._send_timeout_s * 1000)))
             # IMMEDIATE stays 0: messages queue until the peer is reachable (bounded by SNDHWM).
             dealer.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
@@ -308,20 +332,35 @@ class Transport:
                     f"transport '{self._name}' cannot connect to '{name}' at {peer.endpoint}: "
                     f"{error.strerror}; check the endpoint of '{name}' in the deployment"
                 ) from error
+        message_bound = self._max_total_bytes
+        self._guard = ConnectionGuard(
+            self._monitors,
+            self._events,
+            max_unauthenticated=self._max_unauthenticated,
+            max_unauthenticated_per_source=self._max_unauthenticated_per_source,
+            max_connections=len(self._peers) * self._connections_per_peer + self._max_unauthenticated,
+            connections_per_peer=self._connections_per_peer,
+            # Queued complete messages, the one the engine holds when the queue is full, the one
+            # being decoded: nothing an honest peer sends can leave more than this undelivered.
+            max_backlog_bytes=(self._inbound_queue + 2) * message_bound,
+            max_outbound_backlog_bytes=3 * OUTBOUND_MAX_FRAME_BYTES,
+            heartbeat_s=self._heartbeat_ms / 1000,
+        )
+        self._guard.start()
 
     def _new_socket(self, socket_type: int, *, peer: str | None) -> zmq.Socket[bytes]:
         assert self._context is not None
         sock = self._context.socket(socket_type)
         sock.setsockopt(zmq.LINGER, self._linger_ms)
-        # libzmq checks MAXMSGSIZE per frame, before allocating it; `recv` checks the total.
+        # libzmq checks MAXMSGSIZE per frame, before allocating it; the guard bounds what a
+        # connection holds across frames, `recv` checks the total of a delivered message.
         sock.setsockopt(zmq.MAXMSGSIZE, self._max_total_bytes)
         sock.setsockopt(zmq.HEARTBEAT_IVL, self._heartbeat_ms)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * self._heartbeat_ms)
         # TTL tells the other side to drop us if it hears nothing from us for this long.
         sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * self._heartbeat_ms)
         sock.setsockopt(zmq.HANDSHAKE_IVL, self._handshake_ms)
-        events = monitor.INBOUND_EVENTS if peer is None else monitor.OUTBOUND_EVENTS
-        mon = sock.get_monitor_socket(events=events)
+        mon = sock.get_monitor_socket(events=monitored_events(inbound=peer is None))
         mon.setsockopt(zmq.LINGER, 0)
         self._monitors[mon] = peer
         return sock
@@ -335,6 +374,8 @@ class Transport:
             return
         self._state = "closed"
         self._secret_key = None
+        if self._guard is not None:
+            self._guard.stop()  # it owns the monitor sockets: stop it before closing them
         sockets = [*self._dealers.values(), *([self._router] if self._router is not None else [])]
         for sock in sockets:
             try:
@@ -348,7 +389,6 @@ class Transport:
             sock.close()
         self._dealers.clear()
         self._router = None
-        self._connected.clear()
         if self._allowlist is not None:
             self._allowlist.stop()
             self._allowlist = None
@@ -421,8 +461,7 @@ class Transport:
                 f"({self._max_message_bytes}) plus {HEADER_ALLOWANCE_BYTES} header bytes; "
                 f"'{peer}' would drop it"
             )
-        self._pump_monitors_now_and_then()
-        if peer in self._refused_by:
+        if self._guard is not None and peer in self._guard.refused_by():
             raise TransportError(
                 f"'{peer}' refused this peer's transport key, so nothing can be sent to it: its deployment "
                 f"does not list '{self._name}' with this key; restart after the deployments agree"
@@ -454,19 +493,15 @@ class Transport:
         """
         router = self._require_started("receive")
         deadline = time.monotonic() + max(0.0, timeout_s)
-        try:
-            while True:
-                # EVENTS is a cheap check; poll() builds a poller, so only call it to actually wait.
-                if not _readable(router):
-                    remaining_ms = max(0, round((deadline - time.monotonic()) * 1000))
-                    if not router.poll(remaining_ms, zmq.POLLIN):
-                        return None
-                delivered = self._take_message(router)
-                if delivered is not None:
-                    return delivered
-        finally:
-            # Keep connection state fresh even if the caller never asks for events.
-            self._pump_monitors_now_and_then()
+        while True:
+            # EVENTS is a cheap check; poll() builds a poller, so only call it to actually wait.
+            if not _readable(router):
+                remaining_ms = max(0, round((deadline - time.monotonic()) * 1000))
+                if not router.poll(remaining_ms, zmq.POLLIN):
+                    return None
+            delivered = self._take_message(router)
+            if delivered is not None:
+                return delivered
 
     def _take_message(self, router: zmq.Socket[bytes]) -> tuple[str, list[memoryview]] | None:
         parts = router.recv_multipart(copy=False)
@@ -479,6 +514,14 @@ class Transport:
         except zmq.ZMQError:
             user_id = None
         sender = user_id if isinstance(user_id, str) and user_id in self._peers else None
+        total = sum(len(frame) for frame in payload)
+        if self._guard is not None and sender is not None:
+            # Every message taken off the socket, kept or dropped, is no longer held by libzmq.
+            try:
+                fd = int(payload[0].get(zmq.SRCFD))
+            except zmq.ZMQError:
+                fd = -1
+            self._guard.delivered(fd, total, len(payload), sender)
         if sender is None:
             # Unreachable while the allowlist holds; kept so a ZAP slip can never name a sender.
             self._events.record(
@@ -487,7 +530,6 @@ class Transport:
                 f"dropped a message whose ZAP User-Id {user_id!r} is not a known peer",
             )
             return None
-        total = sum(len(frame) for frame in payload)
         if total > self._max_total_bytes:
             self._events.record(
                 sender,
@@ -504,13 +546,18 @@ class Transport:
 
     def events(self) -> list[TransportEvent]:
         """Return (and forget) every connection event since the last call, oldest first."""
-        self._pump_monitors()
         return self._events.drain()
 
     def connected_peers(self) -> set[str]:
         """Names of the peers whose outbound channel (our DEALER to them) is up right now."""
-        self._pump_monitors()
-        return set(self._connected)
+        if self._guard is None:
+            return set()
+        self._guard.settle()
+        return self._guard.connected()
+
+    def connection_stats(self) -> GuardStats:
+        """The connection guard's counts: connections held, unauthenticated ones, cuts by reason."""
+        return self._guard.stats() if self._guard is not None else GuardStats()
 
     def wait_connected(self, peers: Iterable[str], timeout_s: float) -> set[str]:
         """Wait until our outbound channels to `peers` are up, at most `timeout_s` seconds.
@@ -534,69 +581,11 @@ class Transport:
                 f"transport '{self._name}' cannot wait for unknown peer(s) {', '.join(sorted(unknown))}; "
                 f"known peers: {', '.join(sorted(self._peers)) or '(none)'}"
             )
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        poller = zmq.Poller()
-        for mon in self._monitors:
-            poller.register(mon, zmq.POLLIN)
-        while True:
-            self._pump_monitors()
-            missing = wanted - self._connected
-            remaining_ms = round((deadline - time.monotonic()) * 1000)
-            # A peer that refused our key will not connect however long we wait.
-            if not (missing - self._refused_by) or remaining_ms <= 0:
-                return missing
-            poller.poll(remaining_ms)
-
-    def _pump_monitors_now_and_then(self) -> None:
-        # send/recv run per message; reading N+1 monitor sockets each time cost ~10 µs per call.
-        # State seen through send/recv may lag by this interval; events(), connected_peers() and
-        # wait_connected() always read everything.
-        now = time.monotonic()
-        if now - self._last_pump_s >= MONITOR_PUMP_INTERVAL_S:
-            self._pump_monitors()
-
-    def _pump_monitors(self) -> None:
-        self._last_pump_s = time.monotonic()
-        for mon, peer in self._monitors.items():
-            while _readable(mon):
-                try:
-                    message = recv_monitor_message(mon, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                event, value = int(message["event"]), int(message["value"])
-                if peer is None:
-                    self._on_inbound_event(event, value)
-                else:
-                    self._on_outbound_event(peer, event, value)
-
-    def _on_outbound_event(self, peer: str, event: int, value: int) -> None:
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._connected.add(peer)
-            self._events.record(peer, "connected", f"channel to '{peer}' is up", fold_repeats=False)
-        elif event == zmq.EVENT_DISCONNECTED:
-            # libzmq also reports a disconnect after every failed handshake; only the loss of an
-            # established channel is news (the failure itself was reported already).
-            if peer in self._connected:
-                self._connected.discard(peer)
-                self._events.record(
-                    peer,
-                    "disconnected",
-                    f"channel to '{peer}' lost: '{peer}' closed it, crashed, or sent no heartbeat "
-                    f"for {3 * self._heartbeat_ms / 1000:g} s; reconnecting",
-                    fold_repeats=False,
-                )
-        elif event & monitor.HANDSHAKE_FAILURES:
-            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._refused_by.add(peer)
-            self._events.record(peer, "handshake_failed", monitor.outbound_failure(peer, event, value))
-
-    def _on_inbound_event(self, event: int, value: int) -> None:
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._events.record(None, "connected", "an allowed client completed its handshake with us")
-        elif event == zmq.EVENT_DISCONNECTED:
-            self._events.record(None, "disconnected", "an inbound connection closed")
-        elif event & monitor.HANDSHAKE_FAILURES:
-            self._events.record(None, "handshake_failed", monitor.inbound_failure(event, value))
+        guard = self._guard
+        assert guard is not None  # started
+        # A peer that refused our key will not connect however long we wait.
+        guard.wait_for(lambda connected, refused: not (wanted - connected - refused), max(0.0, timeout_s))
+        return wanted - guard.connected()
 
     def _on_refused(self, key_z85: str) -> None:
         # Runs on the ZAP thread; EventLog is thread-safe.

@@ -73,8 +73,12 @@ class PeerProc:
 
 
 def start_peer(config: Path, *, workdir: Path, tag: str = "", resume: bool = False,
-               extra: tuple[str, ...] = ()) -> PeerProc:
-    """Start `secure-split peer run CONFIG` as its own OS process; stderr+stdout go to logs/."""
+               extra: tuple[str, ...] = (), prefix: tuple[str, ...] = (),
+               module: tuple[str, ...] = ("secure_split", "peer", "run")) -> PeerProc:
+    """Start `secure-split peer run CONFIG` as its own OS process; stderr+stdout go to logs/.
+
+    `prefix` goes before the interpreter (e.g. `prlimit --nofile=1024 --`); `module` replaces
+    `-m secure_split peer run` (e.g. the adversary of `tests/integration/adversary.py`)."""
     name = config.stem
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -82,13 +86,17 @@ def start_peer(config: Path, *, workdir: Path, tag: str = "", resume: bool = Fal
     result = workdir / "results" / f"{name}{tag}.json"
     result.parent.mkdir(parents=True, exist_ok=True)
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "secure_split", "peer", "run", str(config), "--result", str(result),
-           "--progress", "none", *extra]
+    if module == ("secure_split", "peer", "run"):
+        cmd = [*prefix, sys.executable, "-m", *module, str(config), "--result", str(result), "--progress", "none", *extra]
+    else:
+        cmd = [*prefix, sys.executable, "-m", *module, str(config), str(result), *extra]
     if resume:
         cmd.append("--resume")
+    root = str(Path(__file__).resolve().parents[2])  # so that `-m tests....` modules import
+    path = os.pathsep.join([root, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(os.environ, **PY_ENV))
+                                env=dict(os.environ, **PY_ENV, PYTHONPATH=path))
     return PeerProc(name, proc, log, result)
 
 

@@ -111,8 +111,12 @@ def _unchecked(dtype: object, shape: object, data: bytes) -> WireTensor:
         ("float32", (2,), b"\x00" * 9, "needs 8 bytes"),
         ("int64", (2, 2), b"\x00" * 16, "needs 32 bytes"),
         ("complex64", (1,), b"\x00" * 8, "not allowed"),
-        ("float32", (-1,), b"", "sizes >= 0"),
+        ("float32", (-1,), b"", ">= 0"),
         ("uint8", (1,) * 9, b"\x00", "at most 8"),
+        # Zero bytes, yet torch.empty raises "Storage size calculation overflowed" on it.
+        ("float32", (64, 2**62, 0), b"", "over the bound"),
+        ("float32", (0, 2**20, 2**20), b"", "over the bound"),
+        ("float32", (True,), b"\x00" * 4, ">= 0"),
         ("bool", (2,), b"\x00\x02", "other than 0 and 1"),
     ],
 )

@@ -191,6 +191,26 @@ def test_absurd_shape_products_are_refused_not_overflowed() -> None:
         decode_header(header_frame(body), max_message_bytes=BOUND)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [[64, 2**62, 0], [0, 2**40], [2**21, 0, 2**21], [0] * 7 + [2**31 + 1]],
+)
+def test_a_zero_size_tensor_with_huge_dimensions_is_refused(shape: list[int]) -> None:
+    # Zero bytes on the wire, so the size bound alone lets it through; torch.empty overflows on
+    # [64, 2**62, 0] ("Storage size calculation overflowed") and would crash the receiver.
+    body = header_map(valid_example(Kind.ACTIVATION))
+    body["tensors"] = [{"dtype": "float32", "shape": shape, "nbytes": 0}]
+    with pytest.raises(CodecError, match="over the bound of 1048576"):
+        decode_header(header_frame(body), max_message_bytes=BOUND)
+
+
+def test_a_zero_size_tensor_whose_span_fits_the_bound_is_accepted() -> None:
+    body = header_map(valid_example(Kind.ACTIVATION))
+    body["tensors"] = [{"dtype": "float32", "shape": [8, 0, 1024], "nbytes": 0}]
+    header = decode_header(header_frame(body), max_message_bytes=BOUND)
+    assert header.tensor_specs[0].shape == (8, 0, 1024)
+
+
 def test_blob_length_counts_against_the_bound() -> None:
     frames = encode(valid_example(Kind.PSI))
     with pytest.raises(CodecError, match="over the message bound"):

@@ -111,8 +111,10 @@ def test_wire_tensor_checks_dtype_shape_and_length() -> None:
         WireTensor("complex64", (1,), bytes(8))
     with pytest.raises(LocalProtocolError, match="at most 8 are allowed"):
         WireTensor("uint8", (1,) * 9, bytes(1))
-    with pytest.raises(LocalProtocolError, match="ints in"):
+    with pytest.raises(LocalProtocolError, match="ints >= 0"):
         WireTensor("uint8", (-1,), b"")
+    with pytest.raises(LocalProtocolError, match="over the bound"):
+        WireTensor("float32", (64, 2**62, 0), b"")  # zero bytes, but torch overflows on such a shape
     with pytest.raises(LocalProtocolError, match=r"float32\[2, 3\] needs 24 bytes, data has 23"):
         WireTensor("float32", (2, 3), bytes(23))
     with pytest.raises(LocalProtocolError, match="bytes or memoryview"):
