@@ -176,10 +176,10 @@ def _seed_frames(sender: PeerSession, tensor: WireTensor, ids: torch.Tensor) -> 
         (Kind.ACTIVATION if sender.local == "owner" else Kind.GRADIENT,
          {"edge": EDGE, "meta": {"phase": "train"}, "tensors": (tensor,)}),
         (Kind.STEP_BEGIN, {"meta": {"epoch": 0, "phase": "train"}, "tensors": (to_wire(ids),)}),
-        (Kind.METRICS, {"meta": {"epoch": 0, "values": {"loss": 0.5}}}),
+        (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "eval": {"labels": {"loss_sum": 0.5, "correct": 1, "count": 2}}}}),
         (Kind.BARRIER, {"meta": {"epoch": 0}}),
         (Kind.ERROR, {"meta": {"reason": "r", "code": "c"}}),
-        (Kind.HEARTBEAT, {}),
+        (Kind.SHUTDOWN, {"meta": {"reason": "r", "status": "ok"}}),
         (Kind.PSI, {"meta": {"round": 1}, "blob": bytes(range(32)) * 4}),
         (Kind.ENCRYPTED_ACTIVATION, {"edge": EDGE, "meta": {"segment": "top"}, "blob": b"\x01" * 64}),
     ]  # fmt: skip
@@ -311,7 +311,7 @@ class Mutator:
         meta = body.get("meta")
         if not isinstance(meta, dict):
             meta = body["meta"] = {}
-        key = self.rng.choice(["phase", "epoch", "values", "micro", "reason", "round", "x" * 300, "segment"])
+        key = self.rng.choice(["phase", "epoch", "eval", "members", "reason", "round", "x" * 300, "segment"])
         meta[key] = self.rng.choice([*_INTERESTING_VALUES, "eval", "infer", {"loss": float("nan")}])
 
     def _other_field(self, body: dict[str, Any]) -> None:

@@ -24,8 +24,8 @@ DIRECTIONS = ("a->b", "b->a")
 SLOW = os.environ.get("SECURE_SPLIT_SLOW") == "1"
 
 _SENDABLE = [
-    (Kind.HEARTBEAT, {}),
-    (Kind.METRICS, {"meta": {"epoch": 1, "values": {"loss": 0.25}}}),
+    (Kind.BARRIER, {"meta": {"epoch": 0}}),
+    (Kind.BARRIER_ACK, {"meta": {"epoch": 1, "train": {"labels": {"loss_sum": 0.25, "correct": 0, "count": 1}}}}),
     (Kind.ACTIVATION, {"edge": "x->y", "meta": {"phase": "train"},
                        "tensors": (WireTensor("float32", (2, 3), bytes(24)),)}),
     (Kind.PSI, {"meta": {"round": 2}, "blob": b"\x01" * 64}),
