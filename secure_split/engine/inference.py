@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from secure_split.architecture import segment_sources
 from secure_split.config import Deployment, PeerConfig
 from secure_split.engine.checkpoint import load_checkpoint
 from secure_split.engine.data import load_peer_data
@@ -28,16 +29,21 @@ def trained_segments(deployment: Deployment, peers: Mapping[str, PeerConfig], ep
     Args:
         deployment: the trained deployment.
         peers: peer name -> its loaded peer config (checkpoint folder; data file, which an input
-            segment's executor needs to check its shapes).
+            segment's executor needs to check its shapes; private models and their sources).
         epoch: which checkpoint.
+
+    Returns:
+        segment -> module with the trained weights, on the CPU.
 
     Raises:
         TrainingError: a checkpoint is missing, modified or does not fit (see `load_checkpoint`).
-        ConfigError: a peer's data does not fit its segments.
+        ConfigError: a peer's data does not fit its segments, or its private models do not
+            match the deployment's commitments.
     """
     out: dict[str, nn.Module] = {}
     for name, cfg in peers.items():
-        executor = PeerExecutor(deployment, name, load_peer_data(cfg.data_path) if cfg.data_path else None)
+        executor = PeerExecutor(deployment, name, load_peer_data(cfg.data_path) if cfg.data_path else None,
+                                sources=segment_sources(deployment, cfg))
         load_checkpoint(cfg.checkpoints_dir, epoch, executor)
         out.update(executor.segments)
     return out
