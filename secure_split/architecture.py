@@ -22,7 +22,9 @@ naming `module:` is refused when loaded; nothing a counterparty sends names a mo
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,7 @@ __all__ = [
     "commitment_problems",
     "deployment_model_problems",
     "model_problems",
+    "peer_config_source",
     "public_sources",
     "segment_commitment",
     "segment_sources",
@@ -278,6 +281,34 @@ def public_sources(deployment: Deployment) -> dict[str, SegmentSource]:
     return out
 
 
+def peer_config_source(peer_config: PeerConfig, segment: str) -> SegmentSource:
+    """The private model a peer config describes for `segment` (no deployment needed: this is
+    what `secure-split model describe` commits to before the deployment names the commitment).
+
+    Returns:
+        A private source without commitment or parameters (`segment_sources` adds the
+        deployment's).
+
+    Raises:
+        ConfigError: the peer config has no model or no salt for the segment.
+    """
+    file = str(peer_config.path)
+    entry = peer_config.spec.segments.get(segment)
+    if entry is None or entry.model is None:
+        raise ConfigError(ConfigProblem(file, f"segments.{segment}.model", f"the deployment holds only a commitment "
+                                        f"for segment '{segment}': describe its model here (a layer list, a "
+                                        "torchvision preset or {module: \"package.module:factory\"})"))
+    if entry.salt is None:
+        raise ConfigError(ConfigProblem(file, f"segments.{segment}.salt", "a private model needs a salt (32 to 128 "
+                                        f"hex digits, e.g. {secrets.token_hex(16)}) so that its commitment does not "
+                                        "give it away to anyone who guesses the architecture"))
+    kind = source_kind(entry.model)
+    assert kind is not None  # load_peer_config checked it
+    weights = (peer_config.path.parent / entry.weights).resolve() if entry.weights else None
+    return SegmentSource(segment, kind, entry.model, private=True, origin=peer_config.path, salt=entry.salt,
+                         weights=weights)
+
+
 def segment_sources(deployment: Deployment, peer_config: PeerConfig) -> dict[str, SegmentSource]:
     """Resolve the model of each of a peer's segments from the deployment and its own peer config.
 
@@ -324,21 +355,12 @@ def segment_sources(deployment: Deployment, peer_config: PeerConfig) -> dict[str
             out[name] = SegmentSource(name, public[name].kind, seg.model, private=False,
                                       origin=deployment.path, weights=weights)
             continue
-        if entry is None or entry.model is None:
-            problems.append(ConfigProblem(file, f"segments.{name}.model", f"the deployment holds only a commitment "
-                                          f"for segment '{name}': describe its model here (a layer list, a "
-                                          "torchvision preset or {module: \"package.module:factory\"})"))
+        try:
+            source = peer_config_source(peer_config, name)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
             continue
-        if entry.salt is None:
-            problems.append(ConfigProblem(file, f"segments.{name}.salt", "a private model needs a salt (32 to 128 "
-                                          "hex digits) so that its commitment does not give it away; "
-                                          "`secure-split model describe` proposes one"))
-            continue
-        kind = source_kind(entry.model)
-        assert kind is not None  # load_peer_config checked it
-        out[name] = SegmentSource(name, kind, entry.model, private=True, origin=peer_config.path,
-                                  salt=entry.salt, weights=weights, commitment=seg.commitment,
-                                  parameters=seg.parameters)
+        out[name] = dataclasses.replace(source, commitment=seg.commitment, parameters=seg.parameters)
     if problems:
         raise ConfigError(problems)
     return out

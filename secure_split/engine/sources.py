@@ -17,6 +17,7 @@ refuses a private segment whose module is not the one the deployment commits to.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "build_segment_module",
     "build_segments",
     "check_commitment",
+    "describe_source",
     "load_initial_weights",
     "resolve_device",
     "segment_record",
@@ -222,6 +224,16 @@ def architecture_document(source: SegmentSource, module: nn.Module) -> dict[str,
     `secure_split.architecture.architecture_document`)."""
     state = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in module.state_dict().items()]
     return _document(source, parameters=sum(p.numel() for p in module.parameters()), state=state)
+
+
+def describe_source(source: SegmentSource) -> dict[str, Any]:
+    """Build a segment from its source and return its architecture document (the commitment is
+    `architecture.segment_commitment` of it; the document does not depend on the seed).
+
+    Raises:
+        ConfigError: the source cannot be built (see `build_segment_module`).
+    """
+    return architecture_document(source, build_segment_module(dataclasses.replace(source, weights=None), seed=0))
 
 
 def check_commitment(source: SegmentSource, module: nn.Module) -> str:
