@@ -60,7 +60,7 @@ class ModelCase:
 
 def write_peer_config(tmp: Path, peer: str, segments: dict[str, Any] | None = None, **extra: Any) -> Path:
     """peers/PEER.yaml next to tmp/deployment.yaml (a placeholder is written if none exists yet)."""
-    (tmp / "peers").mkdir(exist_ok=True)
+    (tmp / "peers").mkdir(parents=True, exist_ok=True)
     key = tmp / "keys" / f"{peer}.key"
     key.parent.mkdir(exist_ok=True)
     key.write_text("placeholder: the engine never reads it\n")
