@@ -25,7 +25,7 @@ def test_a_residual_block_adds_its_input_to_its_body() -> None:
     body = build_segment(BLOCK, seed=0)  # the same layers under the same seed: the same weights
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(block(x), body(x) + x)
-    assert list(block.state_dict())[0] == "0.body.0.weight"
+    assert next(iter(block.state_dict())) == "0.body.0.weight"
 
 
 def test_a_residual_block_with_a_projection_shortcut_changes_width() -> None:
@@ -85,7 +85,7 @@ def test_a_category_out_of_range_is_refused_with_its_column(value: float, shown:
 def test_token_embedding_refuses_ids_beyond_the_vocabulary() -> None:
     m = build_segment([{"embedding": {"num": 5, "dim": 2}}], seed=0)
     assert tuple(m(torch.tensor([[0.0, 4.0, 2.0]])).shape) == (1, 3, 2)
-    with pytest.raises(ValueError, match="a token id holds 5.0; expected whole numbers from 0 to 4"):
+    with pytest.raises(ValueError, match=r"a token id holds 5\.0; expected whole numbers from 0 to 4"):
         m(torch.tensor([[0.0, 5.0]]))
 
 
