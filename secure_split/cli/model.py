@@ -14,6 +14,7 @@ Exit codes (secure_split.errors.ExitCode): 0 fine; 1 the document is not the com
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,7 +54,8 @@ def describe(
     names = segment or [s for s, entry in cfg.spec.segments.items() if entry.model is not None]
     if not names:
         raise _fail_config(f"{config}: no segment of this peer config describes a model (segments.NAME.model)")
-    apply_thread_policy(1)
+    if "torch" not in sys.modules:  # a command-line run: one thread, set before torch loads
+        apply_thread_policy(1)
     from secure_split.engine.sources import describe_source
 
     documents: dict[str, dict[str, Any]] = {}
