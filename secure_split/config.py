@@ -98,7 +98,8 @@ class InterfaceSpec(_Strict):
     """What crosses an edge, agreed by both sides: per-sample shape, wire dtype, value bounds."""
 
     shape: list[int] = Field(min_length=1, max_length=8, description="per-sample shape (batch dimension excluded)")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+    # No bfloat16: numpy has none, so the owner's egress leakage guards could not inspect such a tensor.
+    dtype: Literal["float32", "float16"] = Field(
         "float32", description="dtype of the activations and gradients on the wire"
     )
     bounds: tuple[float, float] | None = Field(None, description="[low, high]: every activation value lies within")

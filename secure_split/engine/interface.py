@@ -22,7 +22,7 @@ from secure_split.errors import TrainingError
 __all__ = ["WIRE_DTYPES", "inbound_problem", "outbound", "trial_outputs"]
 
 WIRE_DTYPES: Mapping[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float32": torch.float32, "float16": torch.float16,
 }
 
 

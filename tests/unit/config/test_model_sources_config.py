@@ -192,3 +192,9 @@ def test_a_public_architecture_requirement_names_unknown_segments(tmp_path: Path
     assert "'middle', which is not a segment of the deployment" in found.message
     with pytest.raises(ConfigError, match="'Mid' is not a segment name"):
         _policy({"public_architecture": ["Mid"]})
+
+
+def test_an_interface_cannot_choose_a_dtype_the_egress_guards_cannot_read(tmp_path: Path) -> None:
+    # numpy has no bfloat16: the owner's leakage guards would skip such a tensor.
+    problems = problems_of(deployment(tmp_path, {"model": [{"relu": {}}]}, {"interface": {"shape": [8], "dtype": "bfloat16"}}))
+    assert any(p.startswith("edges.0.interface.dtype:") for p in problems), problems

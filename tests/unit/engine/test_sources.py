@@ -199,16 +199,16 @@ def test_the_receiver_refuses_what_breaks_the_interface_and_keeps_serving(tmp_pa
 
 
 def test_the_sender_sends_in_the_wire_dtype_and_within_the_bounds(tmp_path: Path) -> None:
-    case = _interface_case(tmp_path, {"shape": [8], "dtype": "bfloat16", "bounds": [-0.5, 0.5]})
+    case = _interface_case(tmp_path, {"shape": [8], "dtype": "float16", "bounds": [-0.5, 0.5]})
     bank = PeerExecutor(case.dep, "bank", case.datas["bank"], sources=case.sources["bank"], noise_seed=0)
     (out,) = bank.begin_step(0, "train", list(range(16)))
-    assert out.tensor.dtype == torch.bfloat16 and out.tensor.device.type == "cpu"
+    assert out.tensor.dtype == torch.float16 and out.tensor.device.type == "cpu"
     assert float(out.tensor.abs().max()) <= 0.5  # the tanh cut reaches beyond 0.5: clamped
-    assert bank.on_gradient("bottom->top", torch.zeros(16, 8, dtype=torch.bfloat16), step=0) == []
+    assert bank.on_gradient("bottom->top", torch.zeros(16, 8, dtype=torch.float16), step=0) == []
     assert bank.step_complete()
     bank.finish_step()
     bank.begin_step(1, "train", [0, 1])
-    with pytest.raises(RemoteProtocolError, match="gradient on edge bottom->top has dtype float32, the interface bfloat16"):
+    with pytest.raises(RemoteProtocolError, match="gradient on edge bottom->top has dtype float32, the interface float16"):
         bank.on_gradient("bottom->top", torch.zeros(2, 8), step=1)
 
 
