@@ -49,6 +49,7 @@ __all__ = [
     "deployment_model_problems",
     "model_problems",
     "peer_config_source",
+    "public_model_digest",
     "public_sources",
     "segment_commitment",
     "segment_sources",
@@ -406,6 +407,12 @@ def segment_commitment(document: Mapping[str, Any]) -> str:
         TypeError, ValueError: the document is not canonical-JSON-able.
     """
     return "sha256:" + sha256_hex(canonical_json(document))
+
+
+def public_model_digest(model: Any) -> str:
+    """What a peer records for a public segment in place of a commitment: "sha256:" + SHA-256 of
+    the canonical JSON of {"format", "public_model"}; anyone recomputes it from the deployment."""
+    return "sha256:" + sha256_hex(canonical_json({"format": ARCHITECTURE_FORMAT, "public_model": model}))
 
 
 def commitment_problems(document: Mapping[str, Any], commitment: str, parameters: int) -> list[str]:

@@ -349,7 +349,8 @@ class PeerExecutor:
             if layers is None:
                 continue
             layer_problems = validate_layers(layers)
-            problems.extend(ConfigProblem(file, f"segments.{s}.model", msg) for msg in layer_problems)
+            where = str(self.sources[s].origin)  # the deployment, or the peer config of a private model
+            problems.extend(ConfigProblem(where, f"segments.{s}.model", msg) for msg in layer_problems)
             if not layer_problems:
                 valid.add(s)
         for eid, e in topo.edges.items():

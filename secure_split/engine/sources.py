@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from secure_split.architecture import SegmentSource, commitment_problems, public_sources, segment_commitment
+from secure_split.architecture import SegmentSource, commitment_problems, public_model_digest, public_sources
 from secure_split.architecture import architecture_document as _document
 from secure_split.engine.models import MAX_SEGMENT_PARAMETERS, build_segment, derive_seed
 from secure_split.errors import ConfigError, ConfigProblem
@@ -261,17 +261,16 @@ def segment_record(source: SegmentSource, module: nn.Module) -> dict[str, Any]:
 
     Returns:
         {"segment", "source" (layers / torchvision / module), "public", "parameters",
-         "commitment"}: the deployment's commitment for a private segment; for a public one, the
-        commitment of its architecture document without salt (anyone can recompute it from the
-        deployment).
+         "commitment"}: the deployment's commitment for a private segment (checked when the module
+        was built); for a public one, `architecture.public_model_digest` of its model, which an
+        auditor recomputes from the deployment without torch.
     """
-    document = architecture_document(source, module)
     return {
         "segment": source.segment,
         "source": source.kind,
         "public": not source.private,
-        "parameters": document["parameters"],
-        "commitment": source.commitment if source.private else segment_commitment(document),
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "commitment": source.commitment if source.private else public_model_digest(source.model),
     }
 
 

@@ -17,6 +17,7 @@ from secure_split.architecture import (
     SegmentSource,
     commitment_problems,
     peer_config_source,
+    public_model_digest,
     segment_commitment,
     segment_sources,
 )
@@ -105,7 +106,7 @@ def test_segment_records_for_the_audit_log(tmp_path: Path) -> None:
                       "commitment": case.dep.spec.segments["bottom"].commitment}
     (public,) = lab.segment_records()
     assert public["public"] and public["source"] == "layers" and public["parameters"] == 8 * 2 + 2
-    assert public["commitment"].startswith("sha256:")
+    assert public["commitment"] == public_model_digest(case.dep.spec.segments["top"].model)  # torch-free
 
 
 def test_a_private_segment_without_its_source_is_refused_at_construction(tmp_path: Path) -> None:
@@ -235,3 +236,13 @@ def test_a_step_whose_outbound_breaks_the_interface_fails_without_sending(tmp_pa
     with pytest.raises(TrainingError, match=r"per-sample shape \[3\], but the deployment's interface of the edge is \[8\]"):
         bank.begin_step(0, "train", [0, 1])
     assert bank.active_step is None
+
+
+def test_a_bad_private_layer_list_is_reported_against_the_peer_config(tmp_path: Path) -> None:
+    case = model_cases.private(tmp_path)
+    cfg = write_peer_config(tmp_path, "bank", {"bottom": {"model": [{"linear": {"in": 5}}], "salt": SALT}})
+    with pytest.raises(ConfigError) as info:
+        PeerExecutor(case.dep, "bank", case.datas["bank"], sources=segment_sources(case.dep, load_peer_config(cfg)))
+    (problem,) = info.value.problems
+    assert problem.file == str(cfg.resolve()) and problem.key == "segments.bottom.model"
+    assert "missing key 'out'" in problem.message
