@@ -10,12 +10,13 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # CPU torch 2.13.0 first (it lies on this machine's disk); a looser requirement would pull a
-# multi-GB CUDA build. Then the package with its extras.
+# multi-GB CUDA build. Then the package with its extras (vision: torchvision 0.28.0, whose pin
+# torch==2.13.0 the CPU build already satisfies, so it pulls no other torch).
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,vision]'
 	touch $(STAMP)
 
 demo: $(STAMP)

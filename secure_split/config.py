@@ -10,6 +10,7 @@ Both are validated when loaded; every problem is reported at once with file, key
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,12 +19,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
+from secure_split.architecture import SALT_RE, deployment_model_problems, model_problems
 from secure_split.canonical import digest_of
 from secure_split.data_source import DataSource, DataSourceSpec, data_source_problems, resolve_data_source
 from secure_split.errors import ConfigError, ConfigProblem
 from secure_split.yamlfile import KeyPath, YamlDocument, read_yaml
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+DEVICE_RE = re.compile(r"^(cpu|auto|cuda(:[0-9]{1,2})?)$")
 ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):[0-9]{1,5}$")
 
 
@@ -74,7 +77,14 @@ class SegmentSpec(_Strict):
     """A torch module owned by exactly one peer."""
 
     peer: str
-    model: list[dict[str, Any]] = Field(description="layer list, e.g. [{linear: {in: 64, out: 32}}, {relu: {}}]")
+    model: list[dict[str, Any]] | dict[str, Any] | None = Field(
+        None, description="public model: a layer list, e.g. [{linear: {in: 64, out: 32}}, {relu: {}}], or a "
+        "torchvision preset {torchvision: resnet18, cut_after: layer1}; absent for a private model",
+    )
+    commitment: str | None = Field(
+        None, description="private model: sha256:HEX of its architecture document (docs/models.md)"
+    )
+    parameters: int | None = Field(None, ge=1, le=2**40, description="private model: its parameter count")
     input: Literal["features"] | None = Field(
         None, description="'features' if this segment reads its peer's raw features"
     )
@@ -86,12 +96,40 @@ class SegmentSpec(_Strict):
     he: bool = Field(False, description="aggregate a sum/mean merge under CKKS encryption")
 
 
+class InterfaceSpec(_Strict):
+    """What crosses an edge, agreed by both sides: per-sample shape, wire dtype, value bounds."""
+
+    shape: list[int] = Field(min_length=1, max_length=8, description="per-sample shape (batch dimension excluded)")
+    # No bfloat16: numpy has none, so the owner's egress leakage guards could not inspect such a tensor.
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="dtype of the activations and gradients on the wire"
+    )
+    bounds: tuple[float, float] | None = Field(None, description="[low, high]: every activation value lies within")
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        if not all(1 <= d <= 2**24 for d in v):
+            raise ValueError("expected sizes from 1 to 16777216")
+        return v
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] < v[1]):
+            raise ValueError("expected [low, high], finite, low < high")
+        return v
+
+
 class EdgeSpec(_Strict):
     """A cut between two segments: activations forward, gradients back."""
 
     from_: str = Field(alias="from")
     to: str
     protections: ProtectionSpec = ProtectionSpec()
+    interface: InterfaceSpec | None = Field(
+        None, description="the cut's agreed shape, dtype and bounds; required where a side is private"
+    )
 
     @property
     def name(self) -> str:
@@ -281,6 +319,23 @@ DataSection = Annotated[
 ]
 
 
+class PeerSegmentSpec(_Strict):
+    """`segments.NAME` of a peer config: what only this organisation knows about one of its segments."""
+
+    model: list[dict[str, Any]] | dict[str, Any] | None = Field(
+        None, description="a private model: layer list, torchvision preset or {module: \"pkg.mod:factory\"}"
+    )
+    salt: str | None = Field(None, description="32-128 hex digits mixed into the private model's commitment")
+    weights: str | None = Field(None, description="initial weights: a safetensors file, relative to this file")
+
+    @field_validator("salt")
+    @classmethod
+    def _salt(cls, v: str | None) -> str | None:
+        if v is not None and not SALT_RE.match(v):
+            raise ValueError("expected 32 to 128 lowercase hex digits")
+        return v
+
+
 class PeerConfigSpec(_Strict):
     """One organisation's private peer config."""
 
@@ -295,6 +350,17 @@ class PeerConfigSpec(_Strict):
     threads: int | Literal["auto"] = Field("auto", description="torch threads for this peer")
     metrics: MetricsSpec | None = Field(None, description="serve Prometheus metrics here (off when absent)")
     ops_log: str | None = Field(None, description="the operational JSON-lines log (default: AUDIT/PEER.ops.log)")
+    device: str = Field("cpu", description="where this peer computes: cpu, cuda, cuda:N or auto")
+    segments: dict[str, PeerSegmentSpec] = Field(
+        default_factory=dict, description="this peer's private models and initial weights, per segment"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_RE.match(v):
+            raise ValueError("expected cpu, cuda, cuda:N or auto")
+        return v
 
 
 _UNION_TAGS = ("int", "str", "float", "bool", "list", "dict", "none")
@@ -393,8 +459,7 @@ def _horizontal_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[Config
     for o in others:
         segs = owners[o]
         same = len(segs) == len(ref) and all(
-            (spec.segments[a].model, spec.segments[a].input, spec.segments[a].loss, spec.segments[a].labels)
-            == (spec.segments[b].model, spec.segments[b].input, spec.segments[b].loss, spec.segments[b].labels)
+            _model_key(spec.segments[a]) == _model_key(spec.segments[b])
             for a, b in zip(ref, segs, strict=False)
         )
         if not same:
@@ -423,6 +488,11 @@ def _horizontal_problems(doc: YamlDocument, spec: DeploymentSpec) -> list[Config
     return problems
 
 
+def _model_key(seg: SegmentSpec) -> tuple[Any, ...]:
+    """What makes two segments the same model: public model or commitment, and their role."""
+    return (seg.model, seg.commitment, seg.parameters, seg.input, seg.loss, seg.labels)
+
+
 def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     peers = spec.peers
@@ -443,10 +513,9 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
             problems.append(doc.problem(("segments", sname), "segment names are lowercase letters, digits and _"))
         if seg.peer not in peers:
             problems.append(doc.problem(("segments", sname, "peer"), f"'{seg.peer}' is not one of the peers {sorted(peers)}"))
-        if not seg.model:
-            problems.append(doc.problem(("segments", sname, "model"), "a segment needs at least one layer"))
         if seg.he and seg.merge not in ("sum", "mean"):
             problems.append(doc.problem(("segments", sname, "he"), "he: true needs merge: sum or mean"))
+    problems.extend(deployment_model_problems(doc, spec))
     incoming: dict[str, int] = {s: 0 for s in spec.segments}
     seen_edges: set[str] = set()
     for i, e in enumerate(spec.edges):
@@ -692,6 +761,14 @@ def load_peer_config(path: str | Path) -> PeerConfig:
     for folder_key in ("checkpoints", "audit"):
         if (why := _folder_problem(base / getattr(spec, folder_key), spec.peer, folder_key)) is not None:
             problems.append(doc.problem((folder_key,), why))
+    for sname, seg in spec.segments.items():
+        where = ("segments", sname)
+        if not NAME_RE.match(sname):
+            problems.append(doc.problem(where, "segment names are lowercase letters, digits and _"))
+        if seg.model is not None:
+            problems.extend(doc.problem((*where, "model"), m) for m in model_problems(seg.model, in_deployment=False))
+        if seg.weights is not None and not (base / seg.weights).is_file():
+            problems.append(doc.problem((*where, "weights"), f"weights file {(base / seg.weights).resolve()} not found"))
     if problems:
         raise ConfigError(problems)
     return PeerConfig(

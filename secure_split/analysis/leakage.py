@@ -351,7 +351,8 @@ def binary_target(target: LeakageTarget, positive_class: int = DEFAULT_POSITIVE_
     dep = target.deployment
     topo = target.topology
     loss_seg = topo.loss_segments[0]
-    layers = copy.deepcopy(list(topo.segments[loss_seg].model))
+    model = topo.segments[loss_seg].model
+    layers: list[dict[str, Any]] = copy.deepcopy(model) if isinstance(model, list) else []
     last = [i for i, layer in enumerate(layers) if "linear" in layer]
     if not last:
         raise ConfigError(
@@ -359,7 +360,7 @@ def binary_target(target: LeakageTarget, positive_class: int = DEFAULT_POSITIVE_
                 ConfigProblem(
                     str(dep.path),
                     f"segments.{loss_seg}.model",
-                    "the binary label task needs a linear last layer to resize",
+                    "the binary label task needs a public layer list with a linear last layer to resize",
                 )
             ]
         )

@@ -35,7 +35,7 @@ app.add_typer(peer_app, name="peer")
 def _mount_subcommands() -> None:
     import importlib
 
-    for name in ("policy", "audit", "leakage", "data", "deployment"):
+    for name in ("policy", "audit", "leakage", "data", "deployment", "model"):
         try:
             module = importlib.import_module(f"secure_split.cli.{name}")
         except ModuleNotFoundError as exc:  # pragma: no cover - only while a sub-app is being written

@@ -20,18 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from secure_split.architecture import SegmentSource
 from secure_split.config import Deployment
 from secure_split.engine.data import PeerData, as_id_tensor
 from secure_split.engine.executor import build_optimizer, merge_inputs
 from secure_split.engine.label_defences import label_defence
 from secure_split.engine.metrics import StepMetrics, TaskMetrics, evaluate, sum_task_metrics
-from secure_split.engine.models import build_segment, derive_seed
 from secure_split.engine.privacy import (
     add_gaussian_noise,
     clip_per_sample,
     distance_correlation,
 )
 from secure_split.engine.schedule import epoch_batches, split_train_test
+from secure_split.engine.sources import build_segments
 from secure_split.errors import ConfigError
 from secure_split.topology import Topology
 
@@ -49,13 +50,10 @@ class _Network:
         ids: torch.Tensor,
         protections: bool,
         noise_seed: int | None,
+        sources: Mapping[str, SegmentSource] | None = None,
     ) -> None:
         self.topo = Topology.from_deployment(dep)
-        seed = dep.spec.training.seed
-        self.modules: dict[str, nn.Module] = {
-            s: build_segment(self.topo.segments[s].model, seed=derive_seed(seed, s), name=s)
-            for s in self.topo.order
-        }
+        self.modules: dict[str, nn.Module] = build_segments(dep, sources, self.topo.order)
         params = [p for s in self.topo.order for p in self.modules[s].parameters()]
         self.optimizer = build_optimizer(params, dep)
         self.features = dict(features)
@@ -150,6 +148,7 @@ def train_centralized(
     protections: bool = False,
     noise_seed: int | None = None,
     split: tuple[Any, Any] | None = None,
+    sources: Mapping[str, SegmentSource] | None = None,
 ) -> dict[str, Any]:
     """Train the deployment's whole network in one process, on the split run's schedule.
 
@@ -164,6 +163,9 @@ def train_centralized(
         split: (train ids, test ids) to use instead of splitting `ids` with `training.seed`; a
             horizontal run splits each owner's rows on its own, so its baseline trains on the
             union of the owners' training rows and is tested on the union of their test rows.
+        sources: segment -> model source for the private segments (and initial weights), as the
+            owners' `architecture.segment_sources` give them; the split run builds the same
+            modules from them. None: the deployment's public models.
 
     Returns:
         {"accuracy": {task: test accuracy}, "test_loss": {task: mean test loss},
@@ -174,11 +176,11 @@ def train_centralized(
 
     Raises:
         ConfigError: if an input or loss segment has no (aligned) tensor, or `split` is not two
-            disjoint, non-empty sets of `ids`.
+            disjoint, non-empty sets of `ids`; a private segment without its source.
     """
     training = deployment.spec.training
     id_t = as_id_tensor(ids)
-    net = _Network(deployment, features, labels, id_t, protections, noise_seed)
+    net = _Network(deployment, features, labels, id_t, protections, noise_seed, sources)
     _check_inputs(net.topo, features, labels, int(id_t.shape[0]))
     if split is None:
         train_ids, test_ids = split_train_test(id_t.numpy(), training.test_fraction, training.seed)

@@ -56,14 +56,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from secure_split.architecture import SegmentSource, public_sources
 from secure_split.config import Deployment
 from secure_split.engine.data import PeerData, as_id_tensor
+from secure_split.engine.interface import inbound_problem, interface_sample, outbound, trial_outputs
 from secure_split.engine.label_defences import label_defence
 from secure_split.engine.metrics import Phase, StepMetrics, TaskMetrics
 from secure_split.engine.models import (
     InputShape,
-    build_segment,
-    derive_seed,
     horizontal_seed_names,
     input_shape,
     validate_layers,
@@ -74,6 +74,7 @@ from secure_split.engine.privacy import (
     clip_per_sample,
     distance_correlation,
 )
+from secure_split.engine.sources import build_segments, layers_of, resolve_device, segment_record
 from secure_split.errors import (
     ConfigError,
     ConfigProblem,
@@ -209,18 +210,26 @@ class PeerExecutor:
         peer_name: this peer.
         data: this peer's data (needed if it owns a segment that reads features or computes a
             loss; labels are read only in the train and eval phases).
-        device: torch device for the segments ("cpu").
+        device: where the segments compute: "cpu", "cuda", "cuda:N", "auto" or a torch.device
+            (`sources.resolve_device`). Inbound tensors are moved there; outbound tensors and
+            checkpoints are on the host.
         noise_seed: seed of the private generator for protection noise. Leave None in real
             runs: it is then drawn from the OS (`secrets`), because noise that the others could
             regenerate from the public deployment would protect nothing. Tests pass a number.
         defer_update: when the last backward of a step produces gradients to send, take the
             optimizer step in the next `step_complete()` instead of before returning them, so the
             caller can send them first. The weights after `step_complete()` are the same.
+        overlap: `training.overlap` (see `Topology.overlap_peers`).
+        sources: segment -> where its model comes from (`architecture.segment_sources(deployment,
+            peer_config)`: private models, `module:` factories and initial weights of the peer
+            config). None: the deployment's public models only.
 
     Raises:
-        ConfigError: listing every problem (unknown peer, bad layer lists, data missing or not
-            fitting the input segments, nopeek on an edge whose segment reads no raw features,
-            an HE-merged segment fed by a local edge).
+        ConfigError: listing every problem (unknown peer, bad layer lists, a private segment
+            without its source or not matching its commitment, code that cannot be imported, data
+            missing or not fitting the input segments, a segment that cannot produce its edge's
+            interface, nopeek on an edge whose segment reads no raw features, an HE-merged
+            segment fed by a local edge, CUDA asked for where there is none).
         NotImplementedError: when a local in-edge asks for a label defence not implemented yet.
     """
 
@@ -234,26 +243,27 @@ class PeerExecutor:
         noise_seed: int | None = None,
         defer_update: bool = False,
         overlap: bool = False,
+        sources: Mapping[str, SegmentSource] | None = None,
     ) -> None:
         self.deployment = deployment
         self.defer_update = defer_update
         self.peer = peer_name
         self.data = data
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.topology = Topology.from_deployment(deployment)
         topo = self.topology
         self.local = topo.local_segments(peer_name)
+        self.sources: Mapping[str, SegmentSource] = MappingProxyType(
+            dict(public_sources(deployment) if sources is None else sources)
+        )
         self._check_config()
-        seed = deployment.spec.training.seed
-        seed_names = horizontal_seed_names(deployment)
-        modules = {
-            s: build_segment(topo.segments[s].model, seed=derive_seed(seed, seed_names.get(s, s)), name=s).to(self.device)
-            for s in self.local
-        }
+        modules = self._build_modules()
         self._modules: dict[str, nn.Module] = dict(modules)
         self._input_shapes: dict[str, InputShape] = {
-            s: input_shape(topo.segments[s].model) for s in self.local
+            s: input_shape(layers_of(self.sources, s)) for s in self.local
         }
+        self._records = [segment_record(self.sources[s], modules[s]) for s in self.local]
+        self._check_trial_run()
         self._param_names: list[str] = []
         params: list[nn.Parameter] = []
         for s in self.local:
@@ -281,6 +291,48 @@ class PeerExecutor:
 
     # --- construction checks ------------------------------------------------------------------
 
+    def _build_modules(self) -> dict[str, nn.Module]:
+        """Every local segment's module on this peer's device (`sources.build_segments`)."""
+        modules = build_segments(self.deployment, self.sources, self.local,
+                                 seed_names=horizontal_seed_names(self.deployment))
+        return {s: m.to(self.device) for s, m in modules.items()}
+
+    def _trial_input(self, seg: str, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        topo = self.topology
+        if topo.segments[seg].input == "features":
+            assert self.data is not None and self.data.features is not None  # _check_config
+            return self.data.features[:2]
+        parts = []
+        for e in topo.in_edges[seg]:
+            src = topo.edges[e].from_
+            part = outputs.get(src) if src in self.local else interface_sample(topo.edges[e])
+            if part is None:
+                return None
+            parts.append(part)
+        if len(parts) > 1 and topo.segments[seg].merge is None:
+            parts = parts[:1]  # a horizontal schedule's alternative inputs: one owner per step
+        return merge_inputs(parts, topo.segments[seg].merge if len(parts) > 1 else None)
+
+    def _check_trial_run(self) -> None:
+        """Run each segment whose model is not a layer list, or that has an interface, once on a
+        sample input, so that a model that cannot run on its input or produce its interface is a
+        configuration error before the first step."""
+        topo = self.topology
+
+        def wanted(s: str) -> bool:
+            edges = [topo.edges[e] for e in (*topo.in_edges[s], *topo.out_edges[s])]
+            return self.sources[s].kind != "layers" or any(e.interface is not None for e in edges)
+
+        if not any(wanted(s) for s in self.local):
+            return
+        found = trial_outputs(
+            self.local, self._modules, self._trial_input,
+            {s: [topo.edges[e] for e in topo.out_edges[s]] for s in self.local},
+        )
+        if found:
+            raise ConfigError([ConfigProblem(str(self.sources[s].origin), f"segments.{s}.model",
+                                             f"segment '{s}' {msg}") for s, msg in found.items()])
+
     def _check_config(self) -> None:
         topo, dep = self.topology, self.deployment
         file = str(dep.path)
@@ -289,8 +341,16 @@ class PeerExecutor:
             problems.append(ConfigProblem(file, "peers", f"'{self.peer}' is not a peer of this deployment"))
         valid = set()
         for s in self.local:
-            layer_problems = validate_layers(topo.segments[s].model)
-            problems.extend(ConfigProblem(file, f"segments.{s}.model", msg) for msg in layer_problems)
+            if s not in self.sources:
+                problems.append(ConfigProblem(file, f"segments.{s}", f"segment '{s}' is private: its model is in peer "
+                                              f"'{self.peer}''s config; pass its sources (architecture.segment_sources)"))
+                continue
+            layers = layers_of(self.sources, s)
+            if layers is None:
+                continue
+            layer_problems = validate_layers(layers)
+            where = str(self.sources[s].origin)  # the deployment, or the peer config of a private model
+            problems.extend(ConfigProblem(where, f"segments.{s}.model", msg) for msg in layer_problems)
             if not layer_problems:
                 valid.add(s)
         for eid, e in topo.edges.items():
@@ -315,7 +375,7 @@ class PeerExecutor:
         elif inputs and self.data is not None and self.data.features is not None:
             sample = tuple(self.data.features.shape[1:])
             for s in (s for s in inputs if s in valid):
-                misfit = input_shape(topo.segments[s].model).problem(sample)
+                misfit = input_shape(layers_of(self.sources, s)).problem(sample)
                 if misfit:
                     problems.append(ConfigProblem(
                         file, f"segments.{s}.model",
@@ -330,6 +390,11 @@ class PeerExecutor:
     def segments(self) -> Mapping[str, nn.Module]:
         """This peer's segment modules by name (read-only mapping)."""
         return MappingProxyType(self._modules)
+
+    def segment_records(self) -> list[dict[str, Any]]:
+        """One record per local segment for the audit log at run start (`sources.segment_record`):
+        segment, source kind, public, parameters, commitment."""
+        return [dict(r) for r in self._records]
 
     @property
     def active_step(self) -> int | None:
@@ -498,6 +563,9 @@ class PeerExecutor:
         if edge in state.inputs:
             raise RemoteProtocolError(f"activation on edge {edge} arrived twice in step {state.step}")
         t = self._check_tensor(tensor, "activation", edge, state)
+        broken = inbound_problem(topo.edges[edge], t, "activation")
+        if broken:
+            raise RemoteProtocolError(broken)
         self._check_activation_shape(edge, dst, t, state)
         leaf = t.to(self.device, torch.float32).detach()
         if state.phase == "train":
@@ -579,6 +647,9 @@ class PeerExecutor:
         if edge in state.grads:
             raise RemoteProtocolError(f"gradient on edge {edge} arrived twice in step {state.step}")
         t = self._check_tensor(tensor, "gradient", edge, state)
+        broken = inbound_problem(topo.edges[edge], t, "gradient")
+        if broken:
+            raise RemoteProtocolError(broken)
         if tuple(t.shape) != state.sent[edge]:
             raise RemoteProtocolError(
                 f"gradient on edge {edge} has shape {list(t.shape)}, "
@@ -1027,7 +1098,7 @@ class PeerExecutor:
                     leaf.requires_grad_(True)
                 s.inputs[e] = leaf
             else:
-                tensor = act.to("cpu").contiguous()
+                tensor = outbound(topo.edges[e], act.to("cpu"), "activation").contiguous()
                 if train:
                     s.sent[e] = tuple(tensor.shape)
                 out.append(Outgoing(
@@ -1091,7 +1162,8 @@ class PeerExecutor:
             else:
                 out.append(Outgoing(
                     kind="gradient", edge=e, to_peer=topo.peer_of(src),
-                    tensor=g.detach().to("cpu").contiguous(), raw=None, step=s.step, phase=s.phase,
+                    tensor=outbound(topo.edges[e], g.detach().to("cpu"), "gradient").contiguous(), raw=None,
+                    step=s.step, phase=s.phase,
                 ))
         return out
 

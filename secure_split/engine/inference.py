@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from secure_split.architecture import segment_sources
 from secure_split.config import Deployment, PeerConfig
 from secure_split.engine.checkpoint import checkpoint_preprocessing, load_checkpoint
 from secure_split.engine.data import load_rows_to_predict
@@ -28,19 +29,23 @@ def trained_segments(deployment: Deployment, peers: Mapping[str, PeerConfig], ep
     Args:
         deployment: the trained deployment.
         peers: peer name -> its loaded peer config (checkpoint folder; data file, which an input
-            segment's executor needs to check its shapes).
+            segment's executor needs to check its shapes; private models and their sources).
         epoch: which checkpoint.
+
+    Returns:
+        segment -> module with the trained weights, on the CPU.
 
     Raises:
         TrainingError: a checkpoint is missing, modified or does not fit (see `load_checkpoint`).
-        ConfigError: a peer's data does not fit its segments.
+        ConfigError: a peer's data does not fit its segments, or its private models do not
+            match the deployment's commitments.
     """
     out: dict[str, nn.Module] = {}
     for name, cfg in peers.items():
         # The peer's own rows, transformed as in training (the checkpoint keeps the transform).
         data = (load_rows_to_predict(cfg, cfg.data_source.path, checkpoint_preprocessing(cfg.checkpoints_dir, epoch))
                 if cfg.data_source is not None else None)
-        executor = PeerExecutor(deployment, name, data)
+        executor = PeerExecutor(deployment, name, data, sources=segment_sources(deployment, cfg))
         load_checkpoint(cfg.checkpoints_dir, epoch, executor)
         out.update(executor.segments)
     return out

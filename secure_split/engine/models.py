@@ -23,10 +23,20 @@ import torch
 from torch import nn
 
 from secure_split.config import horizontal_owners
+from secure_split.engine.layers import (
+    ColumnEmbedding,
+    PositionalEmbedding,
+    Recurrent,
+    Reshape,
+    Residual,
+    SequencePool,
+    TokenEmbedding,
+)
 from secure_split.errors import ConfigError, ConfigProblem
 
 __all__ = [
     "LAYER_TYPES",
+    "MAX_NESTING",
     "MAX_SEGMENT_PARAMETERS",
     "InputShape",
     "Reshape",
@@ -41,7 +51,12 @@ MAX_INT = 2**24
 # A segment bigger than this (1 GiB of float32) is refused before anything is allocated.
 MAX_SEGMENT_PARAMETERS = 2**28
 
-ParamKind = Literal["int", "size", "padding", "prob", "bool", "shape", "dims", "number", "choice"]
+# A residual block nests a layer list; deeper than this is a typo or an attack on the validator.
+MAX_NESTING = 4
+
+ParamKind = Literal[
+    "int", "size", "padding", "prob", "bool", "shape", "dims", "number", "choice", "ints", "indices", "layers"
+]
 
 
 @dataclass(frozen=True)
@@ -58,20 +73,8 @@ class _LayerType:
     build: Callable[[dict[str, Any]], nn.Module]
     # Parameter count estimate from the (valid) parameters, to bound a segment before building.
     size: Callable[[dict[str, Any]], int] = field(default=lambda p: 0)
-
-
-class Reshape(nn.Module):
-    """Reshape every sample to `shape` (the batch dimension is kept)."""
-
-    def __init__(self, shape: Sequence[int]) -> None:
-        super().__init__()
-        self.shape = tuple(int(d) for d in shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], *self.shape)
-
-    def extra_repr(self) -> str:
-        return f"shape={self.shape}"
+    # What the parameters cannot say one by one (e.g. "dim must divide by heads"), or None.
+    check: Callable[[dict[str, Any]], str | None] = field(default=lambda p: None)
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -97,6 +100,42 @@ _POOL: Mapping[str, _Param] = {
     "stride": _Param("size"),  # default: the kernel size, as in torch
     "padding": _Param("padding", default=0),
 }
+
+_RNN: Mapping[str, _Param] = {
+    "in": _Param("int", required=True),
+    "hidden": _Param("int", required=True),
+    "layers": _Param("int", default=1),
+    "bidirectional": _Param("bool", default=False),
+    "dropout": _Param("prob", default=0.0),
+    "output": _Param("choice", default="sequence", choices=("sequence", "last")),
+}
+
+
+def _recurrent(kind: Literal["lstm", "gru"], p: dict[str, Any]) -> nn.Module:
+    return Recurrent(kind, p["in"], p["hidden"], layers=p["layers"], bidirectional=p["bidirectional"],
+                     dropout=p["dropout"], output=p["output"])
+
+
+def _recurrent_size(gates: int, p: dict[str, Any]) -> int:
+    h, d = int(p["hidden"]), 2 if p["bidirectional"] else 1
+    first = gates * (int(p["in"]) * h + h * h + 2 * h)
+    rest = gates * (d * h * h + h * h + 2 * h)
+    return d * (first + (int(p["layers"]) - 1) * rest)
+
+
+def _transformer_size(dim: int, ff: int) -> int:
+    return 4 * dim * dim + 4 * dim + 2 * dim * ff + ff + dim + 4 * dim
+
+
+def _embedding_problem(p: dict[str, Any]) -> str | None:
+    tabular = p["columns"] is not None or p["cardinalities"] is not None
+    if (p["num"] is not None) == tabular:
+        return ("give num (token ids: every input value is an id) or columns and cardinalities (a table's "
+                "categorical columns), not both")
+    if tabular and (p["columns"] is None or p["cardinalities"] is None or len(p["columns"]) != len(p["cardinalities"])):
+        return "columns and cardinalities are lists of the same length (one cardinality per categorical column)"
+    return None
+
 
 LAYER_TYPES: Mapping[str, _LayerType] = {
     "linear": _LayerType(
@@ -160,6 +199,42 @@ LAYER_TYPES: Mapping[str, _LayerType] = {
         lambda p: nn.Upsample(scale_factor=float(p["scale"]), mode=p["mode"],
                               align_corners=False if p["mode"] == "bilinear" else None),
     ),
+    "residual": _LayerType(
+        {"layers": _Param("layers", required=True), "shortcut": _Param("layers")},
+        lambda p: Residual(_build_list(p["layers"]), _build_list(p["shortcut"]) if p["shortcut"] else None),
+        lambda p: _list_size(p["layers"]) + (_list_size(p["shortcut"]) if p["shortcut"] else 0),
+    ),
+    "embedding": _LayerType(
+        {"dim": _Param("int", required=True), "num": _Param("int"), "columns": _Param("indices"),
+         "cardinalities": _Param("ints")},
+        lambda p: TokenEmbedding(p["num"], p["dim"]) if p["num"] is not None
+        else ColumnEmbedding(p["columns"], p["cardinalities"], p["dim"]),
+        lambda p: int(p["dim"]) * (int(p["num"]) if p["num"] is not None else sum(p["cardinalities"])),
+        lambda p: _embedding_problem(p),
+    ),
+    "positional_embedding": _LayerType(
+        {"length": _Param("int", required=True), "dim": _Param("int", required=True)},
+        lambda p: PositionalEmbedding(p["length"], p["dim"]),
+        lambda p: int(p["length"]) * int(p["dim"]),
+    ),
+    "lstm": _LayerType(_RNN, lambda p: _recurrent("lstm", p), lambda p: _recurrent_size(4, p)),
+    "gru": _LayerType(_RNN, lambda p: _recurrent("gru", p), lambda p: _recurrent_size(3, p)),
+    "transformer_encoder_layer": _LayerType(
+        {"dim": _Param("int", required=True), "heads": _Param("int", required=True),
+         "feedforward": _Param("int"), "dropout": _Param("prob", default=0.1),
+         "activation": _Param("choice", default="relu", choices=("relu", "gelu")),
+         "norm_first": _Param("bool", default=False)},
+        lambda p: nn.TransformerEncoderLayer(
+            p["dim"], p["heads"], dim_feedforward=p["feedforward"] or 4 * p["dim"], dropout=p["dropout"],
+            activation=p["activation"], batch_first=True, norm_first=p["norm_first"],
+        ),
+        lambda p: _transformer_size(int(p["dim"]), int(p["feedforward"] or 4 * p["dim"])),
+        lambda p: None if p["dim"] % p["heads"] == 0 else f"dim {p['dim']} must be a multiple of heads {p['heads']}",
+    ),
+    "pool_sequence": _LayerType(
+        {"how": _Param("choice", default="mean", choices=("mean", "max", "first", "last"))},
+        lambda p: SequencePool(p["how"]),
+    ),
 }
 """The fixed table of layer types a deployment may use, with their parameters in documented order."""
 
@@ -196,6 +271,14 @@ def _param_problem(kind: ParamKind, v: object, spec: _Param) -> str | None:
                                     for x in items):
             return "expected a positive integer or a list of them"
         return None
+    if kind in ("ints", "indices"):
+        low = 0 if kind == "indices" else 1
+        if not isinstance(v, list) or not v or len(v) > 4096 or not all(
+                _is_int(x) and low <= x <= MAX_INT for x in v):
+            return f"expected a non-empty list of integers >= {low}"
+        if kind == "indices" and len(set(v)) != len(v):
+            return "expected each column once"
+        return None
     # shape: per-sample target shape, one -1 allowed
     if not isinstance(v, list) or not v or len(v) > 7:
         return "expected a list of 1 to 7 sizes (per sample; one may be -1)"
@@ -204,47 +287,84 @@ def _param_problem(kind: ParamKind, v: object, spec: _Param) -> str | None:
     return None
 
 
-def _layer_params(i: int, item: object, problems: list[str]) -> tuple[str, dict[str, Any]] | None:
+def _layer_params(
+    i: int, item: object, problems: list[str], depth: int = 0, prefix: str = ""
+) -> tuple[str, dict[str, Any]] | None:
     """Check one layer entry; append its problems; return (type, params with defaults) if valid."""
+    at = f"{prefix}layer {i}"
     if not isinstance(item, Mapping) or len(item) != 1:
-        problems.append(f"layer {i}: expected a mapping with exactly one layer type, e.g. {{relu: {{}}}}")
+        problems.append(f"{at}: expected a mapping with exactly one layer type, e.g. {{relu: {{}}}}")
         return None
     ((ltype, raw),) = item.items()
     if not isinstance(ltype, str) or ltype not in LAYER_TYPES:
-        problems.append(f"layer {i}: unknown layer type {ltype!r}; expected one of {', '.join(LAYER_TYPES)}")
+        problems.append(f"{at}: unknown layer type {ltype!r}; expected one of {', '.join(LAYER_TYPES)}")
         return None
+    at = f"{at} ({ltype})"
     spec = LAYER_TYPES[ltype]
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        problems.append(f"layer {i} ({ltype}): parameters must be a mapping, got {type(raw).__name__}")
+        problems.append(f"{at}: parameters must be a mapping, got {type(raw).__name__}")
         return None
     expected = ", ".join(spec.params) or "no parameters"
     ok = True
     for key in raw:
         if key not in spec.params:
-            problems.append(f"layer {i} ({ltype}): unknown key {key!r}; expected {expected}")
+            problems.append(f"{at}: unknown key {key!r}; expected {expected}")
             ok = False
     params: dict[str, Any] = {}
     for key, pspec in spec.params.items():
-        if key not in raw:
+        if key not in raw or (raw[key] is None and not pspec.required):
             if pspec.required:
-                problems.append(f"layer {i} ({ltype}): missing key {key!r}; expected {expected}")
+                problems.append(f"{at}: missing key {key!r}; expected {expected}")
                 ok = False
             params[key] = pspec.default
             continue
-        problem = _param_problem(pspec.kind, raw[key], pspec)
-        if problem:
-            problems.append(f"layer {i} ({ltype}): {key}: {problem}, got {raw[key]!r}")
-            ok = False
+        if pspec.kind == "layers":
+            nested = _list_problems(raw[key], depth + 1, f"{at}: {key}: ")
+            problems.extend(nested)
+            ok = ok and not nested
+        else:
+            problem = _param_problem(pspec.kind, raw[key], pspec)
+            if problem:
+                problems.append(f"{at}: {key}: {problem}, got {raw[key]!r}")
+                ok = False
         params[key] = raw[key]
+    if ok:
+        problem = spec.check(params)
+        if problem:
+            problems.append(f"{at}: {problem}")
+            ok = False
     return (ltype, params) if ok else None
+
+
+def _list_problems(layers: object, depth: int = 0, prefix: str = "") -> list[str]:
+    if depth > MAX_NESTING:
+        return [f"{prefix}residual blocks are nested more than {MAX_NESTING} deep"]
+    if not isinstance(layers, list) or not layers:
+        return [f"{prefix}a segment's model must be a non-empty list of layers" if not prefix
+                else f"{prefix}expected a non-empty list of layers"]
+    problems: list[str] = []
+    for i, item in enumerate(layers):
+        _layer_params(i, item, problems, depth, prefix)
+    return problems
+
+
+def _list_size(layers: Sequence[Mapping[str, Any]]) -> int:
+    """Estimated parameter count of a (valid) layer list."""
+    total = 0
+    for i, item in enumerate(layers):
+        checked = _layer_params(i, item, [])
+        if checked is not None:
+            total += LAYER_TYPES[checked[0]].size(checked[1])
+    return total
 
 
 def validate_layers(layers: object) -> list[str]:
     """Check a segment's layer list against `LAYER_TYPES`; report every problem at once.
 
-    Layers are numbered from 0, as in the YAML list.
+    Layers are numbered from 0, as in the YAML list; a problem inside a residual block names
+    the path ("layer 2 (residual): layers: layer 0 (conv2d): ...").
 
     Args:
         layers: the `model:` value from the deployment (anything; it is checked).
@@ -253,14 +373,11 @@ def validate_layers(layers: object) -> list[str]:
         One message per problem, e.g. "layer 3 (conv2d): unknown key 'kernal'; expected in, out,
         kernel, stride, padding, bias". Empty when the list is valid.
     """
-    problems: list[str] = []
-    if not isinstance(layers, list) or not layers:
-        return ["a segment's model must be a non-empty list of layers"]
-    total = 0
-    for i, item in enumerate(layers):
-        checked = _layer_params(i, item, problems)
-        if checked is not None:
-            total += LAYER_TYPES[checked[0]].size(checked[1])
+    problems = _list_problems(layers)
+    if problems:
+        return problems
+    assert isinstance(layers, list)
+    total = _list_size(layers)
     if total > MAX_SEGMENT_PARAMETERS:
         problems.append(
             f"the segment has about {total} parameters, more than {MAX_SEGMENT_PARAMETERS} allowed"
@@ -303,14 +420,19 @@ def build_segment(layers: Sequence[Mapping[str, Any]], *, seed: int, name: str =
     if problems:
         key = f"segments.{name}.model"
         raise ConfigError([ConfigProblem(file="-", key=key, message=p) for p in problems])
-    modules: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for i, item in enumerate(layers):
-            checked = _layer_params(i, item, [])
-            assert checked is not None  # validated above
-            modules.append(LAYER_TYPES[checked[0]].build(checked[1]))
-    return nn.Sequential(*modules).float()
+        return _build_list(layers).float()
+
+
+def _build_list(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
+    """Build a validated layer list (the caller seeds the RNG)."""
+    modules: list[nn.Module] = []
+    for i, item in enumerate(layers):
+        checked = _layer_params(i, item, [])
+        assert checked is not None  # validated by the caller
+        modules.append(LAYER_TYPES[checked[0]].build(checked[1]))
+    return nn.Sequential(*modules)
 
 
 @dataclass(frozen=True)
@@ -345,17 +467,20 @@ class InputShape:
 _ELEMENTWISE = frozenset({"relu", "leaky_relu", "tanh", "sigmoid", "gelu", "identity", "dropout"})
 
 
-def input_shape(layers: Sequence[Mapping[str, Any]]) -> InputShape:
+def input_shape(layers: object) -> InputShape:
     """Derive what a (valid) layer list needs of its input, from its first shape-bearing layer.
 
     Used to refuse a received tensor with a clear message before running the segment on it.
 
     Args:
-        layers: a layer list that passed `validate_layers`.
+        layers: a layer list that passed `validate_layers` (for any other model source, e.g. a
+            torchvision preset, nothing is derived).
 
     Returns:
         The constraint; an empty `InputShape` when the first layers do not fix one.
     """
+    if not isinstance(layers, list):
+        return InputShape()
     flattened = False
     for i, item in enumerate(layers):
         checked = _layer_params(i, item, [])
@@ -382,6 +507,14 @@ def input_shape(layers: Sequence[Mapping[str, Any]]) -> InputShape:
             return InputShape(sizes={d - len(dims): s for d, s in enumerate(dims)})
         if ltype == "reshape" and -1 not in p["shape"]:
             return InputShape(numel=math.prod(p["shape"]))
+        if ltype == "residual":
+            return input_shape(p["layers"])
+        if ltype in ("lstm", "gru"):
+            return InputShape(ndim=2, sizes={-1: p["in"]})
+        if ltype in ("transformer_encoder_layer", "positional_embedding"):
+            return InputShape(ndim=2, sizes={-1: p["dim"]})
+        if ltype == "pool_sequence" or (ltype == "embedding" and p["columns"] is not None):
+            return InputShape(ndim=2 if ltype == "pool_sequence" else 1)
         return InputShape()
     return InputShape()
 

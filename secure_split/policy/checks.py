@@ -535,6 +535,27 @@ def _protection_findings(policy: Policy, deployment: Deployment) -> list[Finding
     return out
 
 
+def _architecture_findings(policy: Policy, deployment: Deployment) -> list[Finding]:
+    """`require.public_architecture`: these segments' models must be in the deployment, not only
+    their commitments."""
+    wanted = policy.requirements.public_architecture
+    segments = deployment.spec.segments
+    names = sorted(segments) if wanted is None else sorted(wanted)
+    line = policy.line_of("require", "public_architecture")
+    out = []
+    for sname in names:
+        seg = segments.get(sname)
+        if seg is None:
+            out.append(Finding("error", "require:public_architecture", f"the policy requires a public "
+                               f"architecture for '{sname}', which is not a segment of the deployment", line=line))
+        elif seg.model is None:
+            out.append(Finding("error", "require:public_architecture", f"the policy requires a public architecture "
+                               f"for segment '{sname}', but the deployment holds only its commitment: publish "
+                               f"its model in the deployment (segments.{sname}.model), or change the policy",
+                               line=line))
+    return out
+
+
 def check_deployment(policy: Policy, deployment: Deployment) -> list[Finding]:
     """Check a policy against a deployment (independent of the current time and of signatures).
 
@@ -542,7 +563,7 @@ def check_deployment(policy: Policy, deployment: Deployment) -> list[Finding]:
         The policy's own findings plus: party/peer and fingerprint mismatches, assets placed where
         the deployment cannot use them without moving them, every required flow the policy denies
         (with the edge and the denying rule), constraints the deployment cannot meet (min_batch),
-        and required protections it does not configure.
+        and required protections it does not configure (HE merges, public architectures).
     """
     out: list[Finding] = []
     if policy.path.resolve() != deployment.policy_path:
@@ -559,6 +580,7 @@ def check_deployment(policy: Policy, deployment: Deployment) -> list[Finding]:
     out += _placement_findings(policy, deployment)
     out += _flow_findings(policy, deployment)
     out += _protection_findings(policy, deployment)
+    out += _architecture_findings(policy, deployment)
     return out
 
 

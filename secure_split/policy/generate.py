@@ -109,7 +109,9 @@ def policy_for_deployment(
         rule["max_bytes"] = max_bytes
         if rf.kind in _TENSOR_KINDS:
             rule["min_batch"] = min(DEFAULT_MIN_BATCH, batch)
-            rule["dtype"] = "float32"
+            # The wire dtype the deployment pins for the edge (its interface), float32 by default.
+            interface = deployment.edge(rf.edge).interface if rf.edge else None
+            rule["dtype"] = interface.dtype if interface is not None else "float32"
         elif rf.kind == "prediction":
             rule["dtype"] = "int64"  # one argmax class per sample
         allow.append(rule)

@@ -234,6 +234,7 @@ class Requirements:
     he_merge: frozenset[str] | None = frozenset()  # None = every sum/mean merge fed by ≥2 peers
     ckks: CkksRequirement = CkksRequirement()
     ckks_given: bool = False
+    public_architecture: frozenset[str] | None = frozenset()  # None = every segment
 
 
 @dataclass(frozen=True)

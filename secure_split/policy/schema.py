@@ -163,6 +163,7 @@ class RequireSpec(_Strict):
     edges: dict[str, EdgeRequirementSpec] = Field(default_factory=dict)
     he_merge: Any = None
     ckks: CkksSpec | None = None
+    public_architecture: Any = None
 
 
 class EgressSpec(_Strict):
@@ -438,16 +439,8 @@ def _requirements(spec: RequireSpec, doc: YamlDocument, problems: list[ConfigPro
                 line=doc.line_of(key),
             )
         )
-    he_merge: frozenset[str] | None = frozenset()
-    if spec.he_merge is not None:
-        names = _names(spec.he_merge, ("require", "he_merge"), "segment", doc, problems)
-        if WILDCARD in names:
-            he_merge = None
-        else:
-            for n in names:
-                if not NAME_RE.match(n):
-                    problems.append(doc.problem(("require", "he_merge"), f"'{n}' is not a segment name"))
-            he_merge = frozenset(names)
+    he_merge = _segment_names(spec.he_merge, "he_merge", doc, problems)
+    public_architecture = _segment_names(spec.public_architecture, "public_architecture", doc, problems)
     ckks = CkksRequirement()
     if spec.ckks is not None:
         degree: int = spec.ckks.min_poly_modulus_degree
@@ -461,7 +454,23 @@ def _requirements(spec: RequireSpec, doc: YamlDocument, problems: list[ConfigPro
             problems.append(doc.problem(key, message))
         if not found:
             ckks = CkksRequirement(degree, tuple(bits), spec.ckks.security_bits, spec.ckks.scale_bits)
-    return Requirements(edges=tuple(edges), he_merge=he_merge, ckks=ckks, ckks_given=spec.ckks is not None)
+    return Requirements(edges=tuple(edges), he_merge=he_merge, ckks=ckks, ckks_given=spec.ckks is not None,
+                        public_architecture=public_architecture)
+
+
+def _segment_names(
+    value: Any, key: str, doc: YamlDocument, problems: list[ConfigProblem]
+) -> frozenset[str] | None:
+    """`require.KEY`: segment names, or '*' (None: every segment); empty when not given."""
+    if value is None:
+        return frozenset()
+    names = _names(value, ("require", key), "segment", doc, problems)
+    if WILDCARD in names:
+        return None
+    for n in names:
+        if not NAME_RE.match(n):
+            problems.append(doc.problem(("require", key), f"'{n}' is not a segment name"))
+    return frozenset(names)
 
 
 def policy_from_document(doc: YamlDocument) -> Policy:

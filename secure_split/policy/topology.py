@@ -111,7 +111,7 @@ def shared_models(deployment: Deployment) -> dict[str, list[str]]:
     groups: dict[str, list[str]] = {}
     for sname, seg in sorted(spec.segments.items()):
         if seg.input == "features":
-            groups.setdefault(digest_of(seg.model), []).append(sname)
+            groups.setdefault(digest_of([seg.model, seg.commitment, seg.parameters]), []).append(sname)
     out: dict[str, list[str]] = {}
     for segs in groups.values():
         if len({spec.segments[s].peer for s in segs}) >= 2:

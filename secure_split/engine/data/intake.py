@@ -124,8 +124,11 @@ def load_rows_to_predict(cfg: PeerConfig, path: str | Path, preprocessing: Prepr
     return preprocessing.apply(site)
 
 
-def _classes(model: list[dict[str, Any]]) -> int | None:
-    """The output width of a layer list, where its last linear layer fixes it."""
+def _classes(model: Any) -> int | None:
+    """The output width of a layer list, where its last linear layer fixes it (None for a preset
+    or a private model: their output is checked when the executor builds them)."""
+    if not isinstance(model, list):
+        return None
     for layer in reversed(model):
         spec = layer.get("linear") if isinstance(layer, dict) else None
         if isinstance(spec, dict) and isinstance(spec.get("out"), int):

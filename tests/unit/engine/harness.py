@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from secure_split.architecture import SegmentSource
 from secure_split.config import Deployment, load_deployment
 from secure_split.engine import zoo
 from secure_split.engine.data import PeerData
@@ -106,19 +107,22 @@ def write_deployment(tmp_path: Path, text: str, name: str = "deployment.yaml") -
 
 
 def make_executors(
-    dep: Deployment, datas: Mapping[str, PeerData | None], *, noise_seed: int | None = 0
+    dep: Deployment, datas: Mapping[str, PeerData | None], *, noise_seed: int | None = 0,
+    sources: Mapping[str, Mapping[str, SegmentSource]] | None = None,
 ) -> dict[str, PeerExecutor]:
-    """One executor per peer that owns a segment."""
+    """One executor per peer that owns a segment (`sources`: peer -> its segment sources)."""
     peers = {seg.peer for seg in dep.spec.segments.values()}
-    return {p: PeerExecutor(dep, p, datas.get(p), noise_seed=noise_seed) for p in sorted(peers)}
+    return {p: PeerExecutor(dep, p, datas.get(p), noise_seed=noise_seed, sources=(sources or {}).get(p))
+            for p in sorted(peers)}
 
 
 def train_split(
-    dep: Deployment, datas: Mapping[str, PeerData | None], ids: Any, *, epochs: int | None = None
+    dep: Deployment, datas: Mapping[str, PeerData | None], ids: Any, *, epochs: int | None = None,
+    sources: Mapping[str, Mapping[str, SegmentSource]] | None = None,
 ) -> dict[str, Any]:
     """Train over the LocalRouter on the same schedule as `train_centralized`; same result keys."""
     training = dep.spec.training
-    router = LocalRouter(make_executors(dep, datas))
+    router = LocalRouter(make_executors(dep, datas, sources=sources))
     train_ids, test_ids = split_train_test(np.asarray(ids), training.test_fraction, training.seed)
     losses: list[float] = []
     step = 0

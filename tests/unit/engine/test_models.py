@@ -39,7 +39,16 @@ EXAMPLES: dict[str, tuple[dict[str, Any], tuple[int, ...], tuple[int, ...]]] = {
     "layernorm": ({"shape": 3}, (2, 3), (2, 3)),
     "reshape": ({"shape": [1, 2, -1]}, (2, 6), (2, 1, 2, 3)),
     "upsample": ({"scale": 2, "mode": "bilinear"}, (2, 1, 2, 2), (2, 1, 4, 4)),
+    "residual": ({"layers": [{"linear": {"in": 3, "out": 3}}, {"relu": {}}]}, (2, 3), (2, 3)),
+    "embedding": ({"num": 5, "dim": 4}, (2, 3), (2, 3, 4)),
+    "positional_embedding": ({"length": 6, "dim": 4}, (2, 5, 4), (2, 5, 4)),
+    "lstm": ({"in": 4, "hidden": 3}, (2, 5, 4), (2, 5, 3)),
+    "gru": ({"in": 4, "hidden": 3, "bidirectional": True, "output": "last"}, (2, 5, 4), (2, 6)),
+    "transformer_encoder_layer": ({"dim": 8, "heads": 2, "feedforward": 16}, (2, 5, 8), (2, 5, 8)),
+    "pool_sequence": ({"how": "max"}, (2, 5, 4), (2, 4)),
 }
+# Layer types that read whole numbers (token ids) rather than any real value.
+INTEGER_INPUTS = {"embedding"}
 
 
 def test_every_layer_type_has_an_example() -> None:
@@ -50,7 +59,8 @@ def test_every_layer_type_has_an_example() -> None:
 def test_each_layer_type_builds_and_runs(name: str) -> None:
     params, shape_in, shape_out = EXAMPLES[name]
     module = build_segment([{name: params}], seed=0)
-    assert tuple(module(torch.randn(shape_in)).shape) == shape_out
+    x = torch.randint(0, 5, shape_in).float() if name in INTEGER_INPUTS else torch.randn(shape_in)
+    assert tuple(module(x).shape) == shape_out
 
 
 def test_zoo_models_validate_and_chain() -> None:
