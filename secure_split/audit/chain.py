@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from secure_split.audit.encoding import JSONDecodeError, canonical_problem, encode_entry, parse
+from secure_split.audit.encoding import JSONDecodeError, canonical_problem, encode_entry, parse, value_problem
 from secure_split.audit.facts import FactCollector, LogFacts
 from secure_split.audit.format import (
     CHECKPOINT_KEYS,
@@ -34,6 +34,7 @@ from secure_split.audit.format import (
     HEX64,
     HEX128,
     MAX_LINE_BYTES,
+    MESSAGE_EVENTS,
     genesis_hash,
     head_message,
 )
@@ -205,6 +206,8 @@ class LogScanner:
                 out = (h, None, "not a JSON object", None)
             else:
                 canon = canonical_problem(line, entry)
+                if canon is None and entry.get("event") not in MESSAGE_EVENTS:
+                    canon = value_problem(entry)
                 problem = None
                 keys = entry.keys()
                 if keys != ENTRY_KEYS:

@@ -388,10 +388,16 @@ class FactCollector:
         if type(n) is not int or n < 0:
             self.malformed(seq, "a message's protocol seq must be a non-negative integer")
             return
+        shape = d["shape"]
+        batch = d["batch_size"]
+        if type(d["step"]) is not int or type(d["nbytes"]) is not int or not 0 <= d["nbytes"] < 2**63 \
+                or (batch is not None and type(batch) is not int) \
+                or (shape is not None and (type(shape) is not list or any(type(x) is not int for x in shape))):
+            self.malformed(seq, "a message's step, nbytes, batch_size and shape are integers (canonical form: "
+                                "never a float such as 112.0)")
         s = self._stream(sender, receiver, d["session"], seq)
         if s is None:
             return
-        shape = d["shape"]
         facts = (n, d["kind"], d["edge"], d["step"], d["nbytes"], d["dtype"],
                  tuple(shape) if type(shape) is list else shape, d["batch_size"], d["digest"])
         try:
