@@ -399,6 +399,7 @@ _COUNT = MetaField("int", min_value=0)
 _REASON = MetaField("str", max_len=4000)
 _SHORT = MetaField("str", max_len=64)
 _HASH = MetaField("str", max_len=128)  # compared by the session, which names both in its refusal
+_HEX64_FIELD = MetaField("str", pattern=_HEX64)
 _PHASE = MetaField("str", choices=_PHASES)
 _TENSOR_KIND = KindRule(optional={"phase": _PHASE, "micro": _COUNT}, tensors=(1, 1), edge=Presence.REQUIRED)
 _SYNC_KIND = KindRule(
@@ -409,6 +410,11 @@ _SYNC_KIND = KindRule(
         "reason": _REASON,
         # horizontal schedules: the owner a barrier concerns (hand weights to it, or it dropped)
         "to": MetaField("str", pattern=NAME_PATTERN),
+        # audit format 2: the start barrier announces the run (run id, every peer's nonce);
+        # a barrier_ack signs the sender's own metrics (secure_split.audit.MetricsStatement)
+        "run_id": _HEX64_FIELD,
+        "nonces": MetaField("plain"),
+        "metrics_sig": MetaField("str", pattern=re.compile(r"[0-9a-f]{128}")),
     },
 )
 _SEALED_KIND = KindRule(
@@ -425,7 +431,9 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
                 "nonce": MetaField("bytes", exact_len=16),
             },
             # rows: an owner's row count, for a coordinator that schedules row positions, not ids
-            optional={"checkpoints": MetaField("int_list", max_len=4096), "software": _SHORT, "rows": _COUNT},
+            optional={"checkpoints": MetaField("int_list", max_len=4096), "software": _SHORT, "rows": _COUNT,
+                      # audit format 2: the sender process's fresh run nonce (64 hex digits)
+                      "run_nonce": _HEX64_FIELD},
         ),
         Kind.REFUSE: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
         Kind.ERROR: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
@@ -451,7 +459,9 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
                 "seq": _COUNT,
                 "head": _HASH,
                 "signature": MetaField("str", max_len=256),
-            }
+            },
+            # audit format 2: the run the head binds ("" before the run is bound) and the signer's nonce
+            optional={"run_id": MetaField("str", pattern=re.compile(r"(?:[0-9a-f]{64})?")), "nonce": _HEX64_FIELD},
         ),
         Kind.HE_CONTEXT: _SEALED_KIND,
         Kind.ENCRYPTED_ACTIVATION: _SEALED_KIND,
