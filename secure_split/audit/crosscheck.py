@@ -61,6 +61,12 @@ class CrossCheck:
 
     def run(self) -> tuple[list[Finding], dict[str, int]]:
         """Run every check; returns (findings, counts)."""
+        support: dict[str, int] = {}
+        for log in self.logs.values():
+            for run in {r for seg in log.segments for _a, r, _n in seg.runs}:
+                support[run] = support.get(run, 0) + 1
+        self.support = support
+        self.top = max(support.values(), default=0)
         self._heads()
         self._runs()
         self._tails()
@@ -72,6 +78,7 @@ class CrossCheck:
 
     def _heads(self) -> None:
         variants: dict[tuple[str, str, int], dict[str, list[str]]] = {}
+        run_of: dict[tuple[str, str], str] = {}
         for holder in self.logs.values():
             bad_key, bad_sig = [], []
             for cp, s, h, sig, key, run, nonce, at in holder.heads:
@@ -87,6 +94,7 @@ class CrossCheck:
                     bad_sig.append(at)
                     continue
                 variants.setdefault((cp, nonce, s), {}).setdefault(h, []).append(f"{holder.peer}:{at}")
+                run_of[(cp, nonce)] = run
             if bad_key:
                 self.findings.append(_f("unknown_key", holder, bad_key, "recorded counterparty heads name a key that "
                                         "is not that peer's key in the deployment", party=holder.peer))
@@ -112,6 +120,8 @@ class CrossCheck:
             if log is None:
                 continue
             if not any(seg.nonce == nonce for seg in log.segments):
+                if self.support.get(run_of.get((peer, nonce), ""), 0) < self.top:
+                    continue  # a run only the holder's log binds: the holder's log is the odd one out
                 nonces, ev = missing_segment.setdefault(peer, (set(), set()))
                 nonces.add(nonce)
                 ev.update(witnesses)
@@ -162,6 +172,8 @@ class CrossCheck:
                             continue
                         if any(s.nonce == nonce for s in other.segments):
                             continue
+                        if self.support.get(run, 0) < self.top:
+                            continue  # this log binds a run the others do not: blamed through their evidence
                         if run in signed_runs.get(q, set()):
                             self.findings.append(_f("run_mismatch", other, [], f"{q}'s log holds no segment with the "
                                                     f"nonce run {run[:16]}... names for it, though {q} signed heads "

@@ -82,3 +82,10 @@ def canonical_problem(line: bytes, entry: Any) -> str | None:
     if again != line:
         return "not in canonical encoding (sorted keys, each once, no spaces, canonical escapes and numbers)"
     return None
+
+
+def checkpoint_body_hash(entry: dict[str, Any]) -> str:
+    """The entry hash of a checkpoint: SHA-256 of the canonical encoding of the entry without `sig`."""
+    import hashlib
+
+    return hashlib.sha256(encode_entry({k: v for k, v in entry.items() if k != "sig"})).hexdigest()
