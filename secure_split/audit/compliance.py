@@ -61,6 +61,7 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
         times: list[datetime | None] = [*sorted({w for t in facts.message_times if t and (w := _when(t))})]
         raw: dict[str, list[int]] = {}
         denied: dict[str, list[int]] = {}
+        denied_count: dict[str, int] = {}
         for flow_key, (count, seqs) in facts.flows.items():
             if skip and all((seg := facts.segment_of(s)) is not None and seg.index in skip for s in seqs):
                 continue
@@ -85,7 +86,9 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
                     refusal = decision
             flows_checked += count
             if refusal is not None:
-                denied.setdefault(f"{refusal.reason} (rule {refusal.rule_id})", []).extend(seqs)
+                why = f"{refusal.reason} (rule {refusal.rule_id})"
+                denied.setdefault(why, []).extend(seqs)
+                denied_count[why] = denied_count.get(why, 0) + count
         for kind, seqs in raw.items():
             findings.append(Finding(
                 "raw_data", facts.peer, facts.file, to_ranges(seqs),
@@ -94,5 +97,6 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
         for reason, seqs in denied.items():
             findings.append(Finding(
                 "policy_violation", facts.peer, facts.file, to_ranges(seqs),
-                f"logged flow(s) not allowed by the policy: {reason} (entries shown: a sample)", party=facts.peer))
+                f"{denied_count[reason]} logged message(s) not allowed by the policy: {reason} (entries shown: the "
+                "first of each flow)", party=facts.peer))
     return findings, {"flows_checked": flows_checked, "policy_decisions": len(decided)}, problems
