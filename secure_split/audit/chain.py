@@ -262,22 +262,24 @@ class LogScanner:
     def feed(self, line: bytes) -> None:
         """Verify the next complete line."""
         self.lines += 1
-        if not line or line[0] != 0x7B:  # not even the start of an object: part of a run of garbage
+        info = self._info(line) if line and line[0] == 0x7B else None
+        if info is None or info.entry is None:  # not an entry at all: part of a run of garbage
             if self._garbage_run == 0:
                 self._garbage_from = self.lines
             self._garbage_run += 1
             if self._garbage_run > GARBAGE_KEPT:
                 return
-            self._step(LineInfo(-1, "", _SHA256(line).hexdigest(), "", "not a JSON entry", False, None, self.lines))
+            self._step(info or LineInfo(-1, "", _SHA256(line).hexdigest(), "", "not a JSON entry", False, None,
+                                        self.lines))
             return
         if self._garbage_run:
             self._end_garbage_run()
-        self._step(self._info(line))
+        self._step(info)
 
     def _end_garbage_run(self) -> None:
         if self._garbage_run:
             self._garbage_total += self._garbage_run
-            if len(self._garbage_ranges) < 64:
+            if len(self._garbage_ranges) < 16:
                 self._garbage_ranges.append((self._garbage_from, self._garbage_from + self._garbage_run - 1))
             self._garbage_run = 0
 
@@ -379,8 +381,18 @@ class LogScanner:
                        f"entries {format_ranges(to_ranges(verdict.reordered))} are out of order "
                        f"(lines {line_of[0]}-{line_of[hi]})")
         authentic = sorted((region[p] for p in verdict.authentic), key=lambda i: i.seq)
+        if verdict.modified or verdict.deleted:
+            self.collector.taint()
+        # A modified run_start still opens its segment (its nonce is what later signatures bind), so
+        # one changed byte there does not make every later checkpoint unverifiable too.
+        starts = [(s, region[p]) for s, (p, _how) in verdict.modified.items()
+                  if region[p].event == "run_start" and region[p].entry is not None and region[p].seq == s]
         for info in authentic:
+            while starts and starts[0][0] < info.seq:
+                self.collector.adopt_run_start(starts.pop(0)[1].entry, info.seq)
             self._accept(info)
+        for _s, start in starts:
+            self.collector.adopt_run_start(start.entry, start.seq)
         rest = region[hi + 1:]
         self._region = []
         for info in rest[:-1]:
@@ -396,6 +408,16 @@ class LogScanner:
             if last is not None:
                 self.seq, self.head = last.seq, last.hash
 
+    def _whole_entry(self, torn: bytes) -> bool:
+        """True when a torn tail is a complete entry linking to the chain (with or without one byte more)."""
+        for candidate in (torn, torn[:-1]):
+            if not candidate.startswith(b"{"):
+                continue
+            info = self._info(candidate)
+            if info.entry is not None and info.seq == self.seq + 1 and info.prev == self.head:
+                return True
+        return False
+
     def finish(self, torn: bytes = b"", torn_length: int = 0) -> tuple[FileReport, LogFacts]:
         """End of file: close any open region, judge the end, and return the report and facts."""
         self._end_garbage_run()
@@ -408,13 +430,18 @@ class LogScanner:
         for a, b in self._garbage_ranges:
             if b - a + 1 > GARBAGE_KEPT:
                 self.found("garbage", [], f"lines {a}-{b} ({b - a + 1} lines) are not entries")
-        if self._garbage_total and len(self._garbage_ranges) >= 64:
-            self.found("garbage", [], f"{self._garbage_total} lines in all are not entries")
+        if self._garbage_total and len(self._garbage_ranges) >= 16:
+            self.found("garbage", [], f"{self._garbage_total} lines in all are not entries (only the first "
+                                      "16 ranges are listed)")
         for line_no, length in self._overlong:
             self.found("garbage", [], f"line {line_no} is {length} bytes long (the limit is {MAX_LINE_BYTES}): "
                                       "an entry never holds payloads")
         torn_length = torn_length or len(torn)
-        if torn_length:
+        if torn and self._whole_entry(torn):
+            self.found("modified", [self.seq + 1], f"the last {len(torn)} bytes are a whole entry that links to the "
+                       "chain but lacks its newline: the writer writes each line and its newline in one write, so "
+                       "the newline was removed or changed after the fact")
+        elif torn_length:
             self.found("torn_tail", [self.seq + 1], f"the last {torn_length} bytes are a partial line (the writer "
                        "stopped mid-write, e.g. a crash); they are not part of the log", severity="warning")
         facts = self.collector.finish()

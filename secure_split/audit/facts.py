@@ -80,6 +80,9 @@ class Segment:
     final: bool = False
     last_disallowed_seq: int = -1
     checkpoints: list[int] = field(default_factory=list)
+    tainted: bool = False  # the chain breaks inside it: its run binding may be among the lost entries
+    deferred: list[tuple[int, str, str]] = field(default_factory=list)  # checkpoints to settle at its end
+    candidate_runs: set[str] = field(default_factory=set)
 
     @property
     def run(self) -> str:
@@ -255,17 +258,56 @@ class FactCollector:
             missing = data["missing"]
             seg.close_missing = [str(m) for m in missing] if type(missing) is list else []
 
-    def _run_start(self, data: dict[str, Any], seq: int) -> None:
+    def taint(self) -> None:
+        """The chain breaks in the current segment (entries modified or deleted): its run binding may
+        be among them, so checkpoints that do not verify under the binding in force are settled at the
+        segment's end against every run id the segment names."""
+        if self.seg is not None:
+            self.seg.tainted = True
+
+    def _settle(self, seg: Segment) -> None:
+        for seq, entry_hash, signature in seg.deferred:
+            for run in sorted(seg.candidate_runs | {r for _a, r, _n in seg.runs} | {""}):
+                msg = head_message(self.peer, seq, entry_hash, self.dep, run=run, nonce=seg.nonce)
+                if signature_valid(self.own_key, msg, signature):
+                    self.facts.checkpoints[seq] = (entry_hash, signature, True, run, seg.nonce)
+                    seg.checkpoints.append(seq)
+                    if seq == seg.last_seq and seg.run_end_seq >= 0:
+                        seg.final = True
+                    break
+            else:
+                self.finding("forged_signature", [seq], f"checkpoint {seq} does not verify with {self.peer}'s key "
+                                                        "(over its head, run and nonce): rewritten or forged")
+        seg.deferred.clear()
+        seg.checkpoints.sort()
+
+    def adopt_run_start(self, entry: Any, seq: int) -> None:
+        """Open a segment from a run_start the chain shows modified (reported as such): its nonce is
+        still what the segment's later signatures bind."""
+        data = entry.get("data") if isinstance(entry, dict) else None
+        if type(data) is not dict:
+            return
+        self._run_start({"nonce": data.get("nonce"), "deployment_hash": data.get("deployment_hash", self.dep),
+                         "policy_hash": data.get("policy_hash", entry.get("policy")), "previous": data.get("previous")},
+                        seq, quiet=True)
+
+    def _run_start(self, data: dict[str, Any], seq: int, *, quiet: bool = False) -> None:
         prev_seg = self.seg
+        if prev_seg is not None:
+            self._settle(prev_seg)
         nonce = data["nonce"]
         if type(nonce) is not str or not HEX64.fullmatch(nonce):
             self.malformed(seq, "run_start's nonce must be 64 lowercase hex digits")
             nonce = ""
-        if data["deployment_hash"] != self.dep:
+        if quiet:
+            pass
+        elif data["deployment_hash"] != self.dep:
             self.finding("run_mismatch", [seq], f"run_start names deployment {str(data['deployment_hash'])[:16]}..., "
                                                 f"not the deployment verified ({self.dep[:16]}...)")
         previous = data["previous"]
-        if prev_seg is None:
+        if quiet:
+            pass
+        elif prev_seg is None:
             if previous is not None:
                 self.malformed(seq, "the file's first run_start names a previous segment")
         elif type(previous) is not dict or previous.get("seq") != seq - 1 \
@@ -312,7 +354,9 @@ class FactCollector:
         run = seg.run
         valid = bool(HEX128.fullmatch(signature)) and signature_valid(
             key, head_message(self.peer, seq, entry_hash, self.dep, run=run, nonce=seg.nonce), signature)
-        if not valid:
+        if not valid and seg.tainted and len(seg.deferred) < 4096:
+            seg.deferred.append((seq, entry_hash, signature))
+        elif not valid:
             self.finding("forged_signature", [seq], f"checkpoint {seq} does not verify with {self.peer}'s key "
                                                     "(over its head, run and nonce): rewritten or forged")
         self.facts.checkpoints[seq] = (entry_hash, signature, valid, run, seg.nonce)
@@ -324,7 +368,9 @@ class FactCollector:
         seg = self.seg
         assert seg is not None
         cp, run, nonce = data["counterparty"], data["run_id"], data["nonce"]
-        if not seg.runs or run != seg.run or self._nonces.get(cp) != nonce:
+        if seg.tainted and (not seg.runs or run != seg.run) and type(run) is str:
+            seg.candidate_runs.add(run)  # its run_bound may be among the entries lost: judged by the heads' owner
+        elif not seg.runs or run != seg.run or self._nonces.get(cp) != nonce:
             self.finding("run_mismatch", [seq],
                          f"a head of '{cp}' recorded for run {str(run)[:16]}... (nonce {str(nonce)[:12]}...) while "
                          f"this segment is bound to run {seg.run[:16] or '(none)'}...: the writer refuses such a head, "
@@ -336,7 +382,7 @@ class FactCollector:
         seg = self.seg
         assert seg is not None
         cp, epoch, values, run = data["counterparty"], data["epoch"], data["values"], data["run_id"]
-        if not seg.runs or run != seg.run:
+        if (not seg.runs or run != seg.run) and not seg.tainted:
             self.finding("run_mismatch", [seq], f"metrics of '{cp}' recorded for another run than this segment's")
             return
         key = self.keys.get(cp) if isinstance(cp, str) else None
@@ -440,6 +486,8 @@ class FactCollector:
 
     def finish(self) -> LogFacts:
         """Report what can only be judged at the end of the log, and return its facts."""
+        if self.seg is not None:
+            self._settle(self.seg)
         for why, seqs in self._malformed.items():
             self.finding("malformed", seqs, why)
         if self._time_bad_count:

@@ -175,7 +175,10 @@ def diagnose_region(
         elif tail is not None:
             last_gap = tail[1]
         else:
-            last_gap = first_gap + len(suspects) - 1
+            # An unanchored end: each readable line may stand for one entry, and a run of lines that
+            # are not entries for at most one (the rest of the run is junk, reported as one range).
+            readable = sum(1 for p in suspects if infos[p].seq >= 0)
+            last_gap = first_gap + readable + (1 if readable < len(suspects) else 0) - 1
         # The gap is a range: a forged seq must not make the verifier list billions of numbers.
         gap = range(first_gap, max(first_gap, last_gap + 1))
         taken = set(out.modified)
