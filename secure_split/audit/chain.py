@@ -69,7 +69,7 @@ class VerifyContext:
     keys: Mapping[str, str]
     cache_lines: bool = False
     own_only: bool = False
-    _cache: dict[bytes, tuple[str, Any, str | None]] = field(default_factory=dict, repr=False)
+    _cache: dict[bytes, tuple[str, Any, str | None, str | None]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_deployment(cls, deployment: Any, *, cache_lines: bool = False) -> VerifyContext:

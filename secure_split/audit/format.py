@@ -300,8 +300,8 @@ class SignedHead:
             problems.append("nonce must be 64 lowercase hex digits (a peer of audit format 1 sends none)")
         if problems:
             raise RemoteProtocolError("malformed signed audit head: " + "; ".join(problems))
-        return cls(peer=str(peer), seq=int(seq), head=str(head), signature=str(sig), run=str(run),
-                   nonce=str(nonce))
+        assert isinstance(seq, int)
+        return cls(peer=str(peer), seq=seq, head=str(head), signature=str(sig), run=str(run), nonce=str(nonce))
 
 
 @dataclass(frozen=True)

@@ -292,10 +292,9 @@ class AuditReport:
                 style = "yellow" if f.severity == "warning" else "red"
                 party = f.party or ("one of " + ", ".join(f.suspects) if f.suspects else "-")
                 table.add_row(Text(f.severity, style=style), f.kind, f.peer, format_ranges(f.entries), party, msg)
-            if self.suppressed:
-                parts.append(table)
-                table = Text(f"... and {self.suppressed} more finding(s) not shown", style="red")
             parts.append(table)
+            if self.suppressed:
+                parts.append(Text(f"... and {self.suppressed} more finding(s) not shown", style="red"))
         for reason in self.unverifiable:
             parts.append(Text(f"cannot verify: {reason}", style="red"))
         checks = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in sorted(self.checks.items()))

@@ -89,7 +89,7 @@ def test_entries_are_canonical_hash_chained_and_checkpoints_bind_the_run(tmp_pat
     assert (head.run, head.nonce) == (run_id, a.run_nonce)
     verify_signature(alice.sign_key_hex, head_message("alice", head.seq, head.head, DEP, run=run_id,
                                                       nonce=a.run_nonce), bytes.fromhex(head.signature))
-    lines, torn = read_log(tmp_path / "alice.jsonl")
+    lines, _torn = read_log(tmp_path / "alice.jsonl")
     entries = [parse(line) for line in lines]
     prev = genesis_hash("alice", DEP, a.run_nonce)
     for line, e in zip(lines, entries, strict=True):
@@ -213,7 +213,7 @@ def test_legacy_record_run_start_is_accepted_when_it_says_what_open_wrote(tmp_pa
     assert log.record("run_start", deployment_hash=DEP, policy_hash=POL, resumed=False, resume_epoch=None,
                       versions={"secure_split": secure_split.__version__,
                                 "protocol": secure_split.PROTOCOL_VERSION}) == 0
-    with pytest.raises(AuditError, match="written by AuditLog.open"):
+    with pytest.raises(AuditError, match=r"written by AuditLog\.open"):
         log.record("run_start", deployment_hash=DEP, policy_hash=POL, resumed=True, resume_epoch=3, versions={})
 
 
