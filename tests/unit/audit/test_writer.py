@@ -188,12 +188,26 @@ def test_writer_refuses_values_that_could_carry_payloads(tmp_path: Path, alice: 
     assert log.seq == 0
 
 
-def test_writer_refuses_the_peers_secret_key_as_text(tmp_path: Path, alice: Identity) -> None:
+def test_writer_refuses_an_entry_holding_the_peers_secret_key_as_text(tmp_path: Path, alice: Identity) -> None:
+    import base64
+
+    from secure_split.crypto.z85 import z85_encode
+
+    seed, transport = bytes(alice._signing), bytes(alice._transport)
+    forms = [seed.hex(), seed.hex().upper(), transport.hex(), z85_encode(transport), z85_encode(seed),
+             base64.b64encode(seed).decode(), base64.urlsafe_b64encode(transport).decode().rstrip("=")]
+    assert set(forms) <= set(alice.secret_text_forms())
     log = open_log(tmp_path / "alice.jsonl", alice)
-    for form in alice.secret_text_forms():
-        with pytest.raises(AuditError, match="secret key as text"):
-            log.record("error", reason=f"key {form}", error="E")
-    assert log.seq == 0
+    log.record("error", reason="a harmless reason", error="E")
+    for form in forms:  # anywhere in the entry: a field of its own, inside a longer string, in a list
+        for fields in ({"reason": form}, {"reason": f"key file said {form}!"}, {"reason": "r", "items": ["a", form]}):
+            with pytest.raises(AuditError, match="secret key as text") as info:
+                log.record("error", error="E", **fields)
+            assert form not in str(info.value)
+    assert log.seq == 1  # run_start and the harmless entry only
+    assert all(f.encode() not in (tmp_path / "alice.jsonl").read_bytes() for f in alice.secret_text_forms())
+    other = generate_identity("mallory")  # another peer's key is not this writer's secret
+    log.record("error", reason=bytes(other._signing).hex(), error="E")
 
 
 def test_numbers_are_normalised_and_non_finite_floats_become_strings(tmp_path: Path, alice: Identity) -> None:
