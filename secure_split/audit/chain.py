@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from secure_split.audit.encoding import (
+    SORT_KEYS as _SORT,
+)
 from secure_split.audit.encoding import JSONDecodeError, canonical_problem, encode_entry, parse, value_problem
+from secure_split.audit.encoding import dumps as _encode_fast
 from secure_split.audit.facts import FactCollector, LogFacts
 from secure_split.audit.format import (
     CHECKPOINT_KEYS,
@@ -41,6 +45,10 @@ from secure_split.audit.format import (
 from secure_split.audit.regions import LineInfo, diagnose_region, paused_gc, signature_valid
 from secure_split.audit.report import MAX_FINDINGS, FileReport, Finding, format_ranges, to_ranges
 from secure_split.errors import AuditError
+
+_FAST_EVENTS = frozenset({"message_sent", "message_received"})
+"""Events the fast path takes (their numbers are checked field by field by the collector)."""
+_parse_fast = parse
 
 REGION_LINES = 4096
 """Most lines of one broken region kept for its diagnosis; past it the region is judged as it stands."""
@@ -262,6 +270,25 @@ class LogScanner:
     def feed(self, line: bytes) -> None:
         """Verify the next complete line."""
         self.lines += 1
+        if not self._region and self._cache is None and line[:1] == b"{" and self.head:
+            # The common case, inlined: a canonical entry that links to the chain.
+            try:
+                entry = _parse_fast(line)
+            except JSONDecodeError:
+                entry = None
+            if type(entry) is dict and entry.keys() == ENTRY_KEYS and entry["seq"] == self.seq + 1 \
+                    and entry["prev"] == self.head and type(entry["seq"]) is int and entry["peer"] == self.peer \
+                    and entry["v"] == FORMAT_VERSION and type(entry["v"]) is int and type(entry["policy"]) is str \
+                    and entry["event"] in _FAST_EVENTS and _encode_fast(entry, option=_SORT) == line:
+                if self._garbage_run:
+                    self._end_garbage_run()
+                fast = LineInfo(entry["seq"], entry["prev"], _SHA256(line).hexdigest(), entry["event"], None, False,
+                                entry, self.lines, None)
+                if self._pending is not None:
+                    self._accept(self._pending)
+                self._pending = fast
+                self.seq, self.head = fast.seq, fast.hash
+                return
         info = self._info(line) if line and line[0] == 0x7B else None
         if info is None or info.entry is None:  # not an entry at all: part of a run of garbage
             if self._garbage_run == 0:

@@ -65,7 +65,8 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
         for flow_key, (count, seqs) in facts.flows.items():
             if skip and all((seg := facts.segment_of(s)) is not None and seg.index in skip for s in seqs):
                 continue
-            direction, sender, receiver, kind, edge, nbytes, dtype, shape, batch = flow_key
+            event, sender, receiver, kind, edge, nbytes, dtype, shape, batch = flow_key
+            direction = "send" if event == "message_sent" else "receive"
             if kind not in KIND_SET:
                 raw.setdefault(str(kind), []).extend(seqs)
                 continue

@@ -441,20 +441,30 @@ class FactCollector:
                 or (shape is not None and (type(shape) is not list or any(type(x) is not int for x in shape))):
             self.malformed(seq, "a message's step, nbytes, batch_size and shape are integers (canonical form: "
                                 "never a float such as 112.0)")
-        s = self._stream(sender, receiver, d["session"], seq)
+        session = d["session"]
+        key = (sender, receiver, session)
+        s = self.facts.streams.get(key)
         if s is None:
-            return
+            s = self._stream(sender, receiver, session, seq)
+            if s is None:
+                return
+        s.last_entry = seq
+        seg_index = self.seg.index if self.seg is not None else 0
+        if seg_index not in s.segments:
+            s.segments.add(seg_index)
         facts = (n, d["kind"], d["edge"], d["step"], d["nbytes"], d["dtype"],
-                 tuple(shape) if type(shape) is list else shape, d["batch_size"], d["digest"])
+                 tuple(shape) if type(shape) is list else shape, batch, d["digest"])
         try:
             s.total = (s.total + hash(facts)) & _MASK
         except TypeError:
             self.malformed(seq, "a message's facts must be scalars (and a list for shape)")
             return
         s.count += 1
-        self._protocol_seq(s, n, d["session"], seq)
-        flow = ("send" if event == "message_sent" else "receive", sender, receiver, facts[1], facts[2], facts[4],
-                facts[5], facts[6], facts[7])
+        if n == s.max_n + 1:
+            s.max_n = n  # the common case: the next protocol seq
+        else:
+            self._protocol_seq(s, n, session, seq)
+        flow = (event, sender, receiver, facts[1], facts[2], facts[4], facts[5], facts[6], batch)
         f = self.facts.flows.get(flow)
         if f is None:
             self.facts.flows[flow] = [1, [seq]]
