@@ -42,6 +42,7 @@ HOLE_WINDOW = 256
 """Protocol seqs a stream may skip and fill later (a sender's threads may log slightly out of order)."""
 
 _MASK = (1 << 64) - 1
+_MESSAGE_FIELDS = SCHEMAS["message_sent"][0]
 _SAMPLE = 16  # entry seqs kept per finding-in-the-making
 
 
@@ -193,6 +194,23 @@ class FactCollector:
         event = entry["event"]
         data = entry["data"]
         t = entry["time"]
+        seg = self.seg
+        last = self._last_time
+        # The common case first: a message entry, in a segment still running, its time in the same
+        # second as the entry before (so only the microseconds need checking) or a valid later one.
+        if (event == "message_sent" or event == "message_received") and seg is not None and seg.run_end_seq < 0 \
+                and type(data) is dict and data.keys() == _MESSAGE_FIELDS and type(t) is str and len(t) == 27 \
+                and t >= last and entry["policy"] == seg.policy_hash \
+                and ((t[:20] == last[:20] and t[26] == "Z" and t[20:26].isascii() and t[20:26].isdigit())
+                     or TIME_FORMAT.fullmatch(t)):
+            self._last_time = t
+            seg.last_seq = seq
+            self.facts.last_seq = seq
+            if data["kind"] not in CLOSE_TAIL_KINDS:
+                seg.last_disallowed_seq = seq
+            seg.final = False
+            self._message(event, data, seq, t)
+            return
         if type(t) is not str or not TIME_FORMAT.fullmatch(t):
             self._time_bad_count += 1
             if len(self._time_bad) < _SAMPLE:
@@ -213,7 +231,6 @@ class FactCollector:
             self.malformed(seq, f"{event} entries carry exactly the fields {sorted(required | optional)} "
                                 f"(FORMAT.md §5); this one has {sorted(keys)}")
             return
-        seg = self.seg
         if event == "run_start":
             self._run_start(data, seq)
             seg = self.seg
