@@ -387,6 +387,8 @@ class FactCollector:
         cp, run, nonce = data["counterparty"], data["run_id"], data["nonce"]
         if seg.tainted and (not seg.runs or run != seg.run) and type(run) is str:
             seg.candidate_runs.add(run)  # its run_bound may be among the entries lost: judged by the heads' owner
+        elif not seg.runs and run == "":
+            pass  # both unbound (a failed start): the head binds the signer's nonce, checked against its log
         elif not seg.runs or run != seg.run or self._nonces.get(cp) != nonce:
             self.finding("run_mismatch", [seq],
                          f"a head of '{cp}' recorded for run {str(run)[:16]}... (nonce {str(nonce)[:12]}...) while "

@@ -191,10 +191,14 @@ class _Run:
             heads[p] = log.checkpoint(f"epoch_end barrier, epoch {epoch}")
         self.exchange_heads(heads, step)
         for p in ("hospital_a", "hospital_b"):
-            statement = self.logs[p].record_epoch_metrics(epoch, {"rows": 64 * step, "loss": 0.5})
-            self.message(p, "lab", "barrier_ack", step)
-            self.logs["lab"].record_counterparty_metrics(statement, self.keys[p])
-        self.logs["lab"].record_epoch_metrics(epoch, {"accuracy": 0.9, "loss": 0.3})
+            if self.logs[p].run_id:
+                statement = self.logs[p].record_epoch_metrics(epoch, {"rows": 64 * step, "loss": 0.5})
+                self.message(p, "lab", "barrier_ack", step)
+                self.logs["lab"].record_counterparty_metrics(statement, self.keys[p])
+            else:
+                self.message(p, "lab", "barrier_ack", step)
+        if self.logs["lab"].run_id:
+            self.logs["lab"].record_epoch_metrics(epoch, {"accuracy": 0.9, "loss": 0.3})
 
     def close_round(self, step: int) -> None:
         """run_end, close heads exchanged and recorded, final heads."""
@@ -223,6 +227,7 @@ def generate_logs(
     identities: dict[str, Any] | None = None,
     clock: Callable[[], int] | None = None,
     crash_at: int | None = None,
+    unbound: bool = False,
 ) -> SyntheticRun:
     """Write a synthetic run's deployment and three peers' audit logs (format 2).
 
@@ -239,6 +244,8 @@ def generate_logs(
         clock: nanosecond clock for entry times (default: a fixed start, +250 µs per entry).
         crash_at: kill every peer after this step (the lab's last gradient to hospital_a in
             flight: logged as sent, never received), then resume as a new run segment.
+        unbound: the peers run no start barrier (no run id) and no close round (`AuditLog.close`),
+            as a failed start does, and as a peer layer that does not run them yet.
 
     Returns:
         Where everything is and how many entries each peer wrote.
@@ -278,7 +285,8 @@ def generate_logs(
 
     rules: dict[tuple[Any, ...], str] = {}
     run = start(seed, False)
-    run.bind()
+    if not unbound:
+        run.bind()
     run.barrier(-1, 0)
     # Entries still to come after the loop: the last barrier (~35), shutdown (4) and the close round (~20).
     closing = 60
@@ -307,7 +315,11 @@ def generate_logs(
     run.barrier(epoch, step + 1)
     for p in ("hospital_a", "hospital_b"):
         run.message("lab", p, "shutdown", step + 1)
-    run.close_round(step + 1)
+    if unbound:
+        for log in run.logs.values():
+            log.close("ok", metrics={"steps": step + 1})
+    else:
+        run.close_round(step + 1)
     counts = {p: sum(1 for _ in (log_dir / f"{p}.jsonl").open("rb")) for p in PEERS}
     return SyntheticRun(root, log_dir, dep_path, dep.hash, policy_path, pol, counts, ids)
 

@@ -99,6 +99,7 @@ class AuditLog:
         self._pending: tuple[int, str, str] | None = None
         self._start_fields: dict[str, Any] = {}
         self._start_seq = -1
+        self._heard: set[str] = set()  # counterparties whose heads this segment recorded
         self._logger = structlog.wrap_logger(
             self._sink,
             processors=[self._add_context, self._canonicalise, self._hash_chain, self._sign_checkpoint, self._render],
@@ -375,13 +376,17 @@ class AuditLog:
             RemoteProtocolError: the head binds another run, or another nonce than the one the run
                 names for that peer (a replayed head); nothing is recorded.
             CryptoError: the signature does not verify with that key (nothing is recorded).
-            AuditError: the head is our own, this segment is not bound to a run yet, or the log is closed.
+            AuditError: the head is our own, or the log is closed.
+
+        Before `bind_run` (a failed start, or a peer that runs no start barrier) only heads that bind
+        no run either are accepted: they bind the signer's nonce alone.
         """
         if head.peer == self._peer:
             raise AuditError(f"'{self._peer}' cannot record its own head as a counterparty's")
-        if not self._run:
-            raise AuditError("no run is bound yet (bind_run): counterparty heads are recorded only within a run")
-        if head.run != self._run or self._nonces.get(head.peer) != head.nonce:
+        if not self._run and head.run:
+            raise RemoteProtocolError(f"signed audit head from '{head.peer}' binds run {head.run[:16]}..., but this "
+                                      "segment is bound to no run yet: not recorded")
+        if self._run and (head.run != self._run or self._nonces.get(head.peer) != head.nonce):
             raise RemoteProtocolError(
                 f"signed audit head from '{head.peer}' (seq {head.seq}) binds run {head.run[:16] or '(none)'}... with "
                 f"nonce {head.nonce[:12]}..., not this run {self._run[:16]}... and the nonce it names for "
@@ -391,6 +396,7 @@ class AuditLog:
         except (CryptoError, ValueError):
             raise CryptoError(f"signed audit head from '{head.peer}' (seq {head.seq}) does not verify with its key in "
                               "the deployment; it was not recorded") from None
+        self._heard.add(head.peer)
         self._write("counterparty_head",
                     {"counterparty": head.peer, "seq": head.seq, "head": head.head, "signature": head.signature,
                      "key": public_sign_key_hex, "run_id": head.run, "nonce": head.nonce}, after_end=True)
@@ -511,13 +517,22 @@ class AuditLog:
         return head
 
     def close(self, status: str, reason: str = "", metrics: Mapping[str, Any] | None = None,
-              missing: Sequence[str] = ()) -> SignedHead:
-        """`begin_close` and `finish_close` in one call, for a peer with no close round to run.
+              missing: Sequence[str] | None = None) -> SignedHead:
+        """`begin_close` and `finish_close` in one call, for a peer that runs no close round.
 
-        Without a close round, no counterparty countersigns the close: the verifier reports the
-        segment's tail as an uncountersigned error unless `missing` names the counterparties.
+        Nobody countersigns such a close, so it is recorded as incomplete (`close_incomplete`)
+        naming `missing`, by default every counterparty of the run (or whose heads this segment
+        recorded); the verifier then reports the segment's uncountersigned tail as a warning.
+
+        Args:
+            status: "ok" or "failed".
+            reason: why the run ended.
+            metrics: this peer's own final metrics.
+            missing: the counterparties that did not countersign (default: all it knows of).
         """
         self.begin_close(status, reason, metrics)
+        if missing is None:
+            missing = sorted((set(self._nonces) | self._heard) - {self._peer})
         return self.finish_close(missing, reason="no close round was run" if missing else "")
 
     # -- state --------------------------------------------------------------------------------

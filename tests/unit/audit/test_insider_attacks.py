@@ -466,6 +466,17 @@ def test_a_crash_and_resume_verifies_with_warnings_only(tmp_path: Path, small_ru
     assert all(f.intact for f in report.files)
 
 
+def test_segments_that_bind_no_run_and_run_no_close_round_verify_with_warnings(
+        tmp_path: Path, small_run_template: SyntheticRun) -> None:
+    # A failed start, or a peer layer that runs neither a start barrier nor a close round: heads
+    # still bind each writer's nonce and are countersigned; the uncountersigned close is a warning.
+    run = generate_logs(tmp_path / "unbound", entries=600, steps_per_barrier=5, unbound=True,
+                        identities=small_run_template.identities)
+    report = verify_logs(run.log_dir, run.deployment_path, run.policy_path)
+    assert report.clean, [f.describe() for f in report.findings]
+    assert {f.kind for f in report.findings} == {"unsigned_tail"} and not report.runs
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SECURE_SPLIT_SLOW") != "1", reason="the corpus on a 6,000-entry run")
 @pytest.mark.parametrize("name", sorted(ATTACKS))
