@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from secure_split.audit.encoding import encode_value
-from secure_split.audit.facts import LogFacts, Segment, Stream
+from secure_split.audit.facts import ZERO_SESSION, LogFacts, Segment, Stream
 from secure_split.audit.format import HEX128, head_message
 from secure_split.audit.regions import signature_valid
 from secure_split.audit.report import Finding, to_ranges
@@ -242,15 +242,24 @@ class CrossCheck:
                 continue
             self._reconcile(a, b, session, sa, sb)
 
-    def _items(self, peer: str, session: str, want: tuple[str, ...]) -> dict[int, tuple[int, str, dict[str, Any]]]:
-        out: dict[int, tuple[int, str, dict[str, Any]]] = {}
+    def _items(self, peer: str, session: str, pair: tuple[str, str],
+               want: tuple[str, ...]) -> dict[Any, tuple[int, str, dict[str, Any]]]:
+        """The entries of `peer`'s log for one session and (sender, receiver), by protocol seq; in the
+        zero session (HELLOs, pre-session refusals: all seq 0) by digest instead."""
+        out: dict[Any, tuple[int, str, dict[str, Any]]] = {}
         if self.reread is None:
             return out
+        zero = session == ZERO_SESSION
         for at, event, data in self.reread(peer, session):
-            if event in want and type(data.get("seq")) is int:
-                out.setdefault(data["seq"], (at, event, data))
-                if len(out) >= _SESSION_ITEMS_MAX:
-                    break
+            if event not in want or type(data.get("seq")) is not int:
+                continue
+            sender = data.get("sender") if event != "refused" else data.get("counterparty")
+            receiver = data.get("receiver") if event != "refused" else peer
+            if (sender, receiver) != pair:
+                continue
+            out.setdefault((data["seq"], data.get("digest")) if zero else data["seq"], (at, event, data))
+            if len(out) >= _SESSION_ITEMS_MAX:
+                break
         return out
 
     def _seg_crashed(self, log: LogFacts, stream: Stream | None, run_of: Segment | None) -> bool:
@@ -262,8 +271,10 @@ class CrossCheck:
 
     def _reconcile(self, a: LogFacts, b: LogFacts, session: str, sa: Stream | None, sb: Stream | None) -> None:
         sender, receiver = a.peer, b.peer
-        sent = self._items(sender, session, ("message_sent",))
-        got = self._items(receiver, session, ("message_received", "policy_denied", "refused"))
+        pair = (sender, receiver)
+        zero = session == ZERO_SESSION
+        sent = self._items(sender, session, pair, ("message_sent",))
+        got = self._items(receiver, session, pair, ("message_received", "policy_denied", "refused"))
         matched = 0
         lost_rx: list[int] = []
         in_flight_rx: list[int] = []
@@ -273,7 +284,7 @@ class CrossCheck:
         for n, (at, _ev, d) in sorted(sent.items()):
             other = got.get(n)
             if other is None:
-                if sb is not None and sb.max_n > n:
+                if not zero and sb is not None and sb.max_n > n:
                     lost_rx.append(at)
                 elif d.get("kind") == "audit_receipt" or self._seg_crashed(b, sb, a.segment_of(at)):
                     in_flight_rx.append(at)
@@ -296,7 +307,7 @@ class CrossCheck:
         for n, (at, _ev, _d) in sorted(got.items()):
             if n in sent:
                 continue
-            if sa is not None and sa.max_n > n:
+            if not zero and sa is not None and sa.max_n > n:
                 lost_tx.append(at)
             elif self._seg_crashed(a, sa, b.segment_of(at)):
                 in_flight_tx.append(at)

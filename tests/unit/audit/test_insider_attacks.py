@@ -330,6 +330,14 @@ def invent_a_received_message(run: SyntheticRun, other: SyntheticRun) -> None:
     resign(run, "hospital_a", es)
 
 
+@attack("missing_counterpart", "")
+def hide_a_received_hello(run: SyntheticRun, other: SyntheticRun) -> None:
+    # The zero session (HELLOs) has no seq order to blame anyone by: both are suspects.
+    es = entries_of(run, "hospital_b")
+    del es[index_of(es, lambda e: e["event"] == "message_received" and e["data"]["kind"] == "hello")]
+    resign(run, "hospital_b", es)
+
+
 # -- plain edits by anyone holding the file (no key) ------------------------------------------------
 
 @attack("modified", "hospital_a")
