@@ -304,11 +304,12 @@ class LogScanner:
         self._step(info)
 
     def _end_garbage_run(self) -> None:
-        if self._garbage_run:
+        # A short run was handed to the region diagnosis line by line; a long one is a range of junk.
+        if self._garbage_run > GARBAGE_KEPT:
             self._garbage_total += self._garbage_run
             if len(self._garbage_ranges) < 16:
                 self._garbage_ranges.append((self._garbage_from, self._garbage_from + self._garbage_run - 1))
-            self._garbage_run = 0
+        self._garbage_run = 0
 
     def _step(self, info: LineInfo) -> None:
         region = self._region
@@ -455,8 +456,7 @@ class LogScanner:
             self._accept(self._pending)
             self._pending = None
         for a, b in self._garbage_ranges:
-            if b - a + 1 > GARBAGE_KEPT:
-                self.found("garbage", [], f"lines {a}-{b} ({b - a + 1} lines) are not entries")
+            self.found("garbage", [], f"lines {a}-{b} ({b - a + 1} lines) are not entries")
         if self._garbage_total and len(self._garbage_ranges) >= 16:
             self.found("garbage", [], f"{self._garbage_total} lines in all are not entries (only the first "
                                       "16 ranges are listed)")
