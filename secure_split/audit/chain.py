@@ -486,6 +486,7 @@ class LogScanner:
             segments=len(segs), runs=[r for s in segs for _, r, _ in s.runs], torn_bytes=torn_length, suppressed=self.suppressed,
         )
         facts.last_seq = self.seq
+        report.intact = not any(f.severity == "error" and f.party == self.peer for f in self.findings)
         return report, facts
 
 

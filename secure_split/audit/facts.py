@@ -286,7 +286,7 @@ class FactCollector:
         for seq, entry_hash, signature in seg.deferred:
             for run in sorted(seg.candidate_runs | {r for _a, r, _n in seg.runs} | {""}):
                 msg = head_message(self.peer, seq, entry_hash, self.dep, run=run, nonce=seg.nonce)
-                if signature_valid(self.own_key, msg, signature):
+                if HEX128.fullmatch(signature) and signature_valid(self.own_key, msg, signature):
                     self.facts.checkpoints[seq] = (entry_hash, signature, True, run, seg.nonce)
                     seg.checkpoints.append(seq)
                     if seq == seg.last_seq and seg.run_end_seq >= 0:
