@@ -43,6 +43,7 @@ HOLE_WINDOW = 256
 
 _MASK = (1 << 64) - 1
 _MESSAGE_FIELDS = SCHEMAS["message_sent"][0]
+_INTS = frozenset({int})
 _SAMPLE = 16  # entry seqs kept per finding-in-the-making
 
 
@@ -457,7 +458,7 @@ class FactCollector:
         batch = d["batch_size"]
         if type(d["step"]) is not int or type(d["nbytes"]) is not int or not 0 <= d["nbytes"] < 2**63 \
                 or (batch is not None and type(batch) is not int) \
-                or (shape is not None and (type(shape) is not list or any(type(x) is not int for x in shape))):
+                or (shape is not None and (type(shape) is not list or not {*map(type, shape)} <= _INTS)):
             self.malformed(seq, "a message's step, nbytes, batch_size and shape are integers (canonical form: "
                                 "never a float such as 112.0)")
         session = d["session"]
