@@ -7,7 +7,7 @@ close round, counterparty heads and signed metrics. Verifier (`verify_logs`, `ve
 imports neither torch nor tenseal. The format is specified in `audit/FORMAT.md`.
 """
 
-from secure_split.audit.chain import VerifyContext, read_log, split_lines, verify_file, verify_lines
+from secure_split.audit.chain import VerifyContext, verify_file, verify_lines
 from secure_split.audit.format import (
     MetricsStatement,
     SignedHead,
@@ -15,6 +15,7 @@ from secure_split.audit.format import (
     genesis_hash,
     head_message,
 )
+from secure_split.audit.reading import read_log, split_lines
 from secure_split.audit.report import FINDING_KINDS, AuditReport, FileReport, Finding, VerifyExit
 from secure_split.audit.verify import verify_logs
 from secure_split.audit.writer import AuditLog

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from secure_split.audit.chain import LineReader, VerifyContext, foreign_deployment, scan_file
+from secure_split.audit.chain import VerifyContext, scan_file
 from secure_split.audit.compliance import check_compliance
 from secure_split.audit.crosscheck import CrossCheck
 from secure_split.audit.encoding import JSONDecodeError, parse
 from secure_split.audit.facts import LogFacts
+from secure_split.audit.reading import LineReader, foreign_deployment
 from secure_split.audit.regions import paused_gc
 from secure_split.audit.report import MAX_FINDINGS, AuditReport, FileReport, Finding
 from secure_split.errors import AuditError, SecureSplitError

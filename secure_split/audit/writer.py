@@ -22,7 +22,6 @@ the close round. The format is specified in `audit/FORMAT.md`; shared definition
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -31,13 +30,13 @@ from typing import Any
 
 import structlog
 
+from secure_split.audit.continuation import nonce_hex, prepare_continue
 from secure_split.audit.encoding import encode_entry
 from secure_split.audit.format import (
     CLOSE_TAIL_EVENTS,
     CLOSE_TAIL_KINDS,
     FORMAT_VERSION,
     GATE_EVENTS,
-    HEX64,
     LOG_EVENTS,
     MAX_LINE_BYTES,
     MESSAGE_EVENTS,
@@ -158,14 +157,14 @@ class AuditLog:
 
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        nonce = _nonce_hex(run_nonce)
+        nonce = nonce_hex(run_nonce)
         created = not p.exists()
         fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             lock_for_writing(fd, p)
             # Read the size under the lock: another writer may have appended until it let go.
             if os.fstat(fd).st_size:
-                seq, head, previous = _prepare_continue(p, peer=peer, key_hex=identity.sign_key_hex,
+                seq, head, previous = prepare_continue(p, peer=peer, key_hex=identity.sign_key_hex,
                                                         deployment_hash=deployment_hash)
             else:
                 seq, head, previous = -1, genesis_hash(peer, deployment_hash, nonce), None
@@ -566,61 +565,3 @@ class AuditLog:
     def run_id(self) -> str:
         """The run id bound by `bind_run` ("" before)."""
         return self._run
-
-
-def _nonce_hex(nonce: str | bytes | None) -> str:
-    if nonce is None:
-        return secrets.token_bytes(32).hex()
-    if isinstance(nonce, bytes):
-        if len(nonce) != 32:
-            raise AuditError(f"a run nonce is 32 bytes, got {len(nonce)}")
-        return nonce.hex()
-    if not HEX64.fullmatch(nonce):
-        raise AuditError("a run nonce is 64 lowercase hex digits")
-    return nonce
-
-
-def _prepare_continue(path: Path, *, peer: str, key_hex: str,
-                      deployment_hash: str) -> tuple[int, str, dict[str, Any]]:
-    """Verify an existing log with our own key, drop a torn tail; return (seq, head, run_start previous)."""
-    from secure_split.audit.chain import VerifyContext, foreign_deployment, scan_file
-
-    other = foreign_deployment(path, peer, deployment_hash)
-    if other is not None:
-        raise AuditError(
-            f"cannot continue audit log {path}: it was written under deployment {other}, but this run's deployment "
-            f"hashes to {deployment_hash}; a resumed run needs the same deployment.yaml. The log is left as it "
-            "was; start the run with a fresh audit folder (or move the old log away) to run under the changed "
-            "deployment.")
-    ctx = VerifyContext(deployment_hash=deployment_hash, keys={peer: key_hex}, own_only=True)
-    report, facts = scan_file(path, peer=peer, context=ctx)
-    fatal = [f for f in report.findings if f.severity == "error"]
-    if fatal:
-        listing = "; ".join(f.describe() for f in fatal[:5])
-        raise AuditError(f"cannot continue audit log {path}: it fails verification ({listing}). It will not be "
-                         "continued; keep it as evidence and start the run with a fresh audit folder.")
-    data_len = path.stat().st_size
-    torn_len = report.torn_bytes
-    digest = ""
-    if torn_len:
-        import hashlib
-
-        h = hashlib.sha256()
-        with open(path, "r+b") as fh:
-            fh.seek(data_len - torn_len)
-            while block := fh.read(1 << 20):
-                h.update(block)
-            fh.truncate(data_len - torn_len)
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = h.hexdigest()
-    last = facts.segments[-1] if facts.segments else None
-    previous = {
-        "seq": report.last_seq,
-        "head": report.head,
-        "run_id": last.run if last is not None else "",
-        "closed": last is not None and not last.crashed,
-        "torn_tail_bytes": torn_len,
-        "torn_tail_sha256": digest,
-    }
-    return report.last_seq, report.head, previous

@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from secure_split.audit import FINDING_KINDS, AuditLog, verify_lines, verify_logs
-from secure_split.audit.chain import VerifyContext, read_log, split_lines
+from secure_split.audit.chain import VerifyContext
 from secure_split.audit.encoding import encode_entry, parse
+from secure_split.audit.reading import read_log, split_lines
 from secure_split.audit.synthetic import PEERS, SyntheticRun, generate_logs
 from secure_split.crypto.keys import generate_identity
 

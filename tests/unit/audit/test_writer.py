@@ -12,9 +12,10 @@ import pytest
 import structlog
 
 from secure_split.audit import AuditLog, SignedHead, compute_run_id, genesis_hash, verify_file
-from secure_split.audit.chain import VerifyContext, read_log
+from secure_split.audit.chain import VerifyContext
 from secure_split.audit.encoding import checkpoint_body_hash, encode_entry, parse
 from secure_split.audit.format import ENTRY_KEYS, MetricsStatement, head_message
+from secure_split.audit.reading import read_log
 from secure_split.audit.sink import RefusalLimiter
 from secure_split.canonical import sha256_hex
 from secure_split.crypto.keys import Identity, generate_identity, verify_signature
