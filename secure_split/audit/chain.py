@@ -1,223 +1,63 @@
-"""Verify one peer's log on its own: hash chain, seq order, checkpoint signatures, format.
+"""Verify one peer's log on its own, streaming: hash chain, seq order, canonical encoding, signatures.
 
-Designed for speed (an auditor verifies hundreds of thousands of entries per second) and for
-precise diagnosis:
+One pass, memory bounded by a window (not by the log's length):
 
-1. every line is parsed once into a `LineInfo` (seq, prev, entry hash, event, facts). The entry
-   hash is SHA-256 over the raw line bytes as written, so nothing is re-encoded to hash it;
-   canonical encoding is checked by re-encoding the parsed entry (every entry but messages, and
-   messages on a sample, unless `strict_encoding`);
-2. the chain is checked with C-level passes over the lines: a line is an *anomaly* when its
-   (seq, prev) is not (previous seq + 1, previous entry hash). An intact log has none;
-3. each cluster of anomalies is diagnosed locally (`_diagnose_region`): walking back by hash
-   from the first intact line after it (whose `prev` vouches for its predecessor) and forward
-   from the last intact line before it, the region's lines are classified as modified, deleted,
-   reordered, duplicated or inserted, with entry numbers;
-4. checkpoint signatures are checked with the peer's key from the deployment (results cached).
+1. lines are read in blocks (`iter_lines`); a line longer than `MAX_LINE_BYTES` is skipped
+   without being held, and bytes after the last newline are a torn tail;
+2. each line is hashed over its raw bytes, parsed, and checked for the canonical encoding
+   (`encoding.canonical_problem`). A line whose (seq, prev) is (last seq + 1, last hash) is
+   intact and handed at once to the `FactCollector` (facts.py), which checks what depends on the
+   entries before it and keeps what other logs can confirm;
+3. where the chain breaks, lines are buffered (at most `REGION_LINES`; runs of lines that are not
+   entries at all are counted, not kept) until two lines link again, and the region is diagnosed
+   by `regions.diagnose_region`: modified, deleted, reordered, duplicated, inserted, with entry
+   numbers. Its authentic lines then go to the collector in seq order.
 
 Nothing here imports torch or tenseal; signatures go through `secure_split.crypto.keys` (PyNaCl).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import gc
 import hashlib
-import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import compress, islice, pairwise, repeat
-from operator import add as _plus
-from operator import itemgetter, ne
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from secure_split.audit.encoding import (
+    SORT_KEYS as _SORT,
+)
+from secure_split.audit.encoding import JSONDecodeError, canonical_problem, encode_entry, parse, value_problem
+from secure_split.audit.encoding import dumps as _encode_fast
+from secure_split.audit.facts import FactCollector, LogFacts
 from secure_split.audit.format import (
     CHECKPOINT_KEYS,
     ENTRY_KEYS,
     EVENTS,
     FORMAT_VERSION,
+    HEX64,
     HEX128,
     MAX_LINE_BYTES,
     MESSAGE_EVENTS,
-    checkpoint_body_hash,
-    encode_canonical,
     genesis_hash,
     head_message,
 )
-from secure_split.audit.report import FileReport, Finding, format_ranges, to_ranges
+from secure_split.audit.reading import LineReader
+from secure_split.audit.regions import LineInfo, diagnose_region, paused_gc, signature_valid
+from secure_split.audit.report import MAX_FINDINGS, FileReport, Finding, format_ranges, to_ranges
 from secure_split.errors import AuditError
 
+_FAST_EVENTS = frozenset({"message_sent", "message_received"})
+"""Events the fast path takes (their numbers are checked field by field by the collector)."""
+_parse_fast = parse
 
-class LineInfo(NamedTuple):
-    """What the verifier keeps of one line (a plain tuple underneath, for speed)."""
+REGION_LINES = 4096
+"""Most lines of one broken region kept for its diagnosis; past it the region is judged as it stands."""
 
-    seq: int  # -1 when unreadable
-    prev: str  # "" when unreadable
-    hash: str  # the entry hash
-    event: str  # "" when unreadable
-    problem: str | None  # why the line breaks the format; None when it is a well-formed entry
-    checkpoint: bool
-    facts: tuple[Any, ...] | None  # event-specific facts for the cross-peer and policy passes
-    policy: str
-    time: str
+GARBAGE_KEPT = 8
+"""Lines of a run of non-entries kept for the diagnosis (the rest of the run is only counted)."""
 
-
-_SEQ = itemgetter(0)
-_PREV = itemgetter(1)
-_HASH = itemgetter(2)
-_PROBLEM = itemgetter(4)
-_CHECKPOINT = itemgetter(5)
-_NEW = tuple.__new__
-
-
-_ENCODE = encode_canonical
-
-ENCODING_SAMPLE_HEAD = 64
-"""Message lines at the start of each log whose canonical encoding is always checked."""
-ENCODING_SAMPLE_EVERY = 16
-"""After the head, every this-many-th message line has its canonical encoding checked."""
-# The C scanner without `json.loads`' wrapper (two regex matches per call): (obj, end) or StopIteration.
-_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _SHA256 = hashlib.sha256
-
-# Message facts: the key that identifies a message on both sides, and the facts both must agree on.
-_MESSAGE_KEY = itemgetter("sender", "receiver", "session", "seq")
-_MESSAGE_COMPARED = itemgetter("kind", "edge", "step", "nbytes", "dtype", "shape", "batch_size", "digest")
-_HEAD_FACTS = itemgetter("counterparty", "seq", "head", "signature", "key")
-
-
-def _info(seq: int, prev: str, h: str, event: str, problem: str | None, checkpoint: bool,
-          facts: tuple[Any, ...] | None, policy: str, time: str = "") -> LineInfo:
-    return _NEW(LineInfo, (seq, prev, h, event, problem, checkpoint, facts, policy, time))
-
-
-def _envelope_problem(entry: dict[str, Any], peer: str) -> tuple[str, int, str, str, str, dict[str, Any]]:
-    """The slow path for an entry whose envelope is not as expected: say what is wrong."""
-    seq, prev, event, data, policy = entry["seq"], entry["prev"], entry["event"], entry["data"], entry["policy"]
-    problem = "malformed entry"
-    if type(data) is not dict:
-        problem, data = "data is not an object", {}
-    if type(policy) is not str or type(entry["time"]) is not str:
-        problem, policy = "policy and time must be strings", ""
-    if entry["v"] != FORMAT_VERSION or type(entry["v"]) is not int:
-        problem = f"format version {entry['v']!r}, expected {FORMAT_VERSION}"
-    if entry["peer"] != peer:
-        problem = f"entry names peer {entry['peer']!r} in the log of {peer!r}"
-    if type(event) is not str or event not in EVENTS:
-        problem, event = f"unknown event {event!r}", ""
-    if type(prev) is not str:
-        problem, prev = "prev is not a string", ""
-    if type(seq) is not int or seq < 0:
-        problem, seq = "seq is not a non-negative integer", -1
-    return problem, seq, prev, event, policy, data
-
-
-def parse_line(line: bytes, peer: str, *, check_encoding: bool = True) -> LineInfo:
-    """Parse and check one line of `peer`'s log (without its newline).
-
-    The entry hash is SHA-256 of the raw bytes (of the entry without `sig` for a checkpoint).
-
-    Args:
-        line: the raw bytes as written.
-        peer: whose log it is (every entry must name it).
-        check_encoding: re-encode the parsed entry and compare it with the line (canonical
-            encoding). Always done for entries other than messages, whatever this says.
-
-    Returns:
-        The line's `LineInfo`; `problem` says what is wrong with a line that is not a
-        well-formed entry (its chain fields are kept when they can be read).
-    """
-    h = _SHA256(line).hexdigest()
-    if len(line) > MAX_LINE_BYTES:
-        return _info(-1, "", h, "", f"a line of {len(line)} bytes (longer than {MAX_LINE_BYTES}): "
-                                    "an entry never holds payloads", False, None, "")
-    try:
-        text = line.decode("utf-8")
-        entry, end = _SCAN(text, 0)
-        keys = entry.keys()
-        if end != len(text):
-            raise ValueError("trailing bytes")
-    except (ValueError, RecursionError, AttributeError, StopIteration):
-        return _info(-1, "", h, "", "not a JSON entry (invalid UTF-8 or JSON, or not an object)", False, None, "")
-    checkpoint = False
-    if keys != ENTRY_KEYS:
-        if keys != CHECKPOINT_KEYS:
-            seq0, prev0, ev0 = entry.get("seq"), entry.get("prev"), entry.get("event")
-            return _info(seq0 if type(seq0) is int and seq0 >= 0 else -1, prev0 if type(prev0) is str else "", h,
-                         ev0 if type(ev0) is str and ev0 in EVENTS else "",
-                         f"keys {sorted(keys)} are not the entry keys {sorted(ENTRY_KEYS)}", False, None, "")
-        checkpoint = True
-    seq = entry["seq"]
-    prev = entry["prev"]
-    event = entry["event"]
-    data = entry["data"]
-    policy = entry["policy"]
-    problem: str | None = None
-    if not (type(seq) is int and seq >= 0 and type(prev) is str and type(event) is str and event in EVENTS
-            and type(data) is dict and type(policy) is str and entry["peer"] == peer
-            and entry["v"] == FORMAT_VERSION and type(entry["v"]) is int and type(entry["time"]) is str):
-        problem, seq, prev, event, policy, data = _envelope_problem(entry, peer)
-    if check_encoding or event not in MESSAGE_EVENTS:
-        try:
-            if _ENCODE(entry) != text:
-                problem = problem or "not in canonical encoding (sorted keys, no spaces, shortest numbers)"
-        except (ValueError, TypeError):
-            problem = problem or "holds values canonical JSON cannot express (NaN or Infinity)"
-    facts: tuple[Any, ...] | None = None
-    if checkpoint:
-        sig = entry["sig"]
-        try:
-            h = checkpoint_body_hash(entry)
-        except (TypeError, ValueError):
-            problem = problem or "checkpoint holds values canonical JSON cannot express"
-        if event != "checkpoint":
-            problem = f"a {event!r} entry carries a signature; only checkpoints do"
-        elif type(sig) is dict and type(sig.get("key")) is str and type(sig.get("signature")) is str:
-            facts = (sig["key"], sig["signature"])
-    elif event == "message_sent" or event == "message_received":
-        try:
-            key = _MESSAGE_KEY(data)
-            facts = (key, _MESSAGE_COMPARED(data))
-            hash(key)
-        except KeyError as exc:
-            problem, facts = f"{event} lacks field {exc}", None
-        except TypeError:
-            problem, facts = f"{event} names its message with values that are not scalars", None
-        else:
-            me = 0 if event == "message_sent" else 1
-            if key[me] != peer:
-                role = ("sender", "receiver")[me]
-                problem = f"{event} in the log of {peer!r} names {key[me]!r} as the {role}"
-    elif event == "counterparty_head":
-        try:
-            facts = _HEAD_FACTS(data)
-        except KeyError as exc:
-            problem = f"counterparty_head lacks field {exc}"
-    elif event == "policy_denied":
-        facts = (data.get("direction"), data.get("sender"), data.get("receiver"), data.get("kind"))
-    elif event == "refused":
-        facts = (data.get("direction"), data.get("counterparty"), data.get("kind"))
-    elif event == "run_start":
-        facts = (data.get("deployment_hash"), data.get("policy_hash"))
-    return _NEW(LineInfo, (seq, prev, h, event, problem, event == "checkpoint", facts, policy,
-                           entry["time"] if problem is None else ""))
-
-
-def split_lines(data: bytes) -> tuple[list[bytes], bytes]:
-    """Split a log file's bytes into complete lines and a torn tail.
-
-    Args:
-        data: the whole file.
-
-    Returns:
-        (lines without their newline, the bytes after the last newline — empty unless the
-        writer crashed mid-line).
-    """
-    lines = data.split(b"\n")
-    torn = lines.pop()
-    return lines, torn
 
 
 @dataclass
@@ -227,282 +67,378 @@ class VerifyContext:
     Attributes:
         deployment_hash: the deployment every log must belong to.
         keys: peer name -> Ed25519 public key (hex), from the deployment.
-        strict_encoding: re-encode every line to check canonical encoding. By default every
-            entry except messages is re-encoded, and messages on a deterministic sample (the
-            first `ENCODING_SAMPLE_HEAD` lines, then every `ENCODING_SAMPLE_EVERY`-th): a message
-            entry holds only names, hex digests and integers, whose encoding cannot vary from
-            one entry to the next, so a non-conforming writer shows on the sample. The hash chain
-            covers the raw bytes either way, so this check is about the writer, not tampering.
         cache_lines: keep each parsed line by its bytes, so verifying many variants of one log
-            (mutation tests) parses each distinct line once, with its encoding always checked.
-            Off for a normal verification.
+            (mutation tests) parses each distinct line once. Off for a normal verification.
+        own_only: the writer checking its own log before continuing it: it knows only its own key,
+            so statements of other peers (their signed metrics) are not checked here.
     """
 
     deployment_hash: str
     keys: Mapping[str, str]
-    strict_encoding: bool = False
     cache_lines: bool = False
-    _owners: dict[str, str] = field(default_factory=dict, repr=False)
-    _genesis: dict[str, str] = field(default_factory=dict, repr=False)
-    _caches: dict[str, dict[bytes, LineInfo]] = field(default_factory=dict, repr=False)
-    _signatures: dict[tuple[Any, ...], str] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        self._owners = {k: p for p, k in self.keys.items()}
+    own_only: bool = False
+    _cache: dict[bytes, tuple[str, Any, str | None, str | None]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_deployment(cls, deployment: Any, *, strict_encoding: bool = False,
-                        cache_lines: bool = False) -> VerifyContext:
+    def from_deployment(cls, deployment: Any, *, cache_lines: bool = False) -> VerifyContext:
         """Build the context from a loaded `Deployment` (its hash and every peer's sign_key)."""
         keys = {name: p.sign_key for name, p in deployment.spec.peers.items()}
-        return cls(deployment_hash=deployment.hash, keys=keys, strict_encoding=strict_encoding,
-                   cache_lines=cache_lines)
-
-    def genesis(self, peer: str) -> str:
-        """The genesis hash of `peer`'s log in this deployment."""
-        g = self._genesis.get(peer)
-        if g is None:
-            g = self._genesis[peer] = genesis_hash(peer, self.deployment_hash)
-        return g
-
-    def key_owner(self, key_hex: str) -> str | None:
-        """The peer whose sign key this is, or None."""
-        return self._owners.get(key_hex)
-
-    def checkpoint_status(self, peer: str, info: LineInfo) -> str:
-        """Whether a checkpoint line's signature holds: "ok", "missing", "invalid", or whose key signed.
-
-        Args:
-            peer: whose log the line is in.
-            info: the parsed checkpoint line.
-
-        Returns:
-            "ok" (valid with `peer`'s key), "missing" (no signature), "invalid" (does not verify
-            with `peer`'s key), or a description of the foreign key it names.
-        """
-        if info.facts is None:
-            return "missing"
-        key, signature = info.facts
-        memo_key = (peer, info.seq, info.hash, key, signature)
-        status = self._signatures.get(memo_key)
-        if status is None:
-            if key != self.keys.get(peer):
-                owner = self.key_owner(key)
-                status = f"the key of peer '{owner}'" if owner else "a key that is not in the deployment"
-            # Exactly the writer's lowercase hex: `sig` lies outside the entry hash, so a variant
-            # spelling of the same signature (upper case) would otherwise pass unseen.
-            elif info.seq >= 0 and HEX128.fullmatch(signature) and signature_valid(
-                    key, head_message(peer, info.seq, info.hash, self.deployment_hash), signature):
-                status = "ok"
-            else:
-                status = "invalid"
-            self._signatures[memo_key] = status
-        return status
-
-    def parse_all(self, lines: Sequence[bytes], peer: str) -> list[LineInfo]:
-        """Parse every line (through the per-peer cache when `cache_lines`)."""
-        if not self.cache_lines:
-            if self.strict_encoding:
-                return [parse_line(line, peer) for line in lines]
-            every, head = ENCODING_SAMPLE_EVERY, ENCODING_SAMPLE_HEAD
-            return [parse_line(line, peer, check_encoding=i < head or i % every == 0)
-                    for i, line in enumerate(lines)]
-        cache = self._caches.setdefault(peer, {})
-        infos: list[Any] = list(map(cache.get, lines))
-        if None in infos:
-            for i, info in enumerate(infos):
-                if info is None:
-                    info = infos[i] = parse_line(lines[i], peer)
-                    cache[lines[i]] = info
-        return infos
+        return cls(deployment_hash=deployment.hash, keys=keys, cache_lines=cache_lines)
 
 
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector for a verification pass (restored afterwards).
+class LogScanner:
+    """Verify one peer's log line by line (see module docstring); `feed` each line, then `finish`."""
 
-    Verification allocates millions of small acyclic objects (freed by reference counting);
-    the collector's generational passes over them would otherwise cost as much as the parsing.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+    def __init__(self, peer: str, context: VerifyContext, file: str = "") -> None:
+        """Args: whose log, the deployment context, the file name findings name."""
+        self.peer = peer
+        self.file = file or f"{peer}.jsonl"
+        self.ctx = context
+        self.findings: list[Finding] = []
+        self.suppressed = 0
+        self.collector = FactCollector(peer, self.file, context.deployment_hash, dict(context.keys), self._add,
+                                       own_only=context.own_only)
+        self.lines = 0
+        self.entries = 0
+        self.seq = -1
+        self.head = ""  # the hash the next entry's prev must be ("" until the genesis is known)
+        self.last_hash = ""
+        self._region: list[LineInfo] = []
+        self._anomaly_at = -1  # index in _region of its last anomaly
+        self._garbage_run = 0  # lines of the current run of non-entries
+        self._garbage_from = 0
+        self._garbage_ranges: list[tuple[int, int]] = []
+        self._garbage_total = 0
+        self._cache = context._cache if context.cache_lines else None
+        self._overlong: list[tuple[int, int]] = []
+        self._pending: LineInfo | None = None
+        self._region_start: tuple[str, int] = ("", 0)
 
-
-@functools.lru_cache(maxsize=1 << 16)
-def signature_valid(key_hex: str, message: bytes, signature_hex: str) -> bool:
-    """True when `signature_hex` is a valid Ed25519 signature of `message` by `key_hex` (cached)."""
-    from secure_split.crypto.keys import verify_signature
-    from secure_split.errors import CryptoError
-
-    try:
-        verify_signature(key_hex, message, bytes.fromhex(signature_hex))
-    except (CryptoError, ValueError):
-        return False
-    return True
-
-
-@dataclass
-class _Region:
-    """The verdict on one cluster of anomalies."""
-
-    modified: dict[int, tuple[int, str]] = field(default_factory=dict)  # seq -> (line position, how it was seen)
-    deleted: list[tuple[int, int]] = field(default_factory=list)  # inclusive ranges of seqs
-    duplicated: dict[int, list[int]] = field(default_factory=dict)  # seq -> line numbers
-    inserted: dict[int, int] = field(default_factory=dict)  # line position -> claimed seq
-    reordered: set[int] = field(default_factory=set)
-    authentic: list[int] = field(default_factory=list)  # positions that belong to the chain
-
-
-def _ranges_without(gap: range, taken: set[int]) -> list[tuple[int, int]]:
-    """The inclusive ranges of `gap` minus the (few) numbers in `taken`."""
-    out: list[tuple[int, int]] = []
-    start = gap.start
-    for t in sorted(x for x in taken if x in gap):
-        if t > start:
-            out.append((start, t - 1))
-        start = t + 1
-    if start < gap.stop:
-        out.append((start, gap.stop - 1))
-    return out
-
-
-def _diagnose_region(
-    infos: Sequence[LineInfo], lo: int, hi: int, prev_start: str, seq_start: int, tail: tuple[str, int] | None
-) -> _Region:
-    """Classify the lines lo..hi (positions) of a region where the chain breaks.
-
-    Args:
-        infos: all lines of the file.
-        lo, hi: the region (inclusive positions).
-        prev_start, seq_start: the prev and seq the region's first entry must have (from the
-            intact line before it, or the genesis).
-        tail: (hash, seq) of the region's last entry as vouched for by the intact line after it
-            (its prev) or by a valid signed checkpoint at `hi`; None at an unsigned end of file.
-
-    Returns:
-        The region's verdict.
-    """
-    out = _Region()
-    positions = range(lo, hi + 1)
-    by_hash: dict[str, list[int]] = {}
-    by_link: dict[tuple[str, int], list[int]] = {}
-    for p in positions:
-        info = infos[p]
-        by_hash.setdefault(info.hash, []).append(p)
-        if info.seq >= 0:
-            by_link.setdefault((info.prev, info.seq), []).append(p)
-    used: set[int] = set()
-    back: list[int] = []
-    complete = False
-    if tail is not None:
-        cur, cur_seq = tail
-        while True:
-            cands = [p for p in by_hash.get(cur, ()) if p not in used]
-            if not cands or cur_seq < seq_start:
-                break
-            p = cands[0]
-            used.add(p)
-            back.append(p)
-            if infos[p].prev == prev_start:
-                complete = True
-                break
-            cur, cur_seq = infos[p].prev, cur_seq - 1
-        back.reverse()
-    fwd: list[int] = []
-    if not complete:
-        stop = infos[back[0]].seq if back else (tail[1] + 1 if tail is not None else None)
-        cur, cur_seq = prev_start, seq_start
-        while stop is None or cur_seq < stop:
-            cands = [p for p in by_link.get((cur, cur_seq), ()) if p not in used]
-            if not cands:
-                break
-            p = cands[0]
-            used.add(p)
-            fwd.append(p)
-            cur, cur_seq = infos[p].hash, cur_seq + 1
-        if tail is not None and fwd and cur_seq == stop:
-            # The forward walk reached the vouched part but its last line does not hash to
-            # what the vouched successor recorded: that line was changed after it was written.
-            need = infos[back[0]].prev if back else tail[0]
-            last = fwd[-1]
-            if infos[last].hash != need:
-                fwd.pop()
-                out.modified[infos[last].seq] = (last, f"line {last + 1} no longer hashes to the prev its "
-                                                       "successor recorded")
-    # Along the hash-linked part, seqs must still count up by one: a jump means entries were
-    # removed and the chain recomputed after them (their checkpoints then fail as well).
-    if back:
-        # (When the walk back did not reach the anchor, the gap before back[0] is handled below.)
-        expected = seq_start if complete else infos[back[0]].seq
-        for q in back:
-            if infos[q].seq > expected:
-                out.deleted.append((expected, infos[q].seq - 1))
-            expected = max(expected, infos[q].seq + 1)
-    chain = fwd + back
-    chain_hashes = {infos[p].hash for p in chain}
-    rest = [p for p in positions if p not in used]
-    suspects = []
-    for p in rest:
-        if infos[p].hash in chain_hashes:
-            first = next(q for q in chain if infos[q].hash == infos[p].hash)
-            out.duplicated.setdefault(infos[first].seq, [first + 1]).append(p + 1)
+    def _add(self, finding: Finding) -> None:
+        if len(self.findings) < MAX_FINDINGS:
+            self.findings.append(finding)
         else:
-            suspects.append(p)
-    if not complete:
-        first_gap = infos[fwd[-1]].seq + 1 if fwd else seq_start
-        if back:
-            last_gap = infos[back[0]].seq - 1
-        elif tail is not None:
-            last_gap = tail[1]
+            self.suppressed += 1
+
+    def found(self, kind: str, seqs: Any, message: str, severity: str = "error") -> None:
+        """Report a per-file finding about this log (errors are attributed to its owner)."""
+        self._add(Finding(kind, self.peer, self.file, to_ranges(seqs), message, severity, (),
+                          self.peer if severity == "error" else ""))
+
+    def overlong(self, line_no: int, length: int) -> None:
+        """A line over `MAX_LINE_BYTES` (called by the reader; the line itself is never held)."""
+        if len(self._overlong) < 16:
+            self._overlong.append((line_no, length))
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def _parse(self, line: bytes) -> tuple[str, Any, str | None, str | None]:
+        """(entry hash, parsed entry or None, structural problem, encoding problem)."""
+        cache = self._cache
+        if cache is not None:
+            hit = cache.get(line)
+            if hit is not None:
+                return hit
+        h = _SHA256(line).hexdigest()
+        out: tuple[str, Any, str | None, str | None]
+        try:
+            entry = parse(line)
+        except JSONDecodeError:
+            out = (h, None, "not a JSON entry (invalid UTF-8 or JSON)", None)
         else:
-            last_gap = first_gap + len(suspects) - 1
-        # The gap is a range: a forged seq must not make the verifier list billions of numbers.
-        gap = range(first_gap, max(first_gap, last_gap + 1))
-        taken = set(out.modified)
-        leftover = []
-        for p in suspects:
-            s = infos[p].seq
-            if s in gap and s not in taken:
-                out.modified[s] = (p, f"line {p + 1} does not hash to the prev its successor recorded")
-                taken.add(s)
+            if type(entry) is not dict:
+                out = (h, None, "not a JSON object", None)
             else:
-                leftover.append(p)
-        # Lines that cannot be linked, standing where entries are missing: the same entries, changed.
-        free = (s for s in gap if s not in taken)
-        for p in leftover:
-            slot = next(free, None)
-            if slot is None:
-                out.inserted[p] = infos[p].seq
+                canon = canonical_problem(line, entry)
+                if canon is None and entry.get("event") not in MESSAGE_EVENTS:
+                    canon = value_problem(entry)
+                problem = None
+                keys = entry.keys()
+                if keys != ENTRY_KEYS:
+                    if keys == CHECKPOINT_KEYS:
+                        body = {k: v for k, v in entry.items() if k != "sig"}
+                        try:
+                            h = _SHA256(encode_entry(body)).hexdigest()
+                        except TypeError:
+                            problem = "holds a value canonical JSON cannot express"
+                    else:
+                        problem = f"keys {sorted(map(str, keys))} are not the entry keys {sorted(ENTRY_KEYS)}"
+                out = (h, entry, problem, canon)
+        if cache is not None:
+            cache[line] = out
+        return out
+
+    def _info(self, line: bytes) -> LineInfo:
+        n = self.lines
+        h, entry, problem, canon = self._parse(line)
+        if entry is None:
+            return LineInfo(-1, "", h, "", problem, False, None, n)
+        seq, prev, event = entry.get("seq"), entry.get("prev"), entry.get("event")
+        if type(seq) is not int or seq < 0:
+            seq, problem = -1, problem or "seq is not a non-negative integer"
+        if type(prev) is not str:
+            prev, problem = "", problem or "prev is not a string"
+        if type(event) is not str or event not in EVENTS:
+            event, problem = "", problem or f"unknown event {str(event)[:40]!r}"
+        if problem is None:
+            if entry["peer"] != self.peer:
+                problem = f"entry names peer {str(entry['peer'])[:40]!r} in the log of {self.peer!r}"
+            elif entry["v"] != FORMAT_VERSION or type(entry["v"]) is not int:
+                problem = f"format version {str(entry['v'])[:12]!r}, expected {FORMAT_VERSION}"
+            elif type(entry["policy"]) is not str:
+                problem = "policy is not a string"
+            elif "sig" in entry and event != "checkpoint":
+                problem = f"a {event!r} entry carries a signature; only checkpoints do"
+        return LineInfo(seq, prev, h, event, problem, event == "checkpoint", entry, n, canon)
+
+    def _genesis_of(self, info: LineInfo) -> str:
+        """The genesis hash a first entry implies (from its run_start nonce), or "" when it has none."""
+        e = info.entry
+        if e is None or info.event != "run_start" or type(e.get("data")) is not dict:
+            return ""
+        nonce = e["data"].get("nonce")
+        if type(nonce) is not str or not HEX64.fullmatch(nonce):
+            return ""
+        return genesis_hash(self.peer, self.ctx.deployment_hash, nonce)
+
+    # -- feeding -------------------------------------------------------------------------------
+
+    def feed(self, line: bytes) -> None:
+        """Verify the next complete line."""
+        self.lines += 1
+        if not self._region and self._cache is None and line[:1] == b"{" and self.head:
+            # The common case, inlined: a canonical entry that links to the chain.
+            try:
+                entry = _parse_fast(line)
+            except JSONDecodeError:
+                entry = None
+            if type(entry) is dict and entry.keys() == ENTRY_KEYS and entry["seq"] == self.seq + 1 \
+                    and entry["prev"] == self.head and type(entry["seq"]) is int and entry["peer"] == self.peer \
+                    and entry["v"] == FORMAT_VERSION and type(entry["v"]) is int and type(entry["policy"]) is str \
+                    and entry["event"] in _FAST_EVENTS and _encode_fast(entry, option=_SORT) == line:
+                if self._garbage_run:
+                    self._end_garbage_run()
+                fast = LineInfo(entry["seq"], entry["prev"], _SHA256(line).hexdigest(), entry["event"], None, False,
+                                entry, self.lines, None)
+                if self._pending is not None:
+                    self._accept(self._pending)
+                self._pending = fast
+                self.seq, self.head = fast.seq, fast.hash
+                return
+        info = self._info(line) if line and line[0] == 0x7B else None
+        if info is None or info.entry is None:  # not an entry at all: part of a run of garbage
+            if self._garbage_run == 0:
+                self._garbage_from = self.lines
+            self._garbage_run += 1
+            if self._garbage_run > GARBAGE_KEPT:
+                return
+            self._step(info or LineInfo(-1, "", _SHA256(line).hexdigest(), "", "not a JSON entry", False, None,
+                                        self.lines))
+            return
+        if self._garbage_run:
+            self._end_garbage_run()
+        self._step(info)
+
+    def _end_garbage_run(self) -> None:
+        # A short run was handed to the region diagnosis line by line; a long one is a range of junk.
+        if self._garbage_run > GARBAGE_KEPT:
+            self._garbage_total += self._garbage_run
+            if len(self._garbage_ranges) < 16:
+                self._garbage_ranges.append((self._garbage_from, self._garbage_from + self._garbage_run - 1))
+        self._garbage_run = 0
+
+    def _step(self, info: LineInfo) -> None:
+        region = self._region
+        if not region:
+            if self.lines == 1 or (self.seq < 0 and not self.head):
+                self.head = self._genesis_of(info) if info.seq == 0 else ""
+            if info.seq == self.seq + 1 and info.prev == self.head and self.head:
+                if self._pending is not None:
+                    self._accept(self._pending)
+                self._pending = info
+                self.seq, self.head = info.seq, info.hash
+                return
+            # The chain breaks here: a region, from the last line that linked (not yet accepted).
+            pending = self._pending
+            if pending is not None:
+                self._region = [pending, info]
+                self._region_start = (pending.prev, pending.seq)
+                self._pending = None
+            else:
+                self._region = [info]
+                self._region_start = (self.head, self.seq + 1)
+            self._anomaly_at = len(self._region) - 1
+            return
+        before = region[-1]
+        links = info.seq >= 0 and before.seq >= 0 and info.seq == before.seq + 1 and info.prev == before.hash
+        region.append(info)
+        if not links:
+            self._anomaly_at = len(region) - 1
+        elif len(region) - 1 - self._anomaly_at >= 2:
+            self._close_region()
+            return
+        if len(region) >= REGION_LINES:
+            self._anomaly_at = len(region) - 1
+            self._close_region()
+
+    def _signed_end(self, info: LineInfo) -> tuple[str, int] | None:
+        """(hash, seq) of a region's last line when it is a checkpoint whose signature holds, else None."""
+        seg = self.collector.seg
+        sig = info.entry.get("sig") if info.entry is not None else None
+        if seg is None or not info.checkpoint or info.seq < 0 or type(sig) is not dict:
+            return None
+        key, signature = sig.get("key"), sig.get("signature")
+        if key != self.ctx.keys.get(self.peer) or type(signature) is not str or not HEX128.fullmatch(signature):
+            return None
+        runs = {seg.run} | {r for _, r, _ in seg.runs} | {""}
+        for run in runs:
+            msg = head_message(self.peer, info.seq, info.hash, self.ctx.deployment_hash, run=run, nonce=seg.nonce)
+            if signature_valid(str(key), msg, signature):
+                return info.hash, info.seq
+        return None
+
+    def _accept(self, info: LineInfo) -> None:
+        """Hand an authentic line to the collector (a line that breaks the format is reported instead)."""
+        self.entries += 1
+        if info.problem is not None or info.entry is None:
+            self.found("malformed", [info.seq] if info.seq >= 0 else [], f"line {info.line_no}: {info.problem}")
+            return
+        if info.canon is not None:
+            self.found("malformed", [info.seq], f"line {info.line_no}: {info.canon}")
+        self.collector.accept(info.entry, info.seq, info.hash)
+
+    def _close_region(self) -> None:
+        """Diagnose the buffered region; the lines after its last anomaly link and continue the chain."""
+        region = self._region
+        hi = self._anomaly_at
+        prev_start, seq_start = self._region_start
+        if seq_start == 0 and not prev_start:
+            for info in region[: hi + 1]:
+                if info.seq == 0 and (g := self._genesis_of(info)) and info.prev == g:
+                    prev_start = g
+                    break
+            else:
+                prev_start = "-"
+        tail = (region[hi + 1].prev, region[hi + 1].seq - 1) if hi + 1 < len(region) else self._signed_end(region[hi])
+        verdict = diagnose_region(region, 0, hi, prev_start, seq_start, tail)
+        line_of = [info.line_no for info in region]
+        for s, (_p, how) in sorted(verdict.modified.items()):
+            self.found("modified", [s], f"entry {s} was changed after it was written: {how}")
+        if verdict.deleted:
+            missing = sum(b - a + 1 for a, b in verdict.deleted)
+            self._add(Finding("deleted", self.peer, self.file, tuple(verdict.deleted),
+                              f"{missing} entr{'y is' if missing == 1 else 'ies are'} missing between lines "
+                              f"{line_of[0]} and {line_of[hi]}", "error", (), self.peer))
+        for s, where in sorted(verdict.duplicated.items()):
+            self.found("duplicated", [s], f"entry {s} appears {len(where)} times (lines "
+                                          f"{', '.join(str(line_of[w]) for w in where)})")
+        inserted = sorted(verdict.inserted.items())
+        for p, s in inserted:
+            if region[p].entry is not None:
+                self.found("inserted", [s] if s >= 0 else [], f"line {line_of[p]} (claiming seq {s}) is not part "
+                                                              "of the hash chain")
+        for a, b in to_ranges(line_of[p] for p, _s in inserted if region[p].entry is None):
+            self.found("garbage", [], f"line{'s' if b > a else ''} {a}{f'-{b}' if b > a else ''} "
+                                      f"{'are' if b > a else 'is'} not an entry (not part of the hash chain)")
+        if verdict.reordered:
+            self.found("reordered", verdict.reordered,
+                       f"entries {format_ranges(to_ranges(verdict.reordered))} are out of order "
+                       f"(lines {line_of[0]}-{line_of[hi]})")
+        authentic = sorted((region[p] for p in verdict.authentic), key=lambda i: i.seq)
+        if verdict.modified or verdict.deleted:
+            self.collector.taint()
+        # A modified run_start still opens its segment (its nonce is what later signatures bind), so
+        # one changed byte there does not make every later checkpoint unverifiable too.
+        starts = [(s, region[p]) for s, (p, _how) in verdict.modified.items()
+                  if region[p].event == "run_start" and region[p].entry is not None and region[p].seq == s]
+        for info in authentic:
+            while starts and starts[0][0] < info.seq:
+                self.collector.adopt_run_start(starts.pop(0)[1].entry, info.seq)
+            self._accept(info)
+        for _s, start in starts:
+            self.collector.adopt_run_start(start.entry, start.seq)
+        rest = region[hi + 1:]
+        self._region = []
+        for info in rest[:-1]:
+            self._accept(info)
+        if rest:
+            self._pending = rest[-1]
+            self.seq, self.head = rest[-1].seq, rest[-1].hash
+        elif authentic:
+            self.seq, self.head = authentic[-1].seq, authentic[-1].hash
+        else:
+            # Nothing of the region belongs to the chain: go on from its last readable line.
+            last = next((i for i in reversed(region) if i.seq >= 0), None)
+            if last is not None:
+                self.seq, self.head = last.seq, last.hash
+
+    def _whole_entry(self, torn: bytes) -> bool:
+        """True when a torn tail is a complete entry linking to the chain (with or without one byte more)."""
+        for candidate in (torn, torn[:-1]):
+            if not candidate.startswith(b"{"):
                 continue
-            why = infos[p].problem if infos[p].seq < 0 else f"its seq reads {infos[p].seq}"
-            out.modified[slot] = (p, f"line {p + 1} stands where entry {slot} belongs but does not link ({why})")
-            taken.add(slot)
-        out.deleted.extend(_ranges_without(gap, taken))
-    else:
-        for p in suspects:
-            out.inserted[p] = infos[p].seq
-    ordered = sorted(chain, key=lambda q: infos[q].seq)
-    for a, b in pairwise(ordered):
-        if b < a:
-            out.reordered.update((infos[a].seq, infos[b].seq))
-    out.authentic = chain
-    return out
+            info = self._info(candidate)
+            if info.entry is not None and info.seq == self.seq + 1 and info.prev == self.head:
+                return True
+        return False
+
+    def finish(self, torn: bytes = b"", torn_length: int = 0) -> tuple[FileReport, LogFacts]:
+        """End of file: close any open region, judge the end, and return the report and facts."""
+        self._end_garbage_run()
+        if self._region:
+            self._anomaly_at = len(self._region) - 1
+            self._close_region()
+        if self._pending is not None:
+            self._accept(self._pending)
+            self._pending = None
+        for a, b in self._garbage_ranges:
+            self.found("garbage", [], f"lines {a}-{b} ({b - a + 1} lines) are not entries")
+        if self._garbage_total and len(self._garbage_ranges) >= 16:
+            self.found("garbage", [], f"{self._garbage_total} lines in all are not entries (only the first "
+                                      "16 ranges are listed)")
+        for line_no, length in self._overlong:
+            self.found("garbage", [], f"line {line_no} is {length} bytes long (the limit is {MAX_LINE_BYTES}): "
+                                      "an entry never holds payloads")
+        torn_length = torn_length or len(torn)
+        if torn and self._whole_entry(torn):
+            self.found("modified", [self.seq + 1], f"the last {len(torn)} bytes are a whole entry that links to the "
+                       "chain but lacks its newline: the writer writes each line and its newline in one write, so "
+                       "the newline was removed or changed after the fact")
+        elif torn_length:
+            self.found("torn_tail", [self.seq + 1], f"the last {torn_length} bytes are a partial line (the writer "
+                       "stopped mid-write, e.g. a crash); they are not part of the log", severity="warning")
+        facts = self.collector.finish()
+        segs = facts.segments
+        if not segs:
+            self.found("truncated", [], "the log holds no entry", severity="warning")
+        else:
+            last = segs[-1]
+            if last.crashed:
+                self.found("truncated", [self.seq + 1], f"the log ends at entry {self.seq} inside a run segment that "
+                           "did not finish its close round (a crash, or a removed tail)", severity="warning")
+        report = FileReport(
+            peer=self.peer, file=self.file, lines=self.lines, entries=self.entries, last_seq=self.seq,
+            head=self.head, checkpoints=sum(len(s.checkpoints) for s in segs), findings=self.findings,
+            segments=len(segs), runs=[r for s in segs for _, r, _ in s.runs], torn_bytes=torn_length, suppressed=self.suppressed,
+        )
+        facts.last_seq = self.seq
+        report.intact = not any(f.severity == "error" and f.party == self.peer for f in self.findings)
+        return report, facts
 
 
-def verify_lines(
-    lines: Sequence[bytes],
-    *,
-    peer: str,
-    context: VerifyContext,
-    torn: bytes = b"",
-    file: str = "",
-) -> FileReport:
-    """Verify one peer's log given as lines (the per-file pass; O(n)).
+def scan_lines(lines: Iterable[bytes], *, peer: str, context: VerifyContext, torn: bytes = b"",
+               file: str = "") -> tuple[FileReport, LogFacts]:
+    """Verify one peer's log given as lines (without newlines); returns its report and facts."""
+    scanner = LogScanner(peer, context, file)
+    with paused_gc():
+        for line in lines:
+            scanner.feed(line)
+        return scanner.finish(torn)
+
+
+def verify_lines(lines: Iterable[bytes], *, peer: str, context: VerifyContext, torn: bytes = b"",
+                 file: str = "") -> FileReport:
+    """Verify one peer's log given as lines, on its own (chain, order, signatures, format, ending).
 
     Args:
         lines: the complete lines of the file, without newlines (`split_lines`).
@@ -512,198 +448,42 @@ def verify_lines(
         file: the file name findings name (default PEER.jsonl).
 
     Returns:
-        The file's report: findings of kinds modified, deleted, reordered, duplicated, inserted,
-        truncated (unclosed log), forged_signature, unknown_key, torn_tail, malformed.
+        The file's report (cross-peer checks need every log: use `verify_logs`).
     """
-    with paused_gc():
-        return _verify_lines(lines, peer=peer, context=context, torn=torn, file=file)
+    return scan_lines(lines, peer=peer, context=context, torn=torn, file=file)[0]
 
 
-def _verify_lines(lines: Sequence[bytes], *, peer: str, context: VerifyContext, torn: bytes, file: str) -> FileReport:
-    file = file or f"{peer}.jsonl"
-    n = len(lines)
-    infos = context.parse_all(lines, peer)
-    findings: list[Finding] = []
-
-    def found(kind: str, seqs: Any, message: str, severity: str = "error") -> None:
-        findings.append(Finding(kind, peer, file, to_ranges(seqs), message, severity))
-
-    genesis = context.genesis(peer)
-    # A line is an anomaly when its prev is not the previous line's hash or its seq is not the
-    # previous seq + 1: C-level passes over the columns, so an intact log costs next to nothing.
-    seqs = list(map(_SEQ, infos))
-    hashes = list(map(_HASH, infos))
-    bad = set(compress(range(1, n), map(ne, islice(map(_PREV, infos), 1, None), hashes)))
-    bad.update(compress(range(1, n), map(ne, islice(seqs, 1, None), map(_plus, seqs, repeat(1)))))
-    if n and (seqs[0] != 0 or infos[0].prev != genesis):
-        bad.add(0)
-    anomalies = sorted(bad)
-    excluded: set[int] = set()
-    modified: set[int] = set()
-    position_of_seq_override: dict[int, int] = {}
-
-    # Signatures first: a valid checkpoint at the end of the file vouches for the lines before it.
-    cp_positions = list(compress(range(n), map(_CHECKPOINT, infos)))
-    sig_status = {p: context.checkpoint_status(peer, infos[p]) for p in cp_positions}
-
-    # Diagnose clusters of anomalies; regions are merged so that the lines anchoring them are intact.
-    regions: list[list[int]] = []
-    for a in anomalies:
-        if regions and a - 2 <= regions[-1][1]:
-            regions[-1][1] = a
-        else:
-            regions.append([max(a - 1, 0), a])
-    for lo, hi in regions:
-        if lo == 0:
-            prev_start, seq_start = genesis, 0
-        else:
-            prev_start, seq_start = infos[lo].prev, infos[lo].seq
-        tail: tuple[str, int] | None
-        if hi + 1 < n:
-            tail = (infos[hi + 1].prev, infos[hi + 1].seq - 1)
-        elif sig_status.get(hi) == "ok":
-            tail = (infos[hi].hash, infos[hi].seq)
-        else:
-            tail = None
-        region = _diagnose_region(infos, lo, hi, prev_start, seq_start, tail)
-        for s, (p, how) in sorted(region.modified.items()):
-            found("modified", [s], f"entry {s} was changed after it was written: {how}")
-            modified.add(s)
-            excluded.add(p)
-        if region.deleted:
-            missing = sum(b - a + 1 for a, b in region.deleted)
-            findings.append(Finding("deleted", peer, file, tuple(region.deleted),
-                                    f"{missing} entr{'y is' if missing == 1 else 'ies are'} missing "
-                                    f"between lines {lo + 1} and {hi + 1}"))
-        for s, where in sorted(region.duplicated.items()):
-            found("duplicated", [s], f"entry {s} appears {len(where)} times (lines {', '.join(map(str, where))})")
-            excluded.update(w - 1 for w in where[1:])
-        for p, s in sorted(region.inserted.items()):
-            found("inserted", [s] if s >= 0 else [], f"line {p + 1} (claiming seq {s}) is not part of the hash chain")
-            excluded.add(p)
-        if region.reordered:
-            found("reordered", region.reordered,
-                f"entries {format_ranges(to_ranges(region.reordered))} are out of order (lines {lo + 1}-{hi + 1})")
-        for p in region.authentic:
-            position_of_seq_override[infos[p].seq] = p
-
-    # Checkpoint signatures.
-    checkpoints_ok = 0
-    for p, status in sig_status.items():
-        s = infos[p].seq
-        if status == "ok":
-            checkpoints_ok += 1
-        elif s in modified or p in excluded:
-            continue
-        elif status == "missing":
-            found("forged_signature", [s], f"checkpoint at line {p + 1} has no valid signature field")
-        elif status == "invalid":
-            found("forged_signature", [s],
-                f"checkpoint {s} (line {p + 1}) does not verify with {peer}'s key: the entries it covers "
-                "were rewritten, or the signature was forged")
-        else:
-            found("unknown_key", [s], f"checkpoint {s} (line {p + 1}) is signed with {status}, not {peer}'s key")
-
-    # Format problems of lines that still chain correctly (a writer bug, or a re-chained forgery).
-    for p in compress(range(n), map(_PROBLEM, infos)):
-        s = infos[p].seq
-        if s in modified or p in excluded:
-            continue
-        found("malformed", [s] if s >= 0 else [], f"line {p + 1}: {infos[p].problem}")
-
-    # The end of the log.
-    if anomalies:
-        # The end of the chain: the highest seq among the lines that belong to it.
-        for p in excluded:
-            seqs[p] = -1
-        last_seq = max(seqs)
-        last_pos = seqs.index(last_seq)
-    else:
-        last_pos, last_seq = n - 1, (infos[-1].seq if n else -1)
-    if torn:
-        found("torn_tail", [last_seq + 1],
-            f"the last {len(torn)} bytes are a partial line (the writer stopped mid-write, e.g. a crash); "
-            "they are not part of the log", severity="warning")
-    if n:
-        last = infos[last_pos]
-        before = infos[position_of_seq_override.get(last_seq - 1, last_pos - 1)] if last_pos > 0 else None
-        closed = last.event == "checkpoint" and before is not None and before.event == "run_end"
-        if not closed:
-            last_cp = max((infos[p].seq for p in cp_positions if sig_status[p] == "ok"), default=-1)
-            unsigned = f"entries {last_cp + 1}-{last_seq} are not covered by a signature" if last_cp < last_seq \
-                else "every entry is covered by a signature"
-            found("truncated", [last_seq + 1],
-                f"the log ends at entry {last_seq} without run_end and a final signed checkpoint: the run did "
-                f"not close (a crash) or its tail was removed; {unsigned}", severity="warning")
-    else:
-        found("truncated", [], "the log is empty", severity="warning")
-
-    # seq -> (entry hash, signature valid, signature): what counterparty heads are compared with.
-    signed_heads = {infos[p].seq: (infos[p].hash, sig_status[p] == "ok", (infos[p].facts or ("", ""))[1])
-                    for p in cp_positions
-                    if p not in excluded and infos[p].seq >= 0}
-    return FileReport(
-        peer=peer,
-        file=file,
-        lines=n,
-        entries=n - len(excluded),
-        last_seq=last_seq,
-        head=infos[-1].hash if n else genesis,
-        checkpoints=checkpoints_ok,
-        findings=findings,
-        infos=infos,
-        excluded=frozenset(excluded),
-        signed_heads=signed_heads,
-    )
-
-
-def foreign_deployment(lines: Sequence[bytes], peer: str, deployment_hash: str) -> str | None:
-    """The deployment hash a log provably belongs to when it is not `deployment_hash`, else None.
-
-    "Provably": its first entry is a run_start naming that other deployment, and its genesis is
-    that deployment's. Such a log is not tampered with; it is simply verified against the wrong file.
-    """
-    if not lines:
-        return None
-    first = parse_line(lines[0], peer)
-    if first.event != "run_start" or first.facts is None:
-        return None
-    named = first.facts[0]
-    if isinstance(named, str) and named != deployment_hash and first.prev == genesis_hash(peer, named):
-        return named
-    return None
-
-
-def read_log(path: str | Path) -> tuple[list[bytes], bytes]:
-    """Read a log file and split it into complete lines and a torn tail.
+def scan_file(path: str | Path, *, peer: str, context: VerifyContext) -> tuple[FileReport, LogFacts]:
+    """Verify one log file on its own, streaming (bounded memory).
 
     Raises:
         AuditError: the file cannot be read.
     """
+    p = Path(path)
+    scanner = LogScanner(peer, context, p.name)
     try:
-        data = Path(path).read_bytes()
+        with open(p, "rb") as fh, paused_gc():
+            reader = LineReader(fh, scanner.overlong)
+            for line in reader:
+                scanner.feed(line)
+            return scanner.finish(reader.torn, reader.torn_length)
     except OSError as exc:
-        raise AuditError(f"cannot read audit log {path}: {exc.strerror or exc}") from None
-    return split_lines(data)
+        raise AuditError(f"cannot read audit log {p}: {exc.strerror or exc}") from None
 
 
 def verify_file(path: str | Path, deployment: Any, *, peer: str | None = None) -> FileReport:
     """Verify one log file on its own (chain, order, signatures, format, ending).
 
-    Cross-peer checks need every log: use `verify_logs` for the full verdict.
-
     Args:
         path: the log (`PEER.jsonl`).
-        deployment: a `VerifyContext`, or a loaded `Deployment` (keys and hash are taken from it).
+        deployment: a `VerifyContext`, or a loaded `Deployment`.
         peer: whose log it is (default: the file name without `.jsonl`).
-
-    Returns:
-        The file's report.
 
     Raises:
         AuditError: the file cannot be read.
     """
     context = deployment if isinstance(deployment, VerifyContext) else VerifyContext.from_deployment(deployment)
     p = Path(path)
-    lines, torn = read_log(p)
-    return verify_lines(lines, peer=peer or p.stem, context=context, torn=torn, file=p.name)
+    return scan_file(p, peer=peer or p.stem, context=context)[0]
+
+

@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from secure_split.audit.crosscheck import LogFacts, message_flows
+from secure_split.audit.facts import LogFacts
 from secure_split.audit.report import Finding, to_ranges
 
 _UNDECIDED: Any = object()
@@ -32,7 +32,7 @@ def _when(timestamp: str) -> datetime | None:
 
 
 def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Finding], dict[str, int], list[str]]:
-    """Decide every logged flow with `policy`.
+    """Decide every logged flow with `policy`, and check each segment ran under it.
 
     Args:
         logs: peer -> its facts.
@@ -51,16 +51,22 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
     decided: dict[tuple[Any, ...], Any] = {}
     flows_checked = 0
     for facts in logs.values():
+        other = [seg.start_seq for seg in facts.segments if seg.policy_hash != policy.hash]
+        if other:
+            findings.append(Finding(
+                "policy_mismatch", facts.peer, facts.file, to_ranges(other),
+                f"{len(other)} run segment(s) started under another policy (run_start's policy_hash) than the policy "
+                f"checked ({policy.hash[:16]}...): their flows are not judged by it", party=facts.peer))
+        skip = {seg.index for seg in facts.segments if seg.policy_hash != policy.hash}
         times: list[datetime | None] = [*sorted({w for t in facts.message_times if t and (w := _when(t))})]
-        mismatch = [s for h, seqs in facts.policies.items() if h != policy.hash for s in seqs]
-        skip = set(mismatch)
         raw: dict[str, list[int]] = {}
         denied: dict[str, list[int]] = {}
-        groups = message_flows(facts)
-        if skip:
-            groups = {k: kept for k, v in groups.items() if (kept := [s for s in v if s not in skip])}
-        for flow_key, seqs in groups.items():
-            direction, sender, receiver, kind, edge, nbytes, dtype, shape, batch = flow_key
+        denied_count: dict[str, int] = {}
+        for flow_key, (count, seqs) in facts.flows.items():
+            if skip and all((seg := facts.segment_of(s)) is not None and seg.index in skip for s in seqs):
+                continue
+            event, sender, receiver, kind, edge, nbytes, dtype, shape, batch = flow_key
+            direction = "send" if event == "message_sent" else "receive"
             if kind not in KIND_SET:
                 raw.setdefault(str(kind), []).extend(seqs)
                 continue
@@ -79,21 +85,19 @@ def check_compliance(logs: dict[str, LogFacts], policy: Any) -> tuple[list[Findi
                     decided[(flow_key, when)] = decision
                 if decision is not _UNDECIDED and not decision.allowed and refusal is None:
                     refusal = decision
-            flows_checked += len(seqs)
+            flows_checked += count
             if refusal is not None:
-                denied.setdefault(f"{refusal.reason} (rule {refusal.rule_id})", []).extend(seqs)
-        if mismatch:
-            findings.append(Finding(
-                "policy_mismatch", facts.peer, facts.file, to_ranges(mismatch),
-                f"{len(mismatch)} message entr{'y was' if len(mismatch) == 1 else 'ies were'} logged under a "
-                f"different policy hash than the policy checked ({policy.hash[:16]}...)"))
+                why = f"{refusal.reason} (rule {refusal.rule_id})"
+                denied.setdefault(why, []).extend(seqs)
+                denied_count[why] = denied_count.get(why, 0) + count
         for kind, seqs in raw.items():
             findings.append(Finding(
                 "raw_data", facts.peer, facts.file, to_ranges(seqs),
                 f"message kind {kind!r} is not a protocol kind: raw features and labels have no kind, so these "
-                "entries show data leaving its owner outside the protocol"))
+                "entries show data leaving its owner outside the protocol", party=facts.peer))
         for reason, seqs in denied.items():
             findings.append(Finding(
                 "policy_violation", facts.peer, facts.file, to_ranges(seqs),
-                f"{len(seqs)} logged flow(s) are not allowed by the policy: {reason}"))
+                f"{denied_count[reason]} logged message(s) not allowed by the policy: {reason} (entries shown: the "
+                "first of each flow)", party=facts.peer))
     return findings, {"flows_checked": flows_checked, "policy_decisions": len(decided)}, problems

@@ -1,81 +1,33 @@
 """`verify_logs`: the auditor's verdict on a folder of audit logs, offline and from the logs alone.
 
-Three passes:
+Three passes, streaming, memory bounded by peers x sessions x a window (not by log length):
 
-1. per file (`chain.verify_lines`): hash chain, seq order, checkpoint signatures, format, ending;
-   files are verified in parallel processes when there is enough work and more than one core;
-2. across peers (`crosscheck.cross_check`): every message on both sides with the same facts and
-   digest, countersigned heads agree with the logs they name, no equivocation;
-3. policy (`compliance.check_compliance`, only when a policy is given): every logged flow allowed.
+1. per file (`chain.scan_file`): hash chain, seq order, canonical encoding, signatures, run
+   segments, the end of the log; reduced to `LogFacts`;
+2. across peers (`crosscheck.CrossCheck`): countersigned heads and runs, the close round's tail,
+   every message on both sides, signed metrics, each finding attributed to the party that acted;
+3. policy (`compliance.check_compliance`): every segment ran under the policy given, every logged
+   flow allowed. Without a policy the verdict is "incomplete" (exit 2), never clean.
 
-Works without torch or tenseal: it needs the standard library, pyyaml and pydantic (to read the
+Works without torch or tenseal: the standard library, orjson, pyyaml and pydantic (the
 deployment), PyNaCl (signatures), rich (the table), and the policy package only for pass 3.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from secure_split.audit.chain import VerifyContext, foreign_deployment, paused_gc, read_log, verify_lines
+from secure_split.audit.chain import VerifyContext, scan_file
 from secure_split.audit.compliance import check_compliance
-from secure_split.audit.crosscheck import LogFacts, compact, cross_check, extract_facts
-from secure_split.audit.report import AuditReport, FileReport, Finding
+from secure_split.audit.crosscheck import CrossCheck
+from secure_split.audit.encoding import JSONDecodeError, parse
+from secure_split.audit.facts import LogFacts
+from secure_split.audit.reading import LineReader, foreign_deployment
+from secure_split.audit.regions import paused_gc
+from secure_split.audit.report import MAX_FINDINGS, AuditReport, FileReport, Finding
 from secure_split.errors import AuditError, SecureSplitError
-
-# Below this much log data, starting worker processes costs more than it saves.
-_PARALLEL_MIN_BYTES = 8 * 1024 * 1024
-
-
-def _verify_one(path: str, peer: str, context: VerifyContext) -> tuple[FileReport | None, LogFacts | None, str | None]:
-    """Verify one file; return its slim report and facts, or why it cannot be verified."""
-    try:
-        lines, torn = read_log(path)
-    except AuditError as exc:
-        return None, None, str(exc)
-    foreign = foreign_deployment(lines, peer, context.deployment_hash)
-    if foreign is not None:
-        return None, None, (f"{Path(path).name} belongs to deployment {foreign[:16]}... (its run_start and "
-                            f"genesis), not to the deployment given ({context.deployment_hash[:16]}...)")
-    report = verify_lines(lines, peer=peer, context=context, torn=torn, file=Path(path).name)
-    facts = extract_facts(report)
-    report.infos = []
-    report.excluded = frozenset()
-    return report, facts, None
-
-
-def _verify_job(
-    args: tuple[str, str, str, dict[str, str], bool, bool],
-) -> tuple[FileReport | None, LogFacts | None, str | None]:
-    """One file in a worker process; the facts travel back compacted (digests, not messages)."""
-    path, peer, deployment_hash, keys, strict, with_flows = args
-    with paused_gc():
-        report, facts, why = _verify_one(path, peer, VerifyContext(deployment_hash=deployment_hash, keys=keys,
-                                                                   strict_encoding=strict))
-        return report, compact(facts, with_flows=with_flows) if facts is not None else None, why
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _default_workers(files: int, total_bytes: int) -> int:
-    """One process per file, up to the cores that are idle now; one process for small logs or a busy machine.
-
-    On shared cores, worker processes compete with other work and lose more than they gain.
-    """
-    if total_bytes < _PARALLEL_MIN_BYTES or files < 2:
-        return 1
-    cpus = _cpus()
-    try:
-        idle = cpus - os.getloadavg()[0]
-    except OSError:  # no load average on this platform
-        idle = cpus - 1
-    return max(1, min(files, cpus, int(idle + 0.5) + 1)) if idle >= 1 else 1
 
 
 def _load_deployment(deployment: Any) -> Any:
@@ -94,41 +46,48 @@ def _load_policy(policy: Any) -> Any:
     return policy
 
 
-def verify_logs(
-    log_dir: str | Path,
-    deployment: Any,
-    policy: Any = None,
-    *,
-    workers: int | None = None,
-    strict_encoding: bool = False,
-) -> AuditReport:
-    """Verify every peer's audit log in `log_dir` against the deployment (and the policy).
+def _reread(paths: dict[str, Path]) -> Any:
+    """Pass 2: stream one log again for the message entries of one session (bytes filter first)."""
+
+    def items(peer: str, session: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        needle = f'"session":"{session}"'.encode()
+        with open(paths[peer], "rb") as fh:
+            for line in LineReader(fh, lambda _n, _l: None):
+                if needle not in line:
+                    continue
+                try:
+                    e = parse(line)
+                except JSONDecodeError:
+                    continue
+                if type(e) is dict and type(e.get("data")) is dict and type(e.get("seq")) is int:
+                    yield e["seq"], str(e.get("event")), e["data"]
+
+    return items
+
+
+def verify_logs(log_dir: str | Path, deployment: Any, policy: Any = None) -> AuditReport:
+    """Verify every peer's log in a folder: per file, across peers, and against the policy.
 
     Args:
-        log_dir: the folder holding one `PEER.jsonl` per peer of the deployment.
-        deployment: a loaded `Deployment` or the path of `deployment.yaml` (public keys, hash).
-        policy: a loaded `Policy`, the path of the policy file, or None to skip policy compliance.
-        workers: processes for the per-file pass (default: one per file up to the idle cores when
-            the logs are large, else 1).
-        strict_encoding: re-encode every entry to check canonical encoding (default: every entry
-            but messages, and messages on a sample; see `VerifyContext`).
+        log_dir: folder with one `PEER.jsonl` per peer of the deployment.
+        deployment: a loaded `Deployment`, or the path of deployment.yaml (public keys).
+        policy: a loaded `Policy` or its path; None: compliance is not checked and the verdict is
+            at best "incomplete" (exit 2).
 
     Returns:
-        The report: `clean`, `findings`, `unverifiable`, `exit_code` (0 clean, 1 a problem found,
-        2 cannot verify), `to_json()`, `render_table()`.
+        The report (`exit_code`: 0 clean, 1 findings, 2 cannot verify or incomplete). Never raises
+        for bad inputs; an internal failure is the CLI's exit 3.
     """
     with paused_gc():
-        return _verify_logs(log_dir, deployment, policy, workers, strict_encoding)
+        return _verify_logs(log_dir, deployment, policy)
 
 
-def _verify_logs(
-    log_dir: str | Path, deployment: Any, policy: Any, workers: int | None, strict_encoding: bool
-) -> AuditReport:
+def _verify_logs(log_dir: str | Path, deployment: Any, policy: Any) -> AuditReport:
     try:
         dep = _load_deployment(deployment)
     except SecureSplitError as exc:
         return AuditReport(files=[], findings=[], unverifiable=[f"cannot read the deployment: {exc}"])
-    context = VerifyContext.from_deployment(dep, strict_encoding=strict_encoding)
+    context = VerifyContext.from_deployment(dep)
     unverifiable: list[str] = []
     pol = None
     if policy is not None:
@@ -139,51 +98,43 @@ def _verify_logs(
     directory = Path(log_dir)
     if not directory.is_dir():
         return AuditReport(files=[], findings=[], unverifiable=[*unverifiable, f"{directory} is not a folder"],
-                           deployment_hash=dep.hash)
+                           deployment_hash=dep.hash, policy_hash=pol.hash if pol is not None else None)
     findings: list[Finding] = []
-    jobs: list[tuple[str, str]] = []
-    for peer in sorted(dep.spec.peers):
-        path = directory / f"{peer}.jsonl"
-        if path.is_file():
-            jobs.append((str(path), peer))
-        else:
-            unverifiable.append(f"no audit log for peer '{peer}' (expected {path})")
-    for path in sorted(directory.glob("*.jsonl")):
-        if path.stem not in dep.spec.peers:
-            findings.append(Finding("unknown_key", path.stem, path.name, (),
-                                    f"{path.name} is the log of '{path.stem}', which is not a peer of the deployment"))
-    total_bytes = sum(os.path.getsize(p) for p, _ in jobs)
-    if workers is None:
-        workers = _default_workers(len(jobs), total_bytes)
-    results: list[tuple[FileReport | None, LogFacts | None, str | None]]
-    if workers > 1 and len(jobs) > 1:
-        results = _run_parallel(jobs, context, workers, with_flows=pol is not None)
-    else:
-        results = [_verify_one(p, peer, context) for p, peer in jobs]
+    suppressed = 0
     files: list[FileReport] = []
     logs: dict[str, LogFacts] = {}
-    for report, facts, why in results:
-        if report is None or facts is None:
-            unverifiable.append(why or "unreadable log")
+    paths: dict[str, Path] = {}
+    for peer in sorted(dep.spec.peers):
+        path = directory / f"{peer}.jsonl"
+        if not path.is_file():
+            unverifiable.append(f"no audit log for peer '{peer}' (expected {path})")
+            continue
+        foreign = foreign_deployment(path, peer, dep.hash)
+        if foreign is not None:
+            unverifiable.append(f"{path.name} belongs to deployment {foreign[:16]}... (its run_start and genesis), "
+                                f"not to the deployment given ({dep.hash[:16]}...)")
+            continue
+        try:
+            report, facts = scan_file(path, peer=peer, context=context)
+        except AuditError as exc:
+            unverifiable.append(str(exc))
             continue
         files.append(report)
         findings.extend(report.findings)
-        logs[report.peer] = facts
+        suppressed += report.suppressed
+        logs[peer] = facts
+        paths[peer] = path
+    for path in sorted(directory.glob("*.jsonl")):
+        if path.stem not in dep.spec.peers:
+            findings.append(Finding("unknown_key", path.stem, path.name, (),
+                                    f"{path.name} is the log of '{path.stem}', which is not a peer of the deployment",
+                                    "warning"))
     checks: dict[str, int] = {
         "files": len(files),
         "entries": sum(f.entries for f in files),
         "checkpoints_verified": sum(f.checkpoints for f in files),
     }
-    paths = {peer: path for path, peer in jobs}
-
-    def reload(peer: str) -> LogFacts:
-        # Full facts of a log whose compact digests disagreed with a counterparty's.
-        full = _verify_one(paths[peer], peer, context)[1]
-        if full is None:  # readable a moment ago: it changed under us
-            raise AuditError(f"{paths[peer]} could not be read again")
-        return full
-
-    cross, counts = cross_check(logs, context, reload)
+    cross, counts = CrossCheck(logs, dep.hash, dict(context.keys), _reread(paths)).run()
     findings.extend(cross)
     checks.update(counts)
     if pol is not None:
@@ -191,26 +142,19 @@ def _verify_logs(
         findings.extend(pfind)
         checks.update(pcounts)
         unverifiable.extend(pproblems)
+    runs: dict[str, list[str]] = {}
+    for facts in logs.values():
+        for seg in facts.segments:
+            for _at, run, _n in seg.runs:
+                if facts.peer not in runs.setdefault(run, []):
+                    runs[run].append(facts.peer)
+    blamed = {f.party for f in findings if f.severity == "error" and f.party}
+    for fr in files:
+        fr.intact = fr.peer not in blamed
+    if len(findings) > MAX_FINDINGS:
+        findings.sort(key=lambda f: f.severity != "error")
+        suppressed += len(findings) - MAX_FINDINGS
+        findings = findings[:MAX_FINDINGS]
     return AuditReport(files=files, findings=findings, unverifiable=unverifiable, checks=checks,
-                       policy_hash=pol.hash if pol is not None else None, deployment_hash=dep.hash)
-
-
-def _run_parallel(
-    jobs: list[tuple[str, str]], context: VerifyContext, workers: int, *, with_flows: bool
-) -> list[tuple[FileReport | None, LogFacts | None, str | None]]:
-    """The per-file pass in worker processes (fork where available, else sequential)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    if "fork" not in multiprocessing.get_all_start_methods():
-        return [_verify_one(p, peer, context) for p, peer in jobs]
-    # Largest files first so the longest job starts at once.
-    order = sorted(range(len(jobs)), key=lambda i: -os.path.getsize(jobs[i][0]))
-    args = [(jobs[i][0], jobs[i][1], context.deployment_hash, dict(context.keys), context.strict_encoding, with_flows)
-            for i in order]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        done = list(pool.map(_verify_job, args))
-    results: list[Any] = [None] * len(jobs)
-    for i, res in zip(order, done, strict=True):
-        results[i] = res
-    return results
+                       policy_hash=pol.hash if pol is not None else None, deployment_hash=dep.hash,
+                       suppressed=suppressed, runs=runs)

@@ -1,4 +1,4 @@
-"""The audit log writer: one append-only, hash-chained, signed JSON-lines file per peer per run.
+"""The audit log writer: one append-only, hash-chained, signed JSON-lines file per peer, in run segments.
 
 Every entry goes through one structlog processor chain, built with `structlog.wrap_logger` and
 explicit processors (never the global `structlog.configure()`):
@@ -6,211 +6,78 @@ explicit processors (never the global `structlog.configure()`):
     add context → canonicalise → hash-chain → sign checkpoint → render line → append to file
 
 - *add context*: format version, seq, time, peer, policy hash;
-- *canonicalise*: checks the event name and its fields, normalises values (tuples → lists,
-  numpy scalars → Python numbers, whole floats → ints) and refuses anything that is not a small
-  JSON value: bytes, arrays, huge strings. A bug can therefore not dump a tensor into the log;
+- *canonicalise*: checks the event and its exact fields (an absent optional field is written as
+  null), normalises values (`sink.clean_value`) and refuses anything that could carry a payload;
 - *hash-chain*: `prev` = the chain head, then the entry hash;
-- *sign checkpoint*: a `checkpoint` entry gets `sig` = Ed25519 over (peer, seq, head, deployment);
-- the line is written with one `write(2)` and fsynced at every checkpoint, so a crash leaves at
-  most one partial last line (a *torn tail*), which `resume=True` drops and records.
+- *sign checkpoint*: a `checkpoint` gets `sig` = Ed25519 over (deployment, peer, seq, head, run, nonce);
+- the line is written with one `write(2)` and fsynced at every checkpoint.
 
-The format is specified in `audit/FORMAT.md`; the shared definitions live in `format.py`.
+Life of one writer process (one **run segment**, FORMAT.md §6): `open` draws a fresh run nonce and
+writes `run_start` (appending to the file when it exists: a crashed or finished earlier segment
+is verified and continued, never rewritten); `bind_run` records the run id agreed at the start
+barrier; checkpoints and heads exchanged at barriers bind it; `begin_close` / `finish_close` are
+the close round. The format is specified in `audit/FORMAT.md`; shared definitions in `format.py`.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
+from secure_split.audit.continuation import nonce_hex, prepare_continue
+from secure_split.audit.encoding import encode_entry
 from secure_split.audit.format import (
+    CLOSE_TAIL_EVENTS,
+    CLOSE_TAIL_KINDS,
     FORMAT_VERSION,
     GATE_EVENTS,
     LOG_EVENTS,
     MAX_LINE_BYTES,
-    MAX_LIST_ITEMS,
-    MAX_STRING_BYTES,
+    MESSAGE_EVENTS,
+    SCHEMAS,
+    MetricsStatement,
     SignedHead,
-    encode_canonical,
+    check_nonces,
+    compute_run_id,
     genesis_hash,
     head_message,
+    metrics_message,
+)
+from secure_split.audit.sink import (
+    SHORT,
+    AppendOnlyFile,
+    AuditBoundLogger,
+    RefusalLimiter,
+    SigningIdentity,
+    clean_value,
+    fsync_dir,
+    lock_for_writing,
+    utc_timestamp,
 )
 from secure_split.canonical import sha256_hex
-from secure_split.errors import AuditError, CryptoError
+from secure_split.errors import AuditError, CryptoError, RemoteProtocolError
 
-_MAX_DEPTH = 4
-_MAX_DICT_ITEMS = 128
-_SHORT = MAX_STRING_BYTES // 4  # a str of at most this many characters is within the byte limit
-
-
-class SigningIdentity(Protocol):
-    """What the log needs from a peer identity (`secure_split.crypto.keys.Identity` fits)."""
-
-    @property
-    def sign_key_hex(self) -> str:
-        """The Ed25519 public key, hex."""
-        ...
-
-    def secret_text_forms(self) -> tuple[str, ...]:
-        """The peer's secret keys as text (hex, Z85, base64): no entry may contain one."""
-        ...
-
-    def sign(self, data: bytes) -> bytes:
-        """An Ed25519 signature over `data`."""
-        ...
-
-
-def utc_timestamp(ns: int) -> str:
-    """Format nanoseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC).
-
-    Args:
-        ns: time.time_ns() or a test clock's value.
-
-    Returns:
-        The ISO 8601 timestamp with microseconds that entries carry in `time`.
-    """
-    secs, us = divmod(ns // 1000, 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{us:06d}Z"
-
-
-def _refuse(path: str, why: str) -> AuditError:
-    return AuditError(f"audit field {path}: {why}")
-
-
-def clean_value(value: Any, path: str, depth: int = 0) -> Any:
-    """Normalise one field value for the log, or refuse it.
-
-    Accepts None, bool, int, finite float (whole floats become ints; NaN and ±Infinity become
-    the strings "NaN", "Infinity", "-Infinity"), str up to `MAX_STRING_BYTES`, and lists,
-    tuples and str-keyed dicts of those, nested at most 4 deep. numpy scalars are accepted as
-    numbers; str enums as their value.
-
-    Args:
-        value: the value a caller passed to `record`.
-        path: the field's name, for the error message.
-        depth: nesting depth (internal).
-
-    Returns:
-        The JSON-ready value.
-
-    Raises:
-        AuditError: bytes, arrays, objects, huge strings or lists, too deep nesting.
-    """
-    t = type(value)
-    if value is None or t is bool or t is int:
-        return value
-    if t is str:
-        if len(value) > MAX_STRING_BYTES // 4 and len(value.encode("utf-8")) > MAX_STRING_BYTES:
-            raise _refuse(path, f"a string of {len(value.encode('utf-8'))} bytes; the limit is "
-                                f"{MAX_STRING_BYTES} (log a digest, not the content)")
-        return value
-    if t is float:
-        if not math.isfinite(value):
-            return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-        return int(value) if value.is_integer() and abs(value) < 2**53 else value
-    if isinstance(value, bytes | bytearray | memoryview):
-        raise _refuse(path, f"{t.__name__} value; the audit log never holds payloads or secrets, "
-                            "log their SHA-256 digest instead")
-    if isinstance(value, str):  # a str subclass, e.g. a str enum such as protocol.Kind: its value
-        return clean_value(str.__str__(value), path, depth)
-    if getattr(value, "shape", None) == () and hasattr(value, "item"):
-        return clean_value(value.item(), path, depth)  # a numpy (or similar) scalar: its Python value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return clean_value(float(value), path, depth)
-    if depth >= _MAX_DEPTH:
-        raise _refuse(path, f"nested more than {_MAX_DEPTH} deep")
-    if t is list or t is tuple:
-        if len(value) > MAX_LIST_ITEMS:
-            raise _refuse(path, f"a list of {len(value)} items; the limit is {MAX_LIST_ITEMS} "
-                                "(the log records shapes and digests, never tensor values)")
-        return [clean_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if t is dict:
-        if len(value) > _MAX_DICT_ITEMS:
-            raise _refuse(path, f"a dict of {len(value)} items; the limit is {_MAX_DICT_ITEMS}")
-        out = {}
-        for k, v in value.items():
-            if type(k) is not str:
-                raise _refuse(path, f"dict key {k!r} is not a str")
-            out[k] = clean_value(v, f"{path}.{k}", depth + 1)
-        return out
-    raise _refuse(path, f"a {t.__module__}.{t.__name__}; only JSON scalars, lists and dicts go into the "
-                        "audit log (never tensors, arrays or payloads)")
-
-
-class _AppendOnlyFile:
-    """The wrapped logger at the end of the chain: appends each rendered line with one write."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def write_entry(self, line: bytes) -> None:
-        """Append one line with one write (a short write on a full disk is continued)."""
-        view = memoryview(line)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-
-    def fsync(self) -> None:
-        """Flush the file to stable storage."""
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        """Close the file."""
-        os.close(self._fd)
-
-
-class _AuditBoundLogger(structlog.BoundLoggerBase):
-    """The bound logger: one method, `write_entry`, that runs the chain and appends the line."""
-
-    def write_entry(self, event: str, **event_kw: Any) -> Any:
-        """Run the processor chain on one event and hand the rendered line to the file."""
-        return self._proxy_to_logger("write_entry", event, **event_kw)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the file's own fsync still holds
-    finally:
-        os.close(fd)
+__all__ = ["AuditLog", "SigningIdentity", "clean_value", "utc_timestamp"]
 
 
 class AuditLog:
-    """One peer's append-only, hash-chained, signed audit log for one run.
+    """One peer's append-only, hash-chained, signed audit log: one run segment per process.
 
     Create it with `AuditLog.open`. Thread-safe: entries are serialised by a lock.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        fd: int,
-        *,
-        peer: str,
-        identity: SigningIdentity,
-        deployment_hash: str,
-        policy_hash: str,
-        seq: int,
-        head: str,
-        clock: Callable[[], int],
-    ) -> None:
+    def __init__(self, path: Path, fd: int, *, peer: str, identity: SigningIdentity, deployment_hash: str,
+                 policy_hash: str, seq: int, head: str, nonce: str, clock: Callable[[], int],
+                 limiter: RefusalLimiter) -> None:
         """Internal: use `AuditLog.open`."""
         self._path = path
-        self._sink = _AppendOnlyFile(fd)
+        self._sink = AppendOnlyFile(fd)
         self._peer = peer
         self._identity = identity
         self._key_hex = identity.sign_key_hex
@@ -219,21 +86,23 @@ class AuditLog:
         self._policy_hash = policy_hash
         self._seq = seq
         self._head = head
+        self._nonce = nonce
+        self._run = ""
+        self._nonces: dict[str, str] = {}
         self._clock = clock
+        self._limiter = limiter
         self._lock = threading.Lock()
         self._closed = False
+        self._ended = False  # run_end written: only the close round's entries may follow
         self._broken: str | None = None
         self._pending: tuple[int, str, str] | None = None
+        self._start_fields: dict[str, Any] = {}
+        self._start_seq = -1
+        self._heard: set[str] = set()  # counterparties whose heads this segment recorded
         self._logger = structlog.wrap_logger(
             self._sink,
-            processors=[
-                self._add_context,
-                self._canonicalise,
-                self._hash_chain,
-                self._sign_checkpoint,
-                self._render,
-            ],
-            wrapper_class=_AuditBoundLogger,
+            processors=[self._add_context, self._canonicalise, self._hash_chain, self._sign_checkpoint, self._render],
+            wrapper_class=AuditBoundLogger,
             context_class=dict,
             cache_logger_on_first_use=False,
         ).bind()  # resolve the lazy proxy once, from these explicit settings only
@@ -251,55 +120,71 @@ class AuditLog:
         policy_hash: str,
         resume: bool = False,
         clock: Callable[[], int] | None = None,
+        run_nonce: str | bytes | None = None,
+        versions: Mapping[str, Any] | None = None,
+        resume_epoch: int | None = None,
+        refusal_limit: RefusalLimiter | None = None,
     ) -> AuditLog:
-        """Open the audit log of one peer for one run (`audit/PEER.jsonl`).
+        """Open the audit log of one peer and begin a new run segment (writes its `run_start`).
+
+        A file that already holds segments (a finished run, a failed start, a crash) is verified
+        with this identity's key and continued: a torn last line is dropped and recorded in the
+        new run_start's `previous`, and the chain goes on. So a fresh start in the same folder just
+        works, and a resumed run is one history with the run before it.
 
         Args:
-            path: the log file; its folder is created if missing.
+            path: the log file (`audit/PEER.jsonl`); its folder is created if missing.
             peer: this peer's name (every entry carries it).
             identity: signs checkpoints (`Identity` from `secure_split.crypto.keys`).
-            deployment_hash: the deployment's hash; bound into the genesis hash and every signature.
+            deployment_hash: the deployment's hash; bound into the genesis and every signature.
             policy_hash: the hash of the policy in force; every entry carries it.
-            resume: continue an existing log: its chain is verified with this identity's key, a
-                torn last line (a crash during a write) is dropped and recorded in a
-                `log_resumed` entry, and new entries continue the same chain.
+            resume: this process resumes training from a checkpoint (run_start's `resumed`).
             clock: nanoseconds since the epoch (default `time.time_ns`; tests pass a fixed clock).
+            run_nonce: this process's fresh 32-byte run nonce (bytes or 64 hex digits); drawn here
+                when None. Send it in every HELLO (`run_nonce` property).
+            versions: software versions for run_start (default: this package's and the protocol's).
+            resume_epoch: the epoch training resumes from (run_start's `resume_epoch`).
+            refusal_limit: the rate limit for `record_refusal` (default 20 per 60 s).
 
         Returns:
-            The open log.
+            The open log, its run_start written.
 
         Raises:
-            AuditError: the file exists and is not empty and `resume` is False (one file per peer
-                per run), or `resume` is True and the existing log fails verification.
+            AuditError: the existing file fails verification, belongs to another deployment, or is
+                open for writing in another process.
         """
+        import secure_split
+
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        clk = clock or time.time_ns
-        seq, head = -1, genesis_hash(peer, deployment_hash)
-        resumed: dict[str, Any] | None = None
-        if not resume and p.exists() and p.stat().st_size:
-            raise _exists_error(p)
+        nonce = nonce_hex(run_nonce)
         created = not p.exists()
         fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            _lock_for_writing(fd, p)
+            lock_for_writing(fd, p)
             # Read the size under the lock: another writer may have appended until it let go.
-            existing = os.fstat(fd).st_size
-            if existing and not resume:
-                raise _exists_error(p)
-            if existing:
-                seq, head, resumed = _prepare_resume(p, peer=peer, key_hex=identity.sign_key_hex,
-                                                     deployment_hash=deployment_hash)
+            if os.fstat(fd).st_size:
+                seq, head, previous = prepare_continue(p, peer=peer, key_hex=identity.sign_key_hex,
+                                                        deployment_hash=deployment_hash)
+            else:
+                seq, head, previous = -1, genesis_hash(peer, deployment_hash, nonce), None
         except BaseException:
             os.close(fd)
             raise
         if created:
-            _fsync_dir(p.parent)
-        log = cls(p, fd, peer=peer, identity=identity, deployment_hash=deployment_hash,
-                  policy_hash=policy_hash, seq=seq, head=head, clock=clk)
-        if resumed is not None:
-            log._write("log_resumed", resumed)
-            log._sink.fsync()
+            fsync_dir(p.parent)
+        log = cls(p, fd, peer=peer, identity=identity, deployment_hash=deployment_hash, policy_hash=policy_hash,
+                  seq=seq, head=head, nonce=nonce, clock=clock or time.time_ns,
+                  limiter=refusal_limit or RefusalLimiter())
+        fields = {
+            "deployment_hash": deployment_hash, "policy_hash": policy_hash,
+            "versions": dict(versions) if versions is not None else
+            {"secure_split": secure_split.__version__, "protocol": secure_split.PROTOCOL_VERSION},
+            "resumed": bool(resume), "resume_epoch": resume_epoch, "nonce": nonce, "previous": previous,
+        }
+        log._start_fields = fields
+        log._start_seq = log._write("run_start", fields)[0]
+        log._sink.fsync()
         return log
 
     # -- the processor chain ------------------------------------------------------------------
@@ -315,9 +200,10 @@ class AuditLog:
     def _canonicalise(self, _logger: Any, _method: str, ed: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event = ed["event"]
         fields = ed["data"]
-        required = GATE_EVENTS.get(event) or LOG_EVENTS.get(event)
-        if required is None:
+        schema = SCHEMAS.get(event)
+        if schema is None:
             raise AuditError(f"unknown audit event {event!r}; known events: {sorted(GATE_EVENTS)}")
+        required, optional = schema
         missing = required - fields.keys()
         if missing:
             raise AuditError(f"audit event {event!r} is missing fields {sorted(missing)}")
@@ -325,16 +211,21 @@ class AuditLog:
         for k, v in fields.items():
             t = type(v)
             # Fast path: the gate's fields are mostly short strings, ints and None.
-            if (t is str and len(v) <= _SHORT) or t is int or v is None or t is bool:
+            if (t is str and len(v) <= SHORT) or (t is int and -(2**62) < v < 2**62) or v is None or t is bool:
                 data[k] = v
             else:
                 data[k] = clean_value(v, f"{event}.{k}")
+        for k in optional:
+            data.setdefault(k, None)
         ed["data"] = data
         return ed
 
     def _hash_chain(self, _logger: Any, _method: str, ed: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         ed["prev"] = self._head
-        body = encode_canonical(ed).encode("utf-8")  # every value was normalised by _canonicalise
+        try:
+            body = encode_entry(dict(ed))
+        except TypeError as exc:
+            raise AuditError(f"audit entry {ed['event']!r} holds a value canonical JSON cannot express: {exc}") from None
         if any(form in body for form in self._secret_forms):  # ~2 us per entry
             raise AuditError(f"audit entry {ed['event']!r} contains this peer's secret key as text; "
                              "refusing to write it (a bug passed a secret to the audit log)")
@@ -350,10 +241,11 @@ class AuditLog:
         entry_hash: str = ed.pop("_hash")
         signature = ""
         if ed["event"] == "checkpoint":
-            msg = head_message(self._peer, ed["seq"], entry_hash, self._deployment_hash)
+            msg = head_message(self._peer, ed["seq"], entry_hash, self._deployment_hash, run=self._run,
+                               nonce=self._nonce)
             signature = self._identity.sign(msg).hex()
             ed["sig"] = {"key": self._key_hex, "signature": signature}
-            body = encode_canonical(ed).encode("utf-8")
+            body = encode_entry(dict(ed))
         self._pending = (ed["seq"], entry_hash, signature)
         ed["_line"] = body
         return ed
@@ -364,13 +256,17 @@ class AuditLog:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _write(self, event: str, fields: dict[str, Any]) -> tuple[int, str, str]:
+    def _write(self, event: str, fields: dict[str, Any], *, after_end: bool = False) -> tuple[int, str, str]:
         """Run the chain for one entry and commit the new head. Caller holds no lock."""
         with self._lock:
             if self._closed:
                 raise AuditError(f"audit log {self._path} is closed; no entry can be added")
             if self._broken is not None:
                 raise AuditError(f"audit log {self._path} is unusable after a failed write: {self._broken}")
+            if self._ended and not after_end:
+                raise AuditError(f"audit log {self._path}: the run has ended (run_end is written); only the close "
+                                 "round's entries may follow (audit receipts, counterparty heads, refusals, "
+                                 "peer_lost, error; finish_close)")
             self._pending = None
             try:
                 self._logger.write_entry(event, data=fields)
@@ -385,25 +281,62 @@ class AuditLog:
             return pending
 
     def record(self, event: str, **fields: Any) -> int:
-        """Append one entry.
+        """Append one entry written by the gate or the peer.
 
         Args:
-            event: one of `GATE_EVENTS` (run_start, message_sent, message_received, policy_denied,
-                refused, error, peer_joined, peer_lost, checkpoint_saved, checkpoint_resumed, run_end).
+            event: one of `GATE_EVENTS` (message_sent, message_received, policy_denied, refused,
+                error, peer_joined, peer_lost, checkpoint_saved, checkpoint_resumed, ids_aligned,
+                weights_loaded). `run_start` is written by `open`; a `record("run_start", ...)`
+                with the same fields is accepted and writes nothing (returns run_start's seq).
             **fields: the event's fields (JSON scalars, lists and small dicts; see `clean_value`).
 
         Returns:
             The new entry's seq.
 
         Raises:
-            AuditError: unknown event, missing fields, a value that may not enter the log
-                (bytes, arrays, strings over 4 KiB), the log is closed, or the write failed.
+            AuditError: unknown event, missing fields, a value that may not enter the log, the
+                log is closed or its run ended, or the write failed.
         """
+        if event == "run_start":
+            same = all(self._start_fields.get(k) == clean_value(v, k) for k, v in fields.items())
+            if not same:
+                raise AuditError("run_start is written by AuditLog.open; pass versions=, resume= and resume_epoch= "
+                                 "to open instead of recording it")
+            return self._start_seq
+        after_end = event in CLOSE_TAIL_EVENTS or (event in MESSAGE_EVENTS and fields.get("kind") in CLOSE_TAIL_KINDS)
         if event not in GATE_EVENTS:
-            hint = " (use checkpoint()/record_counterparty_head())" if event in LOG_EVENTS else ""
+            hint = " (the log writes it itself: see AuditLog's methods)" if event in LOG_EVENTS else ""
             raise AuditError(f"audit event {event!r} cannot be recorded directly{hint}; "
                              f"known events: {sorted(GATE_EVENTS)}")
-        return self._write(event, fields)[0]
+        return self._write(event, fields, after_end=after_end)[0]
+
+    def bind_run(self, run_id: str, nonces: Mapping[str, str], previous: Mapping[str, Any] | None = None) -> None:
+        """Record the run this segment belongs to (`run_bound`); later signatures bind `run_id`.
+
+        Call it when the start barrier announces run id and nonces (and again when peers rejoin
+        mid-run and a new run id is announced).
+
+        Args:
+            run_id: the announced run id.
+            nonces: peer -> run nonce (hex) of every peer of the run; must hold this segment's own.
+            previous: when the run continues an earlier one (resume, rejoin): {"run_id": ...,
+                "heads": {peer: {"seq": int, "head": hex}}}; recorded as given.
+
+        Raises:
+            AuditError: our nonce is not in `nonces`, or `run_id` is not `compute_run_id` of them
+                (a coordinator announcing something else: refuse the barrier).
+        """
+        checked = check_nonces(nonces)
+        if checked.get(self._peer) != self._nonce:
+            raise AuditError(f"the run announced does not hold '{self._peer}''s run nonce {self._nonce[:16]}...: "
+                             "it is not this process's run (a replayed or forged start barrier)")
+        expected = compute_run_id(self._deployment_hash, self._policy_hash, checked)
+        if run_id != expected:
+            raise AuditError(f"the announced run id {str(run_id)[:16]}... is not the hash of the announced nonces "
+                             f"({expected[:16]}...): refuse the start barrier")
+        self._write("run_bound", {"run_id": run_id, "nonces": checked,
+                                  "previous": dict(previous) if previous is not None else None})
+        self._run, self._nonces = run_id, checked
 
     def checkpoint(self, reason: str) -> SignedHead:
         """Write a signed checkpoint entry and fsync the file.
@@ -415,73 +348,202 @@ class AuditLog:
             reason: why the checkpoint was taken (e.g. "epoch_end barrier, epoch 3").
 
         Returns:
-            The signed head: (peer, seq of the checkpoint entry, its entry hash, signature).
+            The signed head (peer, seq, entry hash, signature, run id, nonce).
 
         Raises:
             AuditError: the log is closed or the write failed.
         """
-        seq, entry_hash, signature = self._write("checkpoint", {"reason": reason})
+        return self._checkpoint(reason, after_end=False)
+
+    def _checkpoint(self, reason: str, *, after_end: bool) -> SignedHead:
+        seq, entry_hash, signature = self._write("checkpoint", {"reason": reason}, after_end=after_end)
         try:
             self._sink.fsync()
         except OSError as exc:
             raise AuditError(f"could not fsync audit log {self._path}: {exc}") from exc
-        return SignedHead(peer=self._peer, seq=seq, head=entry_hash, signature=signature)
+        return SignedHead(peer=self._peer, seq=seq, head=entry_hash, signature=signature, run=self._run,
+                          nonce=self._nonce)
 
     def record_counterparty_head(self, head: SignedHead, public_sign_key_hex: str) -> None:
-        """Verify a counterparty's signed head and record it in this log.
+        """Verify a counterparty's signed head of this run and record it (allowed in the close round).
 
         Args:
             head: the head the counterparty sent (`SignedHead.from_meta`).
             public_sign_key_hex: that peer's public key from the deployment.
 
         Raises:
+            RemoteProtocolError: the head binds another run, or another nonce than the one the run
+                names for that peer (a replayed head); nothing is recorded.
             CryptoError: the signature does not verify with that key (nothing is recorded).
             AuditError: the head is our own, or the log is closed.
+
+        Before `bind_run` (a failed start, or a peer that runs no start barrier) only heads that bind
+        no run either are accepted: they bind the signer's nonce alone.
         """
         if head.peer == self._peer:
             raise AuditError(f"'{self._peer}' cannot record its own head as a counterparty's")
+        if not self._run and head.run:
+            raise RemoteProtocolError(f"signed audit head from '{head.peer}' binds run {head.run[:16]}..., but this "
+                                      "segment is bound to no run yet: not recorded")
+        if self._run and (head.run != self._run or self._nonces.get(head.peer) != head.nonce):
+            raise RemoteProtocolError(
+                f"signed audit head from '{head.peer}' (seq {head.seq}) binds run {head.run[:16] or '(none)'}... with "
+                f"nonce {head.nonce[:12]}..., not this run {self._run[:16]}... and the nonce it names for "
+                f"'{head.peer}': a head of another run (replayed); it was not recorded")
         try:
             head.verify(public_sign_key_hex, self._deployment_hash)
         except (CryptoError, ValueError):
-            raise CryptoError(
-                f"signed audit head from '{head.peer}' (seq {head.seq}) does not verify with its key "
-                "in the deployment; it was not recorded"
-            ) from None
-        self._write(
-            "counterparty_head",
-            {"counterparty": head.peer, "seq": head.seq, "head": head.head, "signature": head.signature,
-             "key": public_sign_key_hex},
-        )
+            raise CryptoError(f"signed audit head from '{head.peer}' (seq {head.seq}) does not verify with its key in "
+                              "the deployment; it was not recorded") from None
+        self._heard.add(head.peer)
+        self._write("counterparty_head",
+                    {"counterparty": head.peer, "seq": head.seq, "head": head.head, "signature": head.signature,
+                     "key": public_sign_key_hex, "run_id": head.run, "nonce": head.nonce}, after_end=True)
 
-    def close(self, status: str, reason: str = "", metrics: dict[str, Any] | None = None) -> SignedHead:
-        """Write `run_end` and a final signed checkpoint, fsync and close the file.
+    def record_epoch_metrics(self, epoch: int, values: Mapping[str, Any]) -> MetricsStatement:
+        """Record this peer's own metrics for an epoch (`epoch_metrics`) and sign them for the coordinator.
+
+        Args:
+            epoch: the epoch.
+            values: metric name -> number (this peer computed them).
+
+        Returns:
+            The signed statement: send `to_meta()` in the barrier_ack.
+
+        Raises:
+            AuditError: values that may not enter the log, or no run bound yet.
+        """
+        if not self._run:
+            raise AuditError("no run is bound yet (bind_run): metrics are signed for a run")
+        clean = clean_value(dict(values), "epoch_metrics.values")
+        self._write("epoch_metrics", {"epoch": epoch, "values": clean})
+        sig = self._identity.sign(metrics_message(self._peer, epoch, clean, self._deployment_hash, run=self._run))
+        return MetricsStatement(peer=self._peer, epoch=epoch, values=clean, run=self._run, signature=sig.hex())
+
+    def record_counterparty_metrics(self, statement: MetricsStatement, public_sign_key_hex: str) -> None:
+        """Verify and record another peer's signed metrics as theirs (`counterparty_metrics`), never as ours.
+
+        Raises:
+            RemoteProtocolError: the statement is for another run, or claims to be ours.
+            CryptoError: the signature does not verify with the peer's key (nothing is recorded).
+            AuditError: values that may not enter the log, or the log is closed.
+        """
+        if statement.peer == self._peer or statement.run != self._run or not self._run:
+            raise RemoteProtocolError(f"metrics statement of '{statement.peer}' is for run "
+                                      f"{statement.run[:16] or '(none)'}..., not this run: not recorded")
+        clean = clean_value(dict(statement.values), "counterparty_metrics.values")
+        signed = MetricsStatement(statement.peer, statement.epoch, clean, statement.run, statement.signature)
+        try:
+            signed.verify(public_sign_key_hex, self._deployment_hash)
+        except (CryptoError, ValueError):
+            raise CryptoError(f"metrics of '{statement.peer}' for epoch {statement.epoch} do not verify with its key; "
+                              "not recorded") from None
+        self._write("counterparty_metrics", {"counterparty": statement.peer, "epoch": statement.epoch,
+                                             "values": clean, "signature": statement.signature,
+                                             "key": public_sign_key_hex, "run_id": statement.run})
+
+    def record_refusal(self, source: str, reason: str) -> bool:
+        """Record an outsider's refusal by the transport (ZAP-refused key, oversized message, cut connection).
+
+        Rate-limited (`RefusalLimiter`): at most `limit` entries per window; past it the refusals are
+        counted and summarised in one entry (source "*", count N) when the next window begins or
+        at close. A flood cannot fill the disk.
+
+        Args:
+            source: who was refused (a public key in Z85 or hex, an address, a peer name).
+            reason: why.
+
+        Returns:
+            True when an entry was written for this refusal.
+        """
+        if self._closed or self._ended:
+            return False
+        admit, flushed = self._limiter.admit()
+        if flushed:
+            self._summarise(flushed)
+        if admit:
+            self._write("transport_refused", {"source": source[:512], "reason": reason[:2000], "count": 1,
+                                              "window_s": self._limiter.window_s})
+        return admit
+
+    def _summarise(self, count: int) -> None:
+        self._write("transport_refused", {"source": "*", "reason": f"{count} more refusal(s) in the last window, "
+                                          "not recorded one by one (rate limit)", "count": count,
+                                          "window_s": self._limiter.window_s})
+
+    # -- the close round ----------------------------------------------------------------------
+
+    def begin_close(self, status: str, reason: str = "", metrics: Mapping[str, Any] | None = None) -> SignedHead:
+        """Write `run_end` (this peer's own metrics only) and the signed close checkpoint.
+
+        Send the returned head to every counterparty (audit_receipt) and record theirs as they
+        arrive (`record_counterparty_head`), for a bounded time; then call `finish_close`.
 
         Args:
             status: "ok" or "failed".
             reason: why the run ended (empty when ok).
-            metrics: final scalar metrics (loss, accuracy, bytes moved).
+            metrics: final scalar metrics this peer computed itself (never another peer's).
+
+        Returns:
+            The close head.
+        """
+        suppressed = self._limiter.take_suppressed()
+        if suppressed:
+            self._summarise(suppressed)
+        self._write("run_end", {"status": status, "reason": reason, "metrics": dict(metrics or {})})
+        self._ended = True
+        return self._checkpoint("close", after_end=True)
+
+    def finish_close(self, missing: Sequence[str] = (), reason: str = "") -> SignedHead:
+        """End the close round: record who did not answer (`close_incomplete`), sign the final head, close.
+
+        Args:
+            missing: counterparties whose close head did not arrive within the bound.
+            reason: why (e.g. "no answer within 10 s").
 
         Returns:
             The final signed head.
-
-        Raises:
-            AuditError: the log is already closed or a write failed.
         """
-        self.record("run_end", status=status, reason=reason, metrics=metrics or {})
-        head = self.checkpoint("close")
+        if not self._ended:
+            raise AuditError("finish_close comes after begin_close")
+        if missing:
+            self._write("close_incomplete", {"missing": sorted(missing), "reason": reason or "no answer"},
+                        after_end=True)
+        head = self._checkpoint("final", after_end=True)
         with self._lock:
             self._closed = True
             self._sink.close()
         return head
 
+    def close(self, status: str, reason: str = "", metrics: Mapping[str, Any] | None = None,
+              missing: Sequence[str] | None = None) -> SignedHead:
+        """`begin_close` and `finish_close` in one call, for a peer that runs no close round.
+
+        Nobody countersigns such a close, so it is recorded as incomplete (`close_incomplete`)
+        naming `missing`, by default every counterparty of the run (or whose heads this segment
+        recorded); the verifier then reports the segment's uncountersigned tail as a warning.
+
+        Args:
+            status: "ok" or "failed".
+            reason: why the run ended.
+            metrics: this peer's own final metrics.
+            missing: the counterparties that did not countersign (default: all it knows of).
+        """
+        self.begin_close(status, reason, metrics)
+        if missing is None:
+            missing = sorted((set(self._nonces) | self._heard) - {self._peer})
+        return self.finish_close(missing, reason="no close round was run" if missing else "")
+
+    # -- state --------------------------------------------------------------------------------
+
     @property
     def head(self) -> str:
-        """The chain head: entry hash of the last entry (the genesis hash while empty)."""
+        """The chain head: entry hash of the last entry."""
         return self._head
 
     @property
     def seq(self) -> int:
-        """Seq of the last entry written (-1 while empty)."""
+        """Seq of the last entry written."""
         return self._seq
 
     @property
@@ -491,64 +553,15 @@ class AuditLog:
 
     @property
     def closed(self) -> bool:
-        """True after `close`."""
+        """True after the close round (or `close`)."""
         return self._closed
 
+    @property
+    def run_nonce(self) -> str:
+        """This segment's run nonce (64 hex digits): send it in every HELLO (`run_nonce` meta)."""
+        return self._nonce
 
-def _exists_error(path: Path) -> AuditError:
-    return AuditError(
-        f"audit log {path} already exists and is not empty: one file per peer per run. "
-        "Resume the run (--resume) to continue its chain, or start the run in a fresh folder."
-    )
-
-
-def _lock_for_writing(fd: int, path: Path) -> None:
-    """Take the log's exclusive write lock (held until the file is closed), or refuse.
-
-    Two processes of one peer (a `peer run` and a `predict`, or two `predict`s) appending to one
-    chain would fork it; the second one is refused instead.
-    """
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise AuditError(
-            f"audit log {path} is open for writing in another process of this peer (a running `peer run`, "
-            "`serve` or `predict`); wait until it ends, or stop it, then run this again"
-        ) from None
-
-
-def _prepare_resume(path: Path, *, peer: str, key_hex: str, deployment_hash: str) -> tuple[int, str, dict[str, Any]]:
-    """Verify an existing log with our own key, drop a torn tail; return (seq, head, log_resumed fields)."""
-    from secure_split.audit.chain import VerifyContext, foreign_deployment, split_lines, verify_lines
-
-    data = path.read_bytes()
-    lines, torn = split_lines(data)
-    other = foreign_deployment(lines, peer, deployment_hash)
-    if other is not None:
-        raise AuditError(
-            f"cannot resume: audit log {path} was written under deployment {other}, but this run's deployment "
-            f"hashes to {deployment_hash}; a resumed run needs the same deployment.yaml. The log is left as it "
-            "was; start a new run in a fresh folder to run under the changed deployment."
-        )
-    ctx = VerifyContext(deployment_hash=deployment_hash, keys={peer: key_hex})
-    report = verify_lines(lines, peer=peer, context=ctx, torn=torn, file=path.name)
-    fatal = [f for f in report.findings if f.kind not in ("torn_tail", "truncated")]
-    if fatal:
-        listing = "; ".join(f.describe() for f in fatal[:5])
-        raise AuditError(
-            f"cannot resume audit log {path}: it fails verification ({listing}). It will not be "
-            "continued; keep it as evidence and start the run in a fresh folder."
-        )
-    if torn:
-        with open(path, "r+b") as fh:
-            fh.truncate(len(data) - len(torn))
-            fh.flush()
-            os.fsync(fh.fileno())
-    fields = {
-        "last_seq": report.last_seq,
-        "torn_tail_bytes": len(torn),
-        "torn_tail_sha256": sha256_hex(torn) if torn else "",
-    }
-    return report.last_seq, report.head, fields
+    @property
+    def run_id(self) -> str:
+        """The run id bound by `bind_run` ("" before)."""
+        return self._run

@@ -483,6 +483,7 @@ _COUNT = MetaField("int", min_value=0)
 _REASON = MetaField("str", max_len=4000)
 _SHORT = MetaField("str", max_len=64)
 _HASH = MetaField("str", max_len=128)  # compared by the session, which names both in its refusal
+_HEX64_FIELD = MetaField("str", pattern=_HEX64)
 _PHASE = MetaField("str", choices=_PHASES)
 _TENSOR_KIND = KindRule(optional={"phase": _PHASE}, tensors=(1, 1), edge=Presence.REQUIRED)
 _PEER = MetaField("str", pattern=NAME_PATTERN)
@@ -496,6 +497,9 @@ _BARRIER = KindRule(
         "to": _PEER,
         # horizontal schedules: the owners taking part in an averaging round
         "members": MetaField("name_list", max_len=4096),
+        # audit format 2: the start barrier announces the run (run id, every peer's nonce)
+        "run_id": _HEX64_FIELD,
+        "nonces": MetaField("plain"),
     },
 )
 _BARRIER_ACK = KindRule(
@@ -507,6 +511,9 @@ _BARRIER_ACK = KindRule(
         # task -> TaskMetrics sums
         "train": MetaField("task_metrics", max_len=256),
         "eval": MetaField("task_metrics", max_len=256),
+        # audit format 2: the sender's own epoch metrics, signed (secure_split.audit.MetricsStatement)
+        "values": MetaField("number_map", max_len=1024),
+        "metrics_sig": MetaField("str", pattern=re.compile(r"[0-9a-f]{128}")),
     },
 )
 _SEALED_KIND = KindRule(
@@ -525,7 +532,9 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
             # rows: an owner's row count, for a coordinator that schedules row positions, not ids
             optional={"checkpoints": MetaField("int_list", max_len=4096), "software": _SHORT, "rows": _COUNT,
                       # a digest per deployment section, so a mismatch can name what differs
-                      "sections": MetaField("plain")},
+                      "sections": MetaField("plain"),
+                      # audit format 2: the sender process's fresh run nonce (64 hex digits)
+                      "run_nonce": _HEX64_FIELD},
         ),
         Kind.REFUSE: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
         Kind.ERROR: KindRule(required={"reason": _REASON, "code": _SHORT}, optional={"ref_seq": _COUNT}),
@@ -548,7 +557,9 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
                 "seq": _COUNT,
                 "head": _HASH,
                 "signature": MetaField("str", max_len=256),
-            }
+            },
+            # audit format 2: the run the head binds ("" before the run is bound) and the signer's nonce
+            optional={"run_id": MetaField("str", pattern=re.compile(r"(?:[0-9a-f]{64})?")), "nonce": _HEX64_FIELD},
         ),
         Kind.HE_CONTEXT: _SEALED_KIND,
         Kind.ENCRYPTED_ACTIVATION: _SEALED_KIND,

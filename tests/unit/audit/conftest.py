@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from secure_split.audit.chain import VerifyContext, read_log
+from secure_split.audit.chain import VerifyContext
+from secure_split.audit.reading import read_log
 from secure_split.audit.synthetic import SyntheticRun, generate_logs
 from secure_split.config import Deployment, load_deployment
 

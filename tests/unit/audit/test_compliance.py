@@ -13,7 +13,6 @@ from secure_split.config import load_deployment
 from secure_split.policy import load_policy, policy_for_deployment
 
 from .conftest import lines_of
-from .test_mutations import fresh_logs
 
 
 def write_policy(run: SyntheticRun, path: Path, *, drop: tuple[str, ...] = (), **valid: Any) -> Path:
@@ -35,7 +34,9 @@ def test_flows_the_policy_denies_are_reported_at_sender_and_receiver(small_run: 
         gradient_entries = [i for i, line in enumerate(lines_of(run, peer))
                             if b'"kind":"gradient"' in line and b'"receiver":"hospital_a"' in line]
         assert gradient_entries
-        assert all(any(f.covers(i) for f in violations if f.peer == peer) for i in gradient_entries)
+        mine = [f for f in violations if f.peer == peer]
+        assert any(f.covers(gradient_entries[0]) for f in mine)  # the first entries of each flow are named
+        assert sum(int(f.message.split()[0]) for f in mine) == len(gradient_entries)  # and every one counted
     assert all("default-deny" in f.message for f in violations)
     assert int(report.exit_code) == 1
 
@@ -63,16 +64,21 @@ def test_flows_are_judged_at_the_time_they_were_logged(small_run: SyntheticRun, 
 
 
 def test_a_message_kind_outside_the_protocol_shows_raw_data_leaving(small_run: SyntheticRun) -> None:
-    logs = fresh_logs(small_run)
-    fields = {"kind": "features", "edge": "", "step": 1, "seq": 0, "session": "ab" * 16, "sender": "hospital_a",
-              "receiver": "lab", "nbytes": 480, "dtype": "float64", "shape": [4, 15], "batch_size": 4,
-              "digest": "1" * 64, "decision_id": "d-1", "rule_id": "r"}
-    k = logs["hospital_a"].record("message_sent", counterparty="lab", **fields)
-    logs["lab"].record("message_received", counterparty="hospital_a", **fields)
-    for log in logs.values():
-        log.close("ok")
+    from .insider import entries_of, index_of, resign
+
+    def is_activation(e: dict) -> bool:
+        return e["event"].startswith("message_") and e["data"]["kind"] == "activation" \
+            and e["data"]["sender"] == "hospital_a"
+
+    k = 0
+    for peer in ("hospital_a", "lab"):
+        es = entries_of(small_run, peer)
+        i = index_of(es, is_activation, 3)
+        es[i]["data"]["kind"] = "features"
+        resign(small_run, peer, es)
+        k = i if peer == "hospital_a" else k
     report = verify_logs(small_run.log_dir, small_run.deployment_path, small_run.policy_path)
     raw = report.of_kind("raw_data")
     assert {f.peer for f in raw} == {"hospital_a", "lab"}
-    assert any(f.peer == "hospital_a" and f.covers(k) for f in raw)
+    assert any(f.peer == "hospital_a" and f.covers(k) and f.party == "hospital_a" for f in raw)
     assert "'features'" in raw[0].message

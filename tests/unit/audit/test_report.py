@@ -32,19 +32,25 @@ def test_entries_from_another_peers_log_are_malformed_and_break_the_chain(small_
     assert any(f.kind == "modified" and f.covers(10) for f in report.findings)
 
 
-def test_unclosed_log_is_a_warning_naming_the_unsigned_entries(small_run: SyntheticRun) -> None:
+def test_a_log_cut_inside_its_close_round_is_a_warning(small_run: SyntheticRun) -> None:
     lines = lines_of(small_run, "lab")
-    write_lines(small_run, "lab", lines[:-5])
-    report = verify_logs(small_run.log_dir, small_run.deployment_path)
+    write_lines(small_run, "lab", lines[:-1])  # the final checkpoint is gone: the close round did not finish
+    report = verify_logs(small_run.log_dir, small_run.deployment_path, small_run.policy_path)
     unclosed = [f for f in report.of_kind("truncated") if f.severity == "warning"]
-    assert unclosed and "not covered by a signature" in unclosed[0].message
+    assert unclosed and "close round" in unclosed[0].message
+    assert report.clean  # what the close head covers was countersigned: nothing provable is missing
 
 
 def test_exit_codes_clean_problems_cannot_verify() -> None:
-    f = Finding("modified", "lab", "lab.jsonl", ((3, 3),), "m")
-    assert int(AuditReport(files=[], findings=[]).exit_code) == 0
-    assert int(AuditReport(files=[], findings=[f]).exit_code) == 1
-    assert int(AuditReport(files=[], findings=[], unverifiable=["no log"]).exit_code) == 2
+    f = Finding("modified", "lab", "lab.jsonl", ((3, 3),), "m", party="lab")
+    w = Finding("torn_tail", "lab", "lab.jsonl", ((3, 3),), "m", "warning")
+    pol = "p" * 64
+    assert int(AuditReport(files=[], findings=[], policy_hash=pol).exit_code) == 0
+    assert int(AuditReport(files=[], findings=[w], policy_hash=pol).exit_code) == 0  # a warning is not a finding
+    assert int(AuditReport(files=[], findings=[f], policy_hash=pol).exit_code) == 1
+    assert int(AuditReport(files=[], findings=[], unverifiable=["no log"], policy_hash=pol).exit_code) == 2
+    assert AuditReport(files=[], findings=[]).status == "incomplete"  # no policy: never clean
+    assert int(AuditReport(files=[], findings=[]).exit_code) == 2
     # A proven problem outranks an incomplete verification.
     assert int(AuditReport(files=[], findings=[f], unverifiable=["no log"]).exit_code) == 1
 
@@ -63,17 +69,18 @@ def test_table_and_json_name_the_problem(small_run: SyntheticRun) -> None:
     console = Console(record=True, width=200)
     console.print(report.render_table())
     text = console.export_text()
-    assert "reordered" in text and "hospital_b" in text and "PROBLEMS" in text and "20-21" in text
+    assert "reordered" in text and "hospital_b" in text and "FINDINGS" in text and "20-21" in text
     data = json.loads(report.to_json())
-    assert data["status"] == "problems"
+    assert data["status"] == "findings"
     assert data["findings"][0]["kind"] == "reordered" and data["findings"][0]["entries"] == [[20, 21]]
 
 
 def test_a_forged_huge_seq_is_reported_without_listing_every_number(small_run: SyntheticRun) -> None:
     # Renumber everything after entry 50 to start at 10**15 and re-chain it: the verifier reports
     # the jump as a range of deleted entries instead of enumerating a quadrillion numbers.
-    from secure_split.audit.format import checkpoint_body_hash
-    from secure_split.canonical import canonical_json, sha256_hex
+    from secure_split.audit.encoding import checkpoint_body_hash
+    from secure_split.audit.encoding import encode_entry as canonical_json
+    from secure_split.canonical import sha256_hex
 
     lines = lines_of(small_run, "lab")
     k, jump = 50, 10**15

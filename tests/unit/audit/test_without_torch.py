@@ -20,7 +20,7 @@ def test_verify_logs_runs_without_torch_or_tenseal(small_run: SyntheticRun) -> N
     proc = run_python(f"""
         from secure_split.audit import verify_logs
         report = verify_logs({str(small_run.log_dir)!r}, {str(small_run.deployment_path)!r})
-        assert report.clean, report.findings
+        assert report.status == "incomplete" and not report.findings, report.findings
         assert "secure_split.policy" not in sys.modules, "the policy engine is imported only to check a policy"
         report = verify_logs({str(small_run.log_dir)!r}, {str(small_run.deployment_path)!r},
                              {str(small_run.policy_path)!r})
