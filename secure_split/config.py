@@ -231,6 +231,10 @@ class LimitsSpec(_Strict):
     inbound_queue_messages: int = Field(
         4, ge=1, le=1024, description="complete messages queued per inbound connection before the transport stops reading it",
     )
+    close_timeout_s: float = Field(
+        10.0, gt=0.0, le=3600.0,
+        description="how long a peer waits at the end of a run for its counterparties' signed close heads",
+    )
 
 
 class RetiredKeySpec(_Strict):

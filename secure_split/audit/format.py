@@ -67,9 +67,15 @@ GATE_EVENTS: Final[dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     "checkpoint_resumed": (frozenset({"epoch", "digest"}), _NONE),
     "ids_aligned": (frozenset({"parties", "own_size", "intersection_size"}), _NONE),
     "weights_loaded": (frozenset({"counterparty", "reason"}), _NONE),
+    # What trains here: per segment, the commitment an auditor can check (docs/models.md).
+    "segment_commitment": (frozenset({"segment", "source", "public", "parameters", "commitment"}), _NONE),
+    # Crash recovery: whom a peer waits for, and the checkpoint everyone rolled back to.
+    "rejoin_wait": (frozenset({"counterparty", "reason"}), _NONE),
+    "rollback": (frozenset({"epoch", "reason"}), _NONE),
 }
 OPEN_EVENTS: Final[frozenset[str]] = frozenset(
-    {"error", "peer_joined", "peer_lost", "checkpoint_saved", "checkpoint_resumed", "ids_aligned", "weights_loaded"})
+    {"error", "peer_joined", "peer_lost", "checkpoint_saved", "checkpoint_resumed", "ids_aligned", "weights_loaded",
+     "rejoin_wait", "rollback"})
 
 # Events only the log itself writes (through open, bind_run, checkpoint, the close round, ...).
 LOG_EVENTS: Final[dict[str, tuple[frozenset[str], frozenset[str]]]] = {

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from secure_split.architecture import SegmentSource, segment_sources
 from secure_split.config import Deployment, PeerConfig, load_deployment, load_peer_config, own_key_problems
 from secure_split.crypto.keys import Identity, load_identity
 from secure_split.engine.data import (
@@ -26,6 +27,7 @@ from secure_split.engine.data import (
     fit_preprocessing,
     load_checked_site_data,
 )
+from secure_split.engine.executor import PeerExecutor
 from secure_split.engine.schedule import split_train_test
 from secure_split.errors import ConfigError, ConfigProblem
 from secure_split.policy import Policy, check_startup, load_policy, required_flows
@@ -78,6 +80,9 @@ class PeerContext:
         site: this peer's rows as read from its data source and checked against the deployment
             (None for a peer that holds no data); preprocessing is fitted later, on the
             training rows of the aligned ids (`training_data`).
+        sources: where each of this peer's segments gets its model (the deployment's public
+            layers, a preset, or a private model of this peer config, checked against the
+            deployment's commitment when built).
     """
 
     cfg: PeerConfig
@@ -87,6 +92,7 @@ class PeerContext:
     topology: Topology
     counterparties: list[str]
     site: SiteData | None = None
+    sources: dict[str, SegmentSource] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -129,8 +135,18 @@ class PeerContext:
         check_startup(policy, deployment)
         # Data before any network: a file that does not fit the deployment fails here, named.
         site = load_checked_site_data(cfg, deployment)
+        sources = segment_sources(deployment, cfg)
         return cls(cfg, deployment, identity, policy, Topology.from_deployment(deployment),
-                   counterparties(deployment, policy, me), site)
+                   counterparties(deployment, policy, me), site, sources)
+
+    def executor(self, data: PeerData | None, **options: Any) -> PeerExecutor:
+        """This peer's executor over `data`, with its segments' sources and its device.
+
+        Raises:
+            ConfigError: a model that does not build, match its commitment or fit its data.
+        """
+        return PeerExecutor(self.deployment, self.me, data, sources=self.sources, device=self.cfg.spec.device,
+                            **options)
 
     def training_data(self, ids: np.ndarray | None = None, *, positions: bool = False
                       ) -> tuple[PeerData | None, Preprocessing | None]:

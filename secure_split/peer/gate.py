@@ -12,6 +12,7 @@ keeps serving. Nothing else in a peer talks to the transport.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from secure_split.protocol import (
     decode_header,
     encode,
 )
+from secure_split.protocol.bounds import RefusalThrottle
 
 # Kinds never answered with an `error` message: answering them could start a ping-pong.
 _NO_REPLY_KINDS = frozenset({Kind.ERROR, Kind.REFUSE})
@@ -108,6 +110,7 @@ class Gate:
         max_message_bytes: int,
         session_factory: Callable[[str], PeerSession] | None = None,
         observer: GateObserver | None = None,
+        refusal_audit: tuple[float, int] = (2.0, 20),
     ) -> None:
         self.me = me
         self.deployment_hash = deployment_hash
@@ -119,6 +122,10 @@ class Gate:
         self.session_factory = session_factory
         self.observer = observer
         self.stats = GateStats()
+        # Refusals of one counterparty get audit entries of their own at a bounded rate; the
+        # others are counted and reported with the next entry (limits.refusal_audit_*).
+        self._refusal_audit = refusal_audit
+        self._throttles: dict[str, RefusalThrottle] = {}
         # Peers that started a fresh session since the last call of `take_rejoined()`.
         self._rejoined: list[str] = []
 
@@ -253,7 +260,12 @@ class Gate:
         ):
             # A restarted counterparty (its key authenticated it) opens a new session; messages
             # still in flight from its old one fail the session binding and are refused.
-            session = self.sessions[sender] = self.session_factory(sender)
+            try:
+                session = self.sessions[sender] = self.session_factory(sender)
+            except RemoteProtocolError as exc:
+                self._refuse_inbound(sender, header, exc, code="rejoin_refused")
+                exc.peer = sender
+                raise
             self.audit.record("peer_joined", counterparty=sender, reason="restarted: new session")
             self._rejoined.append(sender)
         if session is None:
@@ -283,7 +295,7 @@ class Gate:
                 self.refuse(sender, str(exc), "handshake_refused", kind=Kind.REFUSE)
             raise
         except RemoteProtocolError as exc:
-            self._refuse_inbound(sender, header, exc, code="protocol")
+            self._refuse_inbound(sender, header, exc, code="protocol", frames=frames)
             exc.peer = sender
             raise
         dtype = header.tensor_specs[0].dtype if header.tensor_specs else None
@@ -305,7 +317,7 @@ class Gate:
         decision = self.policy.decide(flow)
         if not decision.allowed:
             self.stats.refused_in += 1
-            self._record_denied(flow, header.binding.step, decision)
+            self._record_denied(flow, header.binding.step, decision, header=header, frames=frames)
             if header.kind not in _NO_REPLY_KINDS:
                 self.refuse(sender, f"refused by {self.me}: {decision.reason}", "policy_denied")
             denied = PolicyDenied(decision.reason, decision)
@@ -314,7 +326,7 @@ class Gate:
         try:
             msg = decode_body(header, frames)
         except CodecError as exc:
-            self._refuse_inbound(sender, header, exc, code="bad_frame")
+            self._refuse_inbound(sender, header, exc, code="bad_frame", frames=frames, consumed=True)
             exc.peer = sender
             raise
         self._record_message("message_received", msg, flow, frames, decision)
@@ -348,9 +360,17 @@ class Gate:
         out, self._rejoined = self._rejoined, []
         return out
 
-    def _record_denied(self, flow: Flow, step: int, decision: Decision) -> None:
+    def _record_denied(self, flow: Flow, step: int, decision: Decision, *, header: Header | None = None,
+                       frames: Sequence[bytes | memoryview] | None = None) -> None:
         if self.observer is not None:
             self.observer.on_refusal("out" if flow.direction == "send" else "in", "policy_denied")
+        if header is not None:  # inbound: at a bounded rate per sender, naming the refused message
+            throttle = self._throttles.get(flow.sender)
+            if throttle is None:
+                throttle = self._throttles[flow.sender] = RefusalThrottle(*self._refusal_audit)
+            if throttle.admit(time.monotonic()) is None:
+                return
+        binding = header.binding if header is not None else None
         self.audit.record(
             "policy_denied",
             direction=flow.direction,
@@ -363,6 +383,9 @@ class Gate:
             decision_id=decision.decision_id,
             rule_id=decision.rule_id,
             reason=decision.reason,
+            session=binding.session.hex() if binding is not None else None,
+            seq=binding.seq if binding is not None else None,
+            digest=sha256_frames(frames) if binding is not None and frames is not None else None,
         )
 
     def _record_message(
@@ -389,20 +412,46 @@ class Gate:
             rule_id=decision.rule_id,
         )
 
-    def _refuse_inbound(self, sender: str, header: Header | None, exc: Exception, *, code: str) -> None:
+    def _refuse_inbound(self, sender: str, header: Header | None, exc: Exception, *, code: str,
+                        frames: Sequence[bytes | memoryview] | None = None, consumed: bool = False) -> None:
+        """Audit (at a bounded rate) and answer an inbound message we refuse.
+
+        Args:
+            consumed: the session accepted the message's binding (its seq is used up): the entry
+                names the refused message's session, seq and frame digest.
+        """
         self.stats.refused_in += 1
         if self.observer is not None:
             self.observer.on_refusal("in", code)
-        self.audit.record(
-            "refused",
-            direction="receive",
-            counterparty=sender,
-            reason=str(exc)[:2000],
-            error=type(exc).__name__,
-            kind=header.kind.value if header is not None else None,
+        binding = header.binding if header is not None and consumed else None
+        self._audit_refusal(
+            sender, str(exc), error=type(exc).__name__, kind=header.kind.value if header is not None else None,
+            session=binding.session.hex() if binding is not None else None,
+            seq=binding.seq if binding is not None else None,
+            digest=sha256_frames(frames) if binding is not None and frames is not None else None,
         )
         if header is None or header.kind not in _NO_REPLY_KINDS:
             self.refuse(sender, f"refused by {self.me}: {exc}", code)
+
+    def refused_after_decoding(self, msg: Message, exc: Exception) -> None:
+        """A message that passed the gate and was refused above it (by the schedule): counted and
+        audited like the gate's own refusals, naming the message. The caller answers it."""
+        self.stats.refused_in += 1
+        if self.observer is not None:
+            self.observer.on_refusal("in", getattr(exc, "code", "protocol"))
+        self._audit_refusal(msg.binding.sender, str(exc), error=type(exc).__name__, kind=msg.kind.value,
+                            session=msg.binding.session.hex(), seq=msg.binding.seq, digest=sha256_frames(encode(msg)))
+
+    def _audit_refusal(self, sender: str, reason: str, **fields: Any) -> None:
+        throttle = self._throttles.get(sender)
+        if throttle is None:
+            throttle = self._throttles[sender] = RefusalThrottle(*self._refusal_audit)
+        left_out = throttle.admit(time.monotonic())
+        if left_out is None:
+            return  # counted; the next entry says how many were left out
+        if left_out:
+            reason = f"{reason} ({left_out} earlier refusal(s) of '{sender}' counted, not recorded one by one)"
+        self.audit.record("refused", direction="receive", counterparty=sender, reason=reason[:2000], **fields)
 
     def _session(self, peer: str) -> PeerSession:
         try:

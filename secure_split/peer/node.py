@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 
 import secure_split
-from secure_split.audit import AuditLog, SignedHead
+from secure_split.audit import AuditLog, MetricsStatement, SignedHead, compute_run_id
 from secure_split.config import retired_transport_keys
 from secure_split.deployment_diff import deployment_section_digests, explain_deployment_mismatch
 from secure_split.errors import (
+    AuditError,
     CryptoError,
     ExitCode,
     HandshakeRefused,
@@ -54,17 +55,20 @@ from secure_split.peer.rounds.barrier import HeadExchange
 from secure_split.peer.schedule import ProgressFn, Schedule
 from secure_split.peer.status import OpsLog
 from secure_split.protocol import Kind, Message, PeerSession, SessionState, WireTensor
+from secure_split.protocol.bounds import ViolationBudget
 from secure_split.transport import Transport, TransportPeer
+from secure_split.transport.resources import ensure_open_file_limit, open_files_needed
 
 __all__ = ["PeerNode"]
 
+# The step key of the close round's audit receipts (a barrier's key is epoch + 1; a request's, its
+# batch count + 1: neither comes near this).
+CLOSE_KEY = 2**62
 # How long a disconnected counterparty may stay away before we name it as lost.
 _RECONNECT_GRACE_S = 3.0
 # Refusal codes (see gate.Gate.receive) for frames our own gate cannot have produced: a counterparty's
 # `error` with one of these is a notice, not a reason to stop.
 _NOT_SENT_BY_US_CODES = frozenset({"bad_frame", "spoofed"})
-# Messages the schedule left for later, per sender: beyond this the oldest is refused.
-_MAX_LATER_PER_PEER = 256
 _POLL_S = 0.2
 
 
@@ -105,7 +109,9 @@ class PeerNode:
         self.handshaking = True
         self._later: deque[Message] = deque()
         self._lost_since: dict[str, float] = {}
-        self._violations: dict[str, deque[tuple[float, str]]] = {}
+        self._budgets: dict[str, ViolationBudget] = {}
+        self._restarts: dict[str, int] = {}
+        self._early_receipts: list[Message] = []  # heads of a run announced to others before to us
         self._sections = deployment_section_digests(ctx.deployment)
         self._dirty = False
         schedule.attach(self)
@@ -178,7 +184,8 @@ class PeerNode:
         """A fresh protocol session with `peer` carrying the schedule's HELLO meta and this
         deployment's section digests (so a peer that runs another deployment is told which
         sections differ)."""
-        meta = {"software": secure_split.__version__, "sections": self._sections, **self.schedule.hello_meta()}
+        meta = {"software": secure_split.__version__, "sections": self._sections, "run_nonce": self.audit.run_nonce,
+                **self.schedule.hello_meta()}
         deployment = self.ctx.deployment
 
         def describe(theirs: Mapping[str, Any]) -> str:
@@ -246,6 +253,102 @@ class PeerNode:
         if self.established(to):
             self.refuse(to, f"'{self.me}' stopped: {reason}", f"peer_failed:{int(self.result.exit_code)}")
 
+    # -- the run's identity and what each party states (audit format 2) ------------------------
+
+    def announce_run(self) -> dict[str, Any]:
+        """Coordinator: the run id of every peer's run nonce (ours and the one in each counterparty's
+        HELLO), bound into our log; returns the start barrier's meta that announces it.
+
+        Raises:
+            RemoteProtocolError: a counterparty's HELLO carried no run nonce.
+        """
+        nonces = {self.me: self.audit.run_nonce}
+        for peer in self.counterparties:
+            nonce = self.hello_meta_of(peer).get("run_nonce")
+            if not isinstance(nonce, str):
+                raise RemoteProtocolError(f"'{peer}' announced no run nonce in its HELLO; it runs an older release")
+            nonces[peer] = nonce
+        run_id = compute_run_id(self.ctx.deployment.hash, self.ctx.policy.hash, nonces)
+        self._bind(run_id, nonces)
+        return {"run_id": run_id, "nonces": nonces}
+
+    def bind_announced_run(self, msg: Message) -> None:
+        """Follower: record the run the coordinator's start barrier announces, after checking it
+        names the nonce the coordinator's own HELLO carried (and ours: `AuditLog.bind_run`).
+
+        Raises:
+            RemoteProtocolError: no run announced, another coordinator nonce, or a run id that is
+                not the hash of the nonces (audited and refused by the caller's path).
+        """
+        run_id, nonces = msg.meta.get("run_id"), msg.meta.get("nonces")
+        sender = msg.binding.sender
+        if not isinstance(run_id, str) or not isinstance(nonces, dict):
+            raise RemoteProtocolError(f"'{sender}' opened the run without announcing it (run_id, nonces)")
+        if nonces.get(sender) != self.hello_meta_of(sender).get("run_nonce"):
+            raise RemoteProtocolError(f"'{sender}' announced a run whose nonce for '{sender}' is not the one its "
+                                      "HELLO carried: a start barrier of another process")
+        self._bind(run_id, {str(k): str(v) for k, v in nonces.items()})
+
+    def _bind(self, run_id: str, nonces: dict[str, str]) -> None:
+        previous = {"run_id": self.audit.run_id} if self.audit.run_id else None
+        try:
+            self.audit.bind_run(run_id, nonces, previous=previous)
+        except AuditError as exc:
+            raise RemoteProtocolError(str(exc)) from None
+        # Heads of this run that came before we learnt it (a faster neighbour's barrier).
+        early, self._early_receipts = self._early_receipts, []
+        for msg in early:
+            self._on_receipt(msg)
+
+    def state_metrics(self, epoch: int, values: Mapping[str, float]) -> dict[str, Any]:
+        """Record what this peer measured itself in `epoch`, signed; returns the barrier_ack meta
+        that carries the signed statement to the coordinator."""
+        if not self.audit.run_id:
+            return {}
+        return self.audit.record_epoch_metrics(epoch, dict(values)).to_meta()
+
+    def record_reported_metrics(self, msg: Message) -> None:
+        """Coordinator: a counterparty's signed metrics from its barrier_ack, recorded as its own
+        statement (never as ours). An ack without them (a start barrier) records nothing.
+
+        Raises:
+            RemoteProtocolError: the statement does not verify or names another run.
+        """
+        if "metrics_sig" not in msg.meta:
+            return
+        sender = msg.binding.sender
+        try:
+            statement = MetricsStatement.from_meta(sender, dict(msg.meta), self.audit.run_id)
+            self.audit.record_counterparty_metrics(statement, self.ctx.deployment.spec.peers[sender].sign_key)
+        except (CryptoError, AuditError) as exc:
+            raise RemoteProtocolError(f"metrics of '{sender}' refused: {exc}") from None
+
+    def _close_round(self, status: str, reason: str) -> None:
+        """Write run_end with our own metrics, send our signed close head to every counterparty
+        the schedule closes with that is still there, record theirs for at most
+        `limits.close_timeout_s`, then sign the final head. Never raises: whoever did not answer
+        is named in `close_incomplete`."""
+        expected = self.schedule.close_peers()
+        try:
+            head = self.audit.begin_close(status, reason, metrics=self.schedule.final_metrics())
+        except SecureSplitError as exc:
+            self.audit.finish_close(expected, reason=clip(f"run_end could not be written: {exc}", 500))
+            return
+        there = [p for p in expected if hasattr(self, "gate") and self.established(p) and p not in self._lost_since]
+        note = ""
+        try:
+            for peer in there:
+                self.send(peer, Kind.AUDIT_RECEIPT, step=CLOSE_KEY, meta=head.to_meta())
+            deadline = time.monotonic() + self.ctx.deployment.spec.limits.close_timeout_s
+            while time.monotonic() < deadline and set(there) - self.receipts.get(CLOSE_KEY, set()):
+                self._pump(0.05)
+        except (SecureSplitError, OSError) as exc:
+            note = clip(f"; the close round stopped: {exc}", 500)
+        missing = sorted(set(expected) - self.receipts.get(CLOSE_KEY, set()))
+        why = (f"no signed close head within {self.ctx.deployment.spec.limits.close_timeout_s:g} s, or no "
+               f"session at the end{note}") if missing else ""
+        self.audit.finish_close(missing, reason=why)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def run(self) -> PeerResult:
@@ -277,7 +380,7 @@ class PeerNode:
             self.result.messages_received = self.gate.stats.received
             self.result.refused = self.gate.stats.refused_in + self.gate.stats.refused_out
             self.result.wall_s = time.monotonic() - self.ctx.started
-            self.audit.close(status, clip(reason), metrics=self.schedule.final_metrics())
+            self._close_round(status, clip(reason))
             # Linger briefly so our last messages leave before the sockets close.
             self.transport.close()
             self.state("finished" if status == "ok" else "failed", clip(self.result.error or "", 500))
@@ -302,6 +405,11 @@ class PeerNode:
     def _open(self) -> None:
         ctx = self.ctx
         spec = ctx.deployment.spec
+        limits = spec.limits
+        # Enough open files for every connection our caps admit, or a clear refusal now (not an
+        # EMFILE traceback at the next checkpoint save while outsiders hold connections).
+        ensure_open_file_limit(open_files_needed(len(self.counterparties), max_unauthenticated=limits.max_unauthenticated,
+                                                 connections_per_peer=limits.connections_per_peer))
         ctx.cfg.audit_dir.mkdir(parents=True, exist_ok=True)
         if ctx.cfg.spec.metrics is not None:
             self.metrics.start_http(ctx.cfg.spec.metrics.host, ctx.cfg.spec.metrics.port)
@@ -312,15 +420,9 @@ class PeerNode:
         self.audit = AuditLog.open(
             ctx.audit_path, peer=self.me, identity=ctx.identity, deployment_hash=ctx.deployment.hash,
             policy_hash=ctx.policy.hash, resume=self.resume,
-        )
-        self.audit.record(
-            "run_start",
-            deployment_hash=ctx.deployment.hash,
-            policy_hash=ctx.policy.hash,
             versions={"secure_split": secure_split.__version__, "protocol": secure_split.PROTOCOL_VERSION},
-            resumed=self.resume,
-            resume_epoch=None,
         )
+        self.apply(self.schedule.start_records())
         peers = {
             name: TransportPeer(name=name, endpoint=p.endpoint, transport_key=p.transport_key)
             for name, p in spec.peers.items()
@@ -328,17 +430,34 @@ class PeerNode:
         }
         self.transport = Transport(
             self.me, spec.peers[self.me].endpoint, ctx.identity.transport_secret_z85, ctx.identity.transport_public_z85,
-            peers, max_message_bytes=spec.limits.max_message_bytes, heartbeat_s=spec.limits.heartbeat_s,
-            handshake_timeout_s=spec.limits.handshake_timeout_s, retired_keys=retired_transport_keys(spec),
+            peers, max_message_bytes=limits.max_message_bytes, heartbeat_s=limits.heartbeat_s,
+            handshake_timeout_s=limits.unauthenticated_timeout_s, retired_keys=retired_transport_keys(spec),
+            max_unauthenticated=limits.max_unauthenticated,
+            max_unauthenticated_per_source=limits.max_unauthenticated_per_source,
+            connections_per_peer=limits.connections_per_peer, inbound_queue_messages=limits.inbound_queue_messages,
         )
         self.transport.start()
         self.gate = Gate(
             me=self.me, deployment_hash=ctx.deployment.hash, policy=ctx.policy, audit=self.audit,
             transport=self.transport, sessions={name: self.new_session(name) for name in self.counterparties},
-            max_message_bytes=spec.limits.max_message_bytes,
-            session_factory=self.new_session if self.accepts_restarted_peers else None,
+            max_message_bytes=limits.max_message_bytes,
+            session_factory=self._restarted_session if self.accepts_restarted_peers else None,
             observer=self.metrics,
+            refusal_audit=(limits.refusal_audit_per_s, limits.refusal_audit_burst),
         )
+
+    def _restarted_session(self, peer: str) -> PeerSession:
+        """A counterparty's new process opens a new session, at most `limits.max_rejoins` times.
+
+        Raises:
+            RemoteProtocolError: it restarted more often than that (the HELLO is refused).
+        """
+        count = self._restarts[peer] = self._restarts.get(peer, 0) + 1
+        limit = self.ctx.deployment.spec.limits.max_rejoins
+        if count > limit:
+            raise RemoteProtocolError(f"'{peer}' restarted {count} times in this run (limits.max_rejoins = {limit}); "
+                                      "its new session is refused")
+        return self.new_session(peer)
 
     def handshake(self) -> None:
         """HELLO to every counterparty; wait until every session is established."""
@@ -397,6 +516,11 @@ class PeerNode:
     def _poll_events(self) -> None:
         now = time.monotonic()
         for ev in self.transport.events():
+            if ev.kind in ("auth_refused", "connection_cut", "message_dropped"):
+                # Evidence of what outsiders (or a listed peer's connection) tried; rate-limited
+                # by the log, so a flood cannot fill the disk.
+                self.audit.record_refusal(ev.peer or "(unauthenticated)", clip(f"{ev.kind}: {ev.detail}", 1500))
+                continue
             if ev.peer is None or ev.peer not in self.counterparties:
                 continue
             if ev.kind == "disconnected":
@@ -470,11 +594,17 @@ class PeerNode:
                 self._later.append(msg)
 
     def _keep_for_later(self, msg: Message) -> None:
+        """Keep a message the schedule cannot take yet, within the sender's bounds: at most
+        `limits.max_queued_messages` messages and 4 x `limits.max_message_bytes` of payload."""
         sender = msg.binding.sender
-        if sum(1 for m in self._later if m.binding.sender == sender) >= _MAX_LATER_PER_PEER:
+        limits = self.ctx.deployment.spec.limits
+        mine = [m for m in self._later if m.binding.sender == sender]
+        held = sum(_payload_bytes(m) for m in mine) + _payload_bytes(msg)
+        if len(mine) >= limits.max_queued_messages or held > 4 * limits.max_message_bytes:
             self.refuse_message(msg, RemoteProtocolError(
-                f"'{sender}' has {_MAX_LATER_PER_PEER} messages waiting for a later step already; "
-                f"{msg.kind.value} for step {msg.binding.step} refused"))
+                f"'{sender}' has {len(mine)} messages ({held} bytes) waiting for a later step already "
+                f"(limits.max_queued_messages = {limits.max_queued_messages}); {msg.kind.value} for step "
+                f"{msg.binding.step} refused", code="busy"))
             return
         self._later.append(msg)
 
@@ -492,31 +622,25 @@ class PeerNode:
         """A message the schedule refused: audited, answered, counted; this peer goes on until
         the sender's violations exceed the budget (`_count_violation`)."""
         sender = msg.binding.sender
-        self.gate.stats.refused_in += 1
-        self.audit.record("refused", direction="receive", counterparty=sender, reason=clip(str(exc), 2000),
-                          error=type(exc).__name__, kind=msg.kind.value)
+        self.gate.refused_after_decoding(msg, exc)
         if msg.kind not in (Kind.ERROR, Kind.REFUSE):
             self.refuse(sender, f"refused by {self.me}: {exc}", exc.code)
         self._count_violation(sender, str(exc))
 
     def _count_violation(self, peer: str, reason: str, *, policy: bool = False) -> None:
-        """Count one refused message of `peer`; past the budget, stop naming it (exit 4 where the
-        last refusal was the policy's, else 5)."""
+        """Count one refused message of `peer`; past `limits.max_violations` within
+        `limits.violation_window_s`, stop naming it (exit 4 where every refusal was the policy's,
+        else 5).
+
+        Raises:
+            ViolationLimit: the budget is exhausted.
+        """
         limits = self.ctx.deployment.spec.limits
-        budget = getattr(limits, "max_violations", 20)
-        window = getattr(limits, "violation_window_s", 60.0)
-        now = time.monotonic()
-        seen = self._violations.setdefault(peer, deque())
-        seen.append((now, reason))
-        while seen and now - seen[0][0] > window:
-            seen.popleft()
-        if len(seen) > budget:
-            last = "; ".join(clip(r, 300) for _, r in list(seen)[-3:])
-            text = (f"'{peer}' sent {len(seen)} refused messages within {window:g} s (budget {budget}): stopping; "
-                    f"the last reasons: {last}")
-            if policy:
-                raise PolicyDenied(text)
-            raise RemoteProtocolError(text)
+        budget = self._budgets.get(peer)
+        if budget is None:
+            budget = self._budgets[peer] = ViolationBudget(peer, limits.max_violations, limits.violation_window_s)
+        if budget.record(time.monotonic(), reason, policy_denied=policy):
+            raise budget.stop_error()
 
     def _on_hello(self, msg: Message) -> None:
         sender = msg.binding.sender
@@ -557,6 +681,11 @@ class PeerNode:
             head = SignedHead.from_meta(dict(msg.meta))
             if head.peer != sender:
                 raise RemoteProtocolError(f"'{sender}' sent an audit receipt for '{head.peer}'")
+            if head.run and not self.audit.run_id and len(self._early_receipts) < 4 * len(self.counterparties):
+                # A counterparty that got the start barrier before us: its head binds the run we
+                # have not been told yet. Kept (bounded) until we are.
+                self._early_receipts.append(msg)
+                return
             self.audit.record_counterparty_head(head, self.ctx.deployment.spec.peers[sender].sign_key)
         except CryptoError as exc:
             self.refuse_message(msg, RemoteProtocolError(str(exc)))
@@ -567,3 +696,8 @@ class PeerNode:
         key = int(msg.binding.step)
         self.receipts.setdefault(key, set()).add(sender)
         self.schedule.on_receipt(sender, key)
+
+
+def _payload_bytes(msg: Message) -> int:
+    """What a kept message holds in memory: its tensors and blob."""
+    return sum(t.nbytes for t in msg.tensors) + len(msg.blob)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from secure_split.peer.effects import Record
 from secure_split.protocol import Message
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ class Schedule(Protocol):
 
     def hello_meta(self) -> dict[str, Any]:
         """Extra meta for this peer's HELLO (checkpoints it holds, row counts, ...)."""
+
+    def start_records(self) -> list[Record]:
+        """Audit entries right after the log opens (what trains here: segment commitments)."""
 
     def prepare(self) -> None:
         """After the node opened, before any HELLO: checks that need the gate but send nothing
@@ -76,6 +80,9 @@ class Schedule(Protocol):
 
     def on_receipt(self, sender: str, key: int) -> None:
         """A counterparty's signed audit head for barrier/request `key` was verified and recorded."""
+
+    def close_peers(self) -> list[str]:
+        """Whom this peer exchanges signed close heads with at the end of its run."""
 
     def reachable(self, peer: str) -> bool:
         """Whether the node should still send `peer` anything (a shutdown notice, say)."""

@@ -10,8 +10,9 @@ Rules (the same for every schedule):
   training step while the active one waits for its gradients (`begin_ahead`), and an activation
   of that step runs its forward at once;
 - a tensor for the active step is taken now; one for a later step waits (the schedule answers
-  "later"), at most `max_steps_ahead` steps ahead; one for an earlier step, or further ahead, is
-  refused (`RemoteProtocolError`: the node audits it and answers the sender);
+  "later"), at most `limits.step_window` steps ahead (`protocol.bounds.StepWindow`); one for an
+  earlier step, or further ahead, is refused (`RemoteProtocolError`: the node audits it, answers
+  the sender and counts it against the sender's violation budget);
 - an edge into an HE merge carries ciphertexts: the owner encrypts (`he_merge.encrypt_cut`), the
   merge holder collects and masks (`HeMergeHolder`), the key holder's rounded decryption comes
   back as `masked_aggregate` and the unmasked sum goes to the executor (`on_aggregate`);
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from secure_split.config import LimitsSpec
 from secure_split.crypto.he import CkksContext
 from secure_split.engine.executor import Outgoing, PeerExecutor
 from secure_split.engine.metrics import StepMetrics
@@ -33,6 +35,7 @@ from secure_split.errors import RemoteProtocolError
 from secure_split.peer.effects import Effect, Send
 from secure_split.peer.rounds.he_merge import HeMergeHolder, encrypt_cut
 from secure_split.protocol import Kind, Message, WireTensor
+from secure_split.protocol.bounds import StepWindow
 from secure_split.topology import Topology
 
 __all__ = ["STEP_TENSOR_KINDS", "StepRunner", "ids_from_wire", "ids_to_wire"]
@@ -70,18 +73,17 @@ class StepRunner:
         he_contexts: HE merge segment -> the CKKS context this peer holds for it (owners: to
             encrypt; the merge holder: public, to add and mask).
         he_key_holders: HE merge segment -> the peer that decrypts for it.
-        max_bytes: the deployment's message bound.
-        max_steps_ahead: how far beyond the active step a tensor may arrive and wait.
+        limits: the deployment's bounds (message size, step window, open HE rounds).
     """
 
-    def __init__(self, executor: PeerExecutor, topology: Topology, me: str, *,
+    def __init__(self, executor: PeerExecutor, topology: Topology, me: str, *, limits: LimitsSpec,
                  he_contexts: Mapping[str, CkksContext] | None = None,
-                 he_key_holders: Mapping[str, str | None] | None = None,
-                 max_bytes: int, max_steps_ahead: int = 8) -> None:
+                 he_key_holders: Mapping[str, str | None] | None = None) -> None:
         self.executor = executor
         self.topology = topology
         self.me = me
-        self.max_steps_ahead = max_steps_ahead
+        self.window = StepWindow(limits.step_window)
+        max_bytes = limits.max_message_bytes
         self.current_step: int | None = None
         self.current_phase: str = "train"
         self.last_metrics: StepMetrics | None = None
@@ -94,7 +96,8 @@ class StepRunner:
             if kh is None or seg not in self._he_contexts:
                 raise ValueError(f"HE merge '{seg}' needs its public context and key holder at '{me}'")
             feeders = {e: topology.edge_peers(e)[0] for e in topology.in_edges[seg]}
-            self._holders[seg] = HeMergeHolder(seg, feeders, kh, self._he_contexts[seg], max_bytes=max_bytes)
+            self._holders[seg] = HeMergeHolder(seg, feeders, kh, self._he_contexts[seg], max_bytes=max_bytes,
+                                               max_pending=limits.max_pending_he_rounds)
 
     # -- beginning and ending steps -----------------------------------------------------------
 
@@ -147,11 +150,10 @@ class StepRunner:
         step = msg.binding.step
         if msg.kind == Kind.ACTIVATION and step == self.executor.ahead_step:
             return True
-        if self.current_step is not None and step < self.current_step:
-            raise RemoteProtocolError(f"'{msg.binding.sender}' sent {msg.kind.value} for finished step {step}")
-        if self.current_step is not None and step > self.current_step + self.max_steps_ahead:
-            raise RemoteProtocolError(f"'{msg.binding.sender}' sent {msg.kind.value} for step {step}, more than "
-                                      f"{self.max_steps_ahead} steps beyond the active step {self.current_step}")
+        if self.current_step is not None:
+            problem = self.window.problem(step, self.current_step)
+            if problem is not None:
+                raise RemoteProtocolError(f"'{msg.binding.sender}' sent {msg.kind.value}: {problem}")
         return self.current_step is not None and step == self.current_step
 
     def take(self, msg: Message) -> list[Effect]:

@@ -37,12 +37,14 @@ class BarrierRound:
         epoch: the epoch the barrier closes (-1 for the start barrier of a fresh run).
         reason: "start" or "epoch_end".
         members: the peers that take part.
+        meta: more for the barrier message (the start barrier announces the run: run_id, nonces).
     """
 
-    def __init__(self, epoch: int, reason: str, members: Sequence[str]) -> None:
+    def __init__(self, epoch: int, reason: str, members: Sequence[str], *, meta: Mapping[str, object] | None = None) -> None:
         self.epoch = epoch
         self.reason = reason
         self.members = list(members)
+        self.meta = dict(meta or {})
         self.reports: dict[str, BarrierReport] = {}
 
     @property
@@ -52,7 +54,7 @@ class BarrierRound:
 
     def open(self) -> list[Effect]:
         """The `barrier` message to every member."""
-        return [Send(m, Kind.BARRIER, step=self.key, meta={"epoch": self.epoch, "reason": self.reason})
+        return [Send(m, Kind.BARRIER, step=self.key, meta={**self.meta, "epoch": self.epoch, "reason": self.reason})
                 for m in self.members]
 
     def on_ack(self, msg: Message) -> bool:

@@ -23,9 +23,6 @@ from secure_split.protocol import Kind
 
 __all__ = ["Alignment", "PsiRound", "psi_salt"]
 
-_POINT_BYTES = 32  # one ristretto255 point: the bound on points per message follows from the message bound
-
-
 def psi_salt(deployment_hash: str) -> bytes:
     """The salt every party of a deployment hashes its ids with (the same at every party)."""
     return b"secure-split-psi-v1:" + bytes.fromhex(deployment_hash)
@@ -48,15 +45,15 @@ class PsiRound:
         parties: every party, coordinator first.
         ids: this party's ids.
         deployment_hash: salts the ids' hashes.
-        max_message_bytes: the deployment's message bound (bounds the points per message).
+        max_points: the largest set accepted from any party (`limits.max_psi_points`).
     """
 
     def __init__(self, me: str, parties: Sequence[str], ids: Sequence[int], *, deployment_hash: str,
-                 max_message_bytes: int) -> None:
+                 max_points: int) -> None:
         self.parties = tuple(parties)
         self._own_size = len(ids)
         self._psi = MultiPartyPsi(me, self.parties, [int(x) for x in ids], salt=psi_salt(deployment_hash),
-                                  max_points=max(1, max_message_bytes // _POINT_BYTES))
+                                  max_points=max_points)
         self._recorded = False
 
     @property

@@ -48,7 +48,6 @@ import numpy as np
 
 from secure_split.config import horizontal_owners
 from secure_split.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from secure_split.engine.executor import PeerExecutor
 from secure_split.engine.metrics import (
     StepMetrics,
     TaskMetrics,
@@ -68,6 +67,7 @@ from secure_split.errors import (
 )
 from secure_split.peer.checkpoints import checkpoint_digest
 from secure_split.peer.context import PeerContext, clip
+from secure_split.peer.effects import Record
 from secure_split.peer.rounds.averaging import (
     AVERAGED,
     LOADED,
@@ -91,6 +91,8 @@ __all__ = ["HorizontalSchedule"]
 _WINDOW = 2
 # Barrier reasons of the horizontal schedules (the epoch barriers keep theirs: start, epoch_end).
 _HANDOFF, _AVERAGE, _LOST = "handoff", "average", "lost"
+# A new run segment: an owner rejoined with a new process (its new run nonce joins the run id).
+_RUN = "run"
 
 
 @dataclass
@@ -110,7 +112,7 @@ class HorizontalSchedule:
         # Where the coordinator holds no labels, steps name row positions rather than ids.
         self.ordinal = not any(seg.loss and seg.peer == spec.coordinator for seg in spec.segments.values())
         self.data, self.preprocessing = ctx.training_data(positions=self.ordinal)
-        self.executor = PeerExecutor(ctx.deployment, self.me, self.data, defer_update=True)
+        self.executor = ctx.executor(self.data, defer_update=True)
         self.checkpoint_dir = ctx.cfg.checkpoints_dir
         self.available_checkpoints = list_checkpoints(self.checkpoint_dir) if resume else []
         self.resume = resume
@@ -130,10 +132,12 @@ class HorizontalSchedule:
         self.round_id = 0
         self.epoch = 0
         self.shutdown: tuple[str, str] | None = None
-        self.steps = StepRunner(self.executor, ctx.topology, self.me, max_bytes=spec.limits.max_message_bytes)
+        self.steps = StepRunner(self.executor, ctx.topology, self.me, limits=self.ctx.deployment.spec.limits)
         self.train_steps: list[StepMetrics] = []
         self.eval_steps: list[StepMetrics] = []
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # everyone's values, for display
+        self.own_history: list[dict[str, Any]] = []  # what this peer computed itself (run_end)
+        self.statement: dict[str, Any] = {}
         self.barrier: BarrierRound | None = None
         self.context: ContextRound | None = None
         # coordinator state
@@ -158,6 +162,10 @@ class HorizontalSchedule:
     def attach(self, node: PeerNode) -> None:
         """The node this schedule sends through."""
         self.node = node
+
+    def start_records(self) -> list[Record]:
+        """What trains here: one `segment_commitment` entry per local segment."""
+        return [Record("segment_commitment", r) for r in self.executor.segment_records()]
 
     def hello_meta(self) -> dict[str, Any]:
         """Checkpoints held, and an owner's row count where steps name row positions."""
@@ -193,7 +201,8 @@ class HorizontalSchedule:
             return "ok", ""
         self.node.wait(lambda: self.shutdown is not None, lambda: "waiting for the coordinator's schedule",
                        lambda: [self.coordinator] if self.steps.idle else self.node.counterparties)
-        self.node.result.metrics = {"history": self.history, "final": self.final_metrics()}
+        last = self.history[-1]["values"] if self.history else {}
+        self.node.result.metrics = {"history": self.history, "final": dict(last), "own": self.final_metrics()}
         return self.shutdown or ("failed", "")
 
     def on_message(self, msg: Message) -> bool:
@@ -270,6 +279,10 @@ class HorizontalSchedule:
         """Lost owners are not told anything more."""
         return peer not in self.lost
 
+    def close_peers(self) -> list[str]:
+        """Owners close with the coordinator; the coordinator with every owner still taking part."""
+        return [o for o in self.owners if o not in self.lost] if self.is_coordinator else [self.coordinator]
+
     def tell_others_we_stopped(self, reason: str) -> None:
         """The coordinator ends the run for everyone; an owner tells the coordinator why."""
         if self.is_coordinator:
@@ -278,8 +291,8 @@ class HorizontalSchedule:
             self.node.notify_failure(self.coordinator, reason)
 
     def final_metrics(self) -> dict[str, float]:
-        """The last epoch's metrics."""
-        last = self.history[-1]["values"] if self.history else {}
+        """The last epoch's metrics this peer computed itself."""
+        last = self.own_history[-1]["values"] if self.own_history else {}
         return {k: float(v) for k, v in last.items()}
 
     # -- liveness ---------------------------------------------------------------------------------
@@ -352,7 +365,7 @@ class HorizontalSchedule:
 
     def _start_psi(self, owner: str) -> None:
         rnd = PsiRound(self.me, [self.me, owner], self._own_ids(), deployment_hash=self.ctx.deployment.hash,
-                       max_message_bytes=self.ctx.deployment.spec.limits.max_message_bytes)
+                       max_points=self.ctx.deployment.spec.limits.max_psi_points)
         self.psi[owner] = rnd
         self.node.apply(rnd.start())
 
@@ -410,7 +423,7 @@ class HorizontalSchedule:
             return
         own = self._own_ids()
         rnd = PsiRound(self.me, [self.coordinator, self.me], own, deployment_hash=self.ctx.deployment.hash,
-                       max_message_bytes=self.ctx.deployment.spec.limits.max_message_bytes)
+                       max_points=self.ctx.deployment.spec.limits.max_psi_points)
         self.psi[self.coordinator] = rnd
         self.node.apply(rnd.start())
         self._wait_setup(lambda: rnd.result is not None, "aligning sample ids with the coordinator by PSI",
@@ -420,9 +433,9 @@ class HorizontalSchedule:
         if result.ids.shape[0] < 2:
             raise TrainingError(f"PSI: the coordinator labels only {result.ids.shape[0]} of this owner's samples; nothing to train on")
         self.data, self.preprocessing = self.ctx.training_data(result.ids)
-        self.executor = PeerExecutor(self.ctx.deployment, self.me, self.data, defer_update=True)
+        self.executor = self.ctx.executor(self.data, defer_update=True)
         self.steps = StepRunner(self.executor, self.ctx.topology, self.me,
-                                max_bytes=self.ctx.deployment.spec.limits.max_message_bytes)
+                                limits=self.ctx.deployment.spec.limits)
 
     # -- an owner's messages ------------------------------------------------------------------------
 
@@ -525,6 +538,7 @@ class HorizontalSchedule:
         if kind == Kind.BARRIER_ACK:
             if self.barrier is None or not self.barrier.on_ack(msg):
                 raise RemoteProtocolError(f"'{sender}' acknowledged a barrier that is not open")
+            self.node.record_reported_metrics(msg)
             return True
         if kind == Kind.ACTIVATION:
             return self._coordinator_activation(msg)
@@ -677,6 +691,10 @@ class HorizontalSchedule:
         live = self._live()
         for o in ready:
             del self.joining[o]
+        # A new process took part: a new run segment, its nonce in the run id.
+        meta = self.node.announce_run()
+        for o in [*live, *ready]:
+            self.node.send(o, Kind.BARRIER, step=self.epoch + 1, meta={**meta, "epoch": self.epoch, "reason": _RUN})
         if self.schedule == "sequential":
             self._hand_latest(ready)
         elif live:
@@ -728,7 +746,8 @@ class HorizontalSchedule:
             self.node.result.epochs_done = epoch + 1
             self.node.progress({"event": "epoch", "epoch": epoch, "epochs": training.epochs, "values": values,
                                 "owners": len(self._live()), "lost": sorted(self.lost)})
-        self.node.result.metrics = {"history": self.history, "final": self.final_metrics(), "timing": timing,
+        last = self.history[-1]["values"] if self.history else {}
+        self.node.result.metrics = {"history": self.history, "final": dict(last), "own": self.final_metrics(), "timing": timing,
                                     "lost": sorted(self.lost)}
         self.node.broadcast_shutdown("ok", "training finished")
 
@@ -750,8 +769,11 @@ class HorizontalSchedule:
         return max(common) if common else -1
 
     def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
-        """An epoch barrier with the live owners; adds up everyone's metric sums."""
-        barrier = self.barrier = BarrierRound(epoch, reason, self._live())
+        """An epoch barrier with the live owners; adds up everyone's metric sums (for display:
+        each owner's own values are signed and recorded as that owner's). The start barrier
+        announces the run (run id and every peer's run nonce)."""
+        meta = self.node.announce_run() if reason == "start" else {}
+        barrier = self.barrier = BarrierRound(epoch, reason, self._live(), meta=meta)
         self.node.apply(barrier.open())
         own_train, own_eval = self._barrier_local(epoch, reason)
 
@@ -785,12 +807,19 @@ class HorizontalSchedule:
             return {}, {}
         train, evaluation = sum_task_metrics(self.train_steps), sum_task_metrics(self.eval_steps)
         self.train_steps, self.eval_steps = [], []
+        own = epoch_values(train, evaluation)
+        self.own_history.append({"epoch": epoch, "values": own})
+        self.statement = self.node.state_metrics(epoch, own)
         return train, evaluation
 
     def _on_epoch_barrier(self, msg: Message) -> None:
         epoch = _meta_int(msg, "epoch", -1)
         reason = str(msg.meta.get("reason", "epoch_end"))
         self.epoch = max(self.epoch, epoch)
+        if reason in ("start", _RUN):
+            self.node.bind_announced_run(msg)
+            if reason == _RUN:
+                return
         train, evaluation = self._barrier_local(epoch, reason)
         if reason == "epoch_end":
             values = epoch_values(train, evaluation)
@@ -798,8 +827,9 @@ class HorizontalSchedule:
             self.node.result.epochs_done = epoch + 1
             self.node.progress({"event": "epoch", "epoch": epoch, "epochs": self.ctx.deployment.spec.training.epochs,
                                 "values": values})
+        statement = self.statement if reason == "epoch_end" else {}
         self.node.send(self.coordinator, Kind.BARRIER_ACK, step=epoch + 1, meta={
-            "epoch": epoch, "train": task_metrics_to_meta(train), "eval": task_metrics_to_meta(evaluation)})
+            **statement, "epoch": epoch, "train": task_metrics_to_meta(train), "eval": task_metrics_to_meta(evaluation)})
 
 
 class _Shutdown(Exception):

@@ -8,8 +8,8 @@ the topology needs, checks they serve the same epoch, runs its input segments ba
 collects the predictions: from a `prediction` message, or from its own output segment (U-shaped:
 the server never sees one). Up to `_IN_FLIGHT` batches are in flight where the owner's own step
 ends when its activations are sent (vanilla); a U-shaped owner waits for each batch's tail input.
-Labels in the input file are only compared locally. A request ends with an exchange of signed
-audit heads.
+Labels in the input file are only compared locally. A request ends with the node's close round:
+the owner's signed close head to every server, each answering with its own.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import numpy as np
 
 from secure_split.engine.checkpoint import checkpoint_preprocessing
 from secure_split.engine.data import PeerData, load_rows_to_predict
-from secure_split.engine.executor import PeerExecutor
 from secure_split.errors import ConfigError, ConfigProblem, PolicyDenied, RemoteProtocolError
 from secure_split.peer.checkpoints import checkpoint_digest, chosen_epoch, load_trained
 from secure_split.peer.context import PeerContext
+from secure_split.peer.effects import Record
 from secure_split.peer.serving import inference_plan
 from secure_split.peer.steps import StepRunner
 from secure_split.protocol import Kind, Message
@@ -62,9 +62,9 @@ class PredictSchedule:
         self.inputs: PeerData = load_rows_to_predict(ctx.cfg, input_path, prep)
         if len(self.inputs) == 0:
             raise ConfigError(ConfigProblem(str(input_path), "ids", "the input file holds no samples"))
-        self.executor = PeerExecutor(ctx.deployment, self.me, self.inputs)
+        self.executor = ctx.executor(self.inputs)
         self.steps = StepRunner(self.executor, ctx.topology, self.me,
-                                max_bytes=ctx.deployment.spec.limits.max_message_bytes)
+                                limits=self.ctx.deployment.spec.limits)
         load_trained(ctx, self.executor, self.epoch)
         self.batch_size = batch_size or ctx.deployment.spec.training.batch_size
         if self.batch_size < 1:
@@ -88,6 +88,10 @@ class PredictSchedule:
     def attach(self, node: PeerNode) -> None:
         """The node this schedule sends through."""
         self.node = node
+
+    def start_records(self) -> list[Record]:
+        """What trains here: one `segment_commitment` entry per local segment."""
+        return [Record("segment_commitment", r) for r in self.executor.segment_records()]
 
     def hello_meta(self) -> dict[str, Any]:
         """The epoch used (the servers must serve the same)."""
@@ -126,7 +130,6 @@ class PredictSchedule:
         started = time.perf_counter()
         self._predict_batches()
         seconds = time.perf_counter() - started
-        self.node.exchange_heads(self.batches_total + 1, self.servers, "prediction request done")
         n = len(self.inputs)
         self.metrics = {"samples": float(n), "seconds": seconds, "samples_per_s": n / max(seconds, 1e-9),
                         **self._accuracy()}
@@ -173,6 +176,10 @@ class PredictSchedule:
     def reachable(self, peer: str) -> bool:
         """Servers are not sent a shutdown."""
         return False
+
+    def close_peers(self) -> list[str]:
+        """The request ends with the close round: every server countersigns our close head."""
+        return self.servers
 
     def tell_others_we_stopped(self, reason: str) -> None:
         """Each server learns the request stopped."""

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from secure_split.engine.executor import PeerExecutor
 from secure_split.engine.tensors import from_wire
 from secure_split.errors import (
     ConfigError,
@@ -38,6 +37,7 @@ from secure_split.errors import (
 )
 from secure_split.peer.checkpoints import checkpoint_digest, chosen_epoch, load_trained
 from secure_split.peer.context import PeerContext, clip
+from secure_split.peer.effects import Record
 from secure_split.peer.serving import inference_clients, prediction_edge
 from secure_split.peer.steps import StepRunner
 from secure_split.protocol import Kind, Message, WireTensor
@@ -73,9 +73,9 @@ class ServeSchedule:
             raise ConfigError(ConfigProblem(str(ctx.deployment.path), "segments", (
                 f"peer '{self.me}' takes part in no owner's prediction request, so it has nothing to serve "
                 "(see `secure-split predict --help` for the topologies served)")))
-        self.executor = PeerExecutor(ctx.deployment, self.me, None)
+        self.executor = ctx.executor(None)
         self.steps = StepRunner(self.executor, ctx.topology, self.me,
-                                max_bytes=ctx.deployment.spec.limits.max_message_bytes)
+                                limits=self.ctx.deployment.spec.limits)
         self.epoch = chosen_epoch(ctx, epoch)
         load_trained(ctx, self.executor, self.epoch)
         self.max_requests = max_requests
@@ -93,6 +93,10 @@ class ServeSchedule:
     def attach(self, node: PeerNode) -> None:
         """The node this schedule sends through."""
         self.node = node
+
+    def start_records(self) -> list[Record]:
+        """What trains here: one `segment_commitment` entry per local segment."""
+        return [Record("segment_commitment", r) for r in self.executor.segment_records()]
 
     def hello_meta(self) -> dict[str, Any]:
         """The epoch served (the client must use the same)."""
@@ -146,7 +150,7 @@ class ServeSchedule:
         return True
 
     def on_receipt(self, sender: str, key: int) -> None:
-        """The owner's closing receipt: answer with our signed head; one request done."""
+        """The client's signed close head (the end of its request): answer with ours; one request done."""
         own = self.node.signed_head(f"prediction request of {sender} done")
         self.node.send(sender, Kind.AUDIT_RECEIPT, step=key, meta=own.to_meta())
         self.requests_done += 1
@@ -156,6 +160,11 @@ class ServeSchedule:
     def reachable(self, peer: str) -> bool:
         """Clients are not sent a shutdown."""
         return False
+
+    def close_peers(self) -> list[str]:
+        """A server closes after its clients left: each request ended with its client's close
+        head, answered with ours."""
+        return []
 
     def tell_others_we_stopped(self, reason: str) -> None:
         """The client of the open step learns why it will get no answer."""

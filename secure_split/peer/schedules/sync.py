@@ -39,6 +39,7 @@ from secure_split.engine.schedule import epoch_batches, eval_batches, split_trai
 from secure_split.errors import ConfigError, ConfigProblem, RemoteProtocolError, TrainingError
 from secure_split.peer.checkpoints import checkpoint_digest
 from secure_split.peer.context import PeerContext
+from secure_split.peer.effects import Record
 from secure_split.peer.rounds.barrier import BarrierRound
 from secure_split.peer.rounds.contexts import ContextPlan, ContextRound
 from secure_split.peer.rounds.he_merge import HeKeyHolder
@@ -83,20 +84,26 @@ class SyncSchedule:
         self.barrier: BarrierRound | None = None
         self.train_steps: list[StepMetrics] = []
         self.eval_steps: list[StepMetrics] = []
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # every peer's values, for display
+        self.own_history: list[dict[str, Any]] = []  # what this peer computed itself (run_end)
+        self.statement: dict[str, Any] = {}
         self.epochs_done = 0
         self.epoch = 0
         del spec
 
     def _new_executor(self) -> PeerExecutor:
         spec = self.ctx.deployment.spec
-        return PeerExecutor(self.ctx.deployment, self.me, self.data, defer_update=True, overlap=spec.training.overlap)
+        return self.ctx.executor(self.data, defer_update=True, overlap=spec.training.overlap)
 
     # -- the Schedule protocol ------------------------------------------------------------------
 
     def attach(self, node: PeerNode) -> None:
         """The node this schedule sends through."""
         self.node = node
+
+    def start_records(self) -> list[Record]:
+        """What trains here: one `segment_commitment` entry per local segment."""
+        return [Record("segment_commitment", r) for r in self.executor.segment_records()]
 
     def hello_meta(self) -> dict[str, Any]:
         """The checkpoints this peer holds (the coordinator resumes from the newest all share)."""
@@ -112,10 +119,9 @@ class SyncSchedule:
             self._align_ids()
         except _ShutdownDuringSetup:
             return
-        limits = self.ctx.deployment.spec.limits
         contexts: dict[str, CkksContext] = {r.plan.scope: r.context for r in self.contexts if r.context is not None}
         self.steps = StepRunner(self.executor, self.ctx.topology, self.me, he_contexts=contexts,
-                                he_key_holders=self.he_key_holders, max_bytes=limits.max_message_bytes)
+                                he_key_holders=self.he_key_holders, limits=self.ctx.deployment.spec.limits)
 
     def run(self) -> tuple[str, str]:
         """Coordinate the run, or follow the coordinator; returns (status, reason)."""
@@ -130,7 +136,8 @@ class SyncSchedule:
             lambda: "waiting for the coordinator's schedule",
             lambda: [coordinator] if self._steps.idle else self.node.counterparties,
         )
-        self.node.result.metrics = {"history": self.history, "final": self.final_metrics()}
+        shown = self.history[-1]["values"] if self.history else {}
+        self.node.result.metrics = {"history": self.history, "final": dict(shown), "own": self.final_metrics()}
         return self.shutdown or ("failed", "")
 
     def on_message(self, msg: Message) -> bool:
@@ -150,6 +157,7 @@ class SyncSchedule:
         if kind == Kind.BARRIER_ACK and self.ctx.is_coordinator:
             if self.barrier is None or not self.barrier.on_ack(msg):
                 raise RemoteProtocolError(f"'{msg.binding.sender}' acknowledged a barrier that is not open")
+            self.node.record_reported_metrics(msg)
             return True
         if self.steps is None:
             return False  # set-up is not finished here yet
@@ -199,9 +207,14 @@ class SyncSchedule:
             self.node.notify_failure(self.ctx.deployment.spec.coordinator, reason)
 
     def final_metrics(self) -> dict[str, float]:
-        """The last epoch's metrics."""
-        last = self.history[-1]["values"] if self.history else {}
+        """The last epoch's metrics this peer computed itself (another peer's are its own
+        statement, recorded as such; never adopted into ours)."""
+        last = self.own_history[-1]["values"] if self.own_history else {}
         return {k: float(v) for k, v in last.items()}
+
+    def close_peers(self) -> list[str]:
+        """Every counterparty countersigns our close."""
+        return list(self.node.counterparties)
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -254,7 +267,7 @@ class SyncSchedule:
             raise ConfigError(ConfigProblem(str(self.ctx.cfg.path), "data", "vertical training needs this peer's data file (ids) for PSI"))
         spec = self.ctx.deployment.spec
         self.psi = PsiRound(self.me, parties, [int(x) for x in site.ids.tolist()],
-                            deployment_hash=self.ctx.deployment.hash, max_message_bytes=spec.limits.max_message_bytes)
+                            deployment_hash=self.ctx.deployment.hash, max_points=spec.limits.max_psi_points)
         self.node.apply(self.psi.start())
         others = [p for p in parties if p != self.me]
         self._wait_setup(lambda: self.psi is not None and self.psi.result is not None,
@@ -379,7 +392,9 @@ class SyncSchedule:
             self.history.append({"epoch": epoch, "values": values})
             self.epochs_done = self.node.result.epochs_done = epoch + 1
             self.node.progress({"event": "epoch", "epoch": epoch, "epochs": n_epochs, "values": values})
-        self.node.result.metrics = {"history": self.history, "final": self.final_metrics(), "timing": timing}
+        shown = self.history[-1]["values"] if self.history else {}
+        self.node.result.metrics = {"history": self.history, "final": dict(shown), "own": self.final_metrics(),
+                                    "timing": timing}
         self.node.broadcast_shutdown("ok", "training finished")
 
     def _resume_epoch(self) -> int:
@@ -393,8 +408,12 @@ class SyncSchedule:
         return max(common) if common else -1
 
     def _barrier(self, epoch: int, reason: str) -> dict[str, float]:
-        """Coordinator side of a barrier. Returns the merged metrics of every peer."""
-        barrier = self.barrier = BarrierRound(epoch, reason, self.node.counterparties)
+        """Coordinator side of a barrier. Returns the metrics of every peer for display (each
+        peer's own values are signed and recorded as that peer's; ours alone go into run_end).
+
+        The start barrier announces the run: its id and every peer's run nonce."""
+        meta = self.node.announce_run() if reason == "start" else {}
+        barrier = self.barrier = BarrierRound(epoch, reason, self.node.counterparties, meta=meta)
         self.node.apply(barrier.open())
         train, evaluation = self._barrier_local(epoch, reason)
         self.node.wait(lambda: barrier.done(), lambda: f"waiting for every peer at the {reason} barrier of epoch {epoch}",
@@ -425,11 +444,16 @@ class SyncSchedule:
             return {}, {}
         train, evaluation = sum_task_metrics(self.train_steps), sum_task_metrics(self.eval_steps)
         self.train_steps, self.eval_steps = [], []
+        own = epoch_values(train, evaluation)
+        self.own_history.append({"epoch": epoch, "values": own})
+        self.statement = self.node.state_metrics(epoch, own)
         return train, evaluation
 
     def _on_barrier(self, msg: Message) -> None:
         epoch = _meta_int(msg, "epoch", -1)
         reason = str(msg.meta.get("reason", "epoch_end"))
+        if reason == "start":
+            self.node.bind_announced_run(msg)
         train, evaluation = self._barrier_local(epoch, reason)
         if reason == "epoch_end":
             values = epoch_values(train, evaluation)
@@ -437,8 +461,9 @@ class SyncSchedule:
             self.epochs_done = self.node.result.epochs_done = epoch + 1
             self.node.progress({"event": "epoch", "epoch": epoch, "epochs": self.ctx.deployment.spec.training.epochs,
                                 "values": values})
+        statement = self.statement if reason == "epoch_end" else {}
         self.node.send(self.ctx.deployment.spec.coordinator, Kind.BARRIER_ACK, step=epoch + 1, meta={
-            "epoch": epoch, "train": task_metrics_to_meta(train), "eval": task_metrics_to_meta(evaluation)})
+            **statement, "epoch": epoch, "train": task_metrics_to_meta(train), "eval": task_metrics_to_meta(evaluation)})
 
 
 def _meta_int(msg: Message, key: str, default: int) -> int:

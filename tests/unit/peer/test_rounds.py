@@ -63,7 +63,7 @@ def fast_group(monkeypatch: pytest.MonkeyPatch) -> None:
 def _psi_run(seed: int, *, serve_after_result: bool) -> dict[str, PsiRound]:
     """One ring PSI. `serve_after_result=False` is what a peer did before the PSI round existed:
     once its own intersection was known it stopped taking PSI messages."""
-    rounds = {p: PsiRound(p, RING, IDS[p], deployment_hash=DEPLOYMENT, max_message_bytes=1 << 20) for p in RING}
+    rounds = {p: PsiRound(p, RING, IDS[p], deployment_hash=DEPLOYMENT, max_points=1000) for p in RING}
 
     def party(name: str) -> Any:
         def take(msg: Message) -> list[Any]:
@@ -109,7 +109,7 @@ def test_a_party_that_stops_at_its_own_result_stalls_another() -> None:
 
 
 def test_psi_records_the_alignment_once_without_ids() -> None:
-    rounds = {p: PsiRound(p, RING, IDS[p], deployment_hash=DEPLOYMENT, max_message_bytes=1 << 20) for p in RING}
+    rounds = {p: PsiRound(p, RING, IDS[p], deployment_hash=DEPLOYMENT, max_points=1000) for p in RING}
     sim = DeliverySimulator({p: (lambda m, p=p: rounds[p].on_message(m.binding.sender, bytes(m.blob))) for p in RING},
                             seed=3)
     for p in RING:
