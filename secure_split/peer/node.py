@@ -26,6 +26,7 @@ on. Only a refused handshake or an inbound flow our own policy denies stops it.
 from __future__ import annotations
 
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -174,6 +175,12 @@ class PeerNode:
         """What `peer` said in its HELLO (empty before its HELLO arrived)."""
         session = self.gate.sessions.get(peer)
         return dict(session.remote_hello_meta or {}) if session is not None else {}
+
+    def _can_close_with(self, peer: str) -> bool:
+        """Whether the session with `peer` still carries an audit receipt (it may be shut down)."""
+        session = self.gate.sessions.get(peer)
+        return session is not None and session.state in (
+            SessionState.ESTABLISHED, SessionState.SHUTDOWN_SENT, SessionState.SHUTDOWN_RECEIVED, SessionState.CLOSED)
 
     def established(self, peer: str) -> bool:
         """Whether the session with `peer` is established (we may send it anything)."""
@@ -334,7 +341,13 @@ class PeerNode:
         except SecureSplitError as exc:
             self.audit.finish_close(expected, reason=clip(f"run_end could not be written: {exc}", 500))
             return
-        there = [p for p in expected if hasattr(self, "gate") and self.established(p) and p not in self._lost_since]
+        if not expected:
+            # A server ends after its clients (each request ended with a close round of its own):
+            # nobody is left to countersign its close, and the log says so.
+            self.audit.finish_close(list(self.counterparties), reason="nobody is left to countersign this close: "
+                                    "every client ended its request (and countersigned it) before")
+            return
+        there = [p for p in expected if hasattr(self, "gate") and self._can_close_with(p) and p not in self._lost_since]
         note = ""
         try:
             for peer in there:
@@ -363,6 +376,14 @@ class PeerNode:
             self.result.error = reason
             self.result.exit_code = int(exc.exit_code)
             self.audit.record("error", reason=clip(reason), error=type(exc).__name__)
+            self.schedule.tell_others_we_stopped(reason)
+        except Exception as exc:  # a bug of ours: one line for the operator, the trace in the ops log
+            reason = f"internal error ({type(exc).__name__}: {exc}); this is a bug in secure_split, please report it"
+            self.result.error = reason
+            self.result.exit_code = int(ExitCode.FAILED)
+            self.audit.record("error", reason=clip(reason), error=type(exc).__name__)
+            if self.ops is not None:
+                self.ops.event("internal_error", error=type(exc).__name__, trace=clip(traceback.format_exc(), 7000))
             self.schedule.tell_others_we_stopped(reason)
         except KeyboardInterrupt:
             reason = "interrupted by the operator"
@@ -399,7 +420,7 @@ class PeerNode:
             self.handshaking = False
         self.state("setup")
         self.schedule.set_up()
-        self.state("serving" if self.serving else "training")
+        self.state(self.schedule.working_state())
         return self.schedule.run()
 
     def _open(self) -> None:

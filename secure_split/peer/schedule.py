@@ -81,6 +81,9 @@ class Schedule(Protocol):
     def on_receipt(self, sender: str, key: int) -> None:
         """A counterparty's signed audit head for barrier/request `key` was verified and recorded."""
 
+    def working_state(self) -> str:
+        """The state this peer reports while the schedule runs (training, serving, predicting)."""
+
     def close_peers(self) -> list[str]:
         """Whom this peer exchanges signed close heads with at the end of its run."""
 

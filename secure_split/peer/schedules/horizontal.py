@@ -279,6 +279,10 @@ class HorizontalSchedule:
         """Lost owners are not told anything more."""
         return peer not in self.lost
 
+    def working_state(self) -> str:
+        """The state this peer reports while it runs (`peer.metrics.PEER_STATES`)."""
+        return "training"
+
     def close_peers(self) -> list[str]:
         """Owners close with the coordinator; the coordinator with every owner still taking part."""
         return [o for o in self.owners if o not in self.lost] if self.is_coordinator else [self.coordinator]

@@ -177,6 +177,10 @@ class PredictSchedule:
         """Servers are not sent a shutdown."""
         return False
 
+    def working_state(self) -> str:
+        """The state this peer reports while it runs (`peer.metrics.PEER_STATES`)."""
+        return "predicting"
+
     def close_peers(self) -> list[str]:
         """The request ends with the close round: every server countersigns our close head."""
         return self.servers

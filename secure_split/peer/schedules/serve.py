@@ -161,6 +161,10 @@ class ServeSchedule:
         """Clients are not sent a shutdown."""
         return False
 
+    def working_state(self) -> str:
+        """The state this peer reports while it runs (`peer.metrics.PEER_STATES`)."""
+        return "serving"
+
     def close_peers(self) -> list[str]:
         """A server closes after its clients left: each request ended with its client's close
         head, answered with ours."""

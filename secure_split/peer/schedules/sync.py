@@ -212,6 +212,10 @@ class SyncSchedule:
         last = self.own_history[-1]["values"] if self.own_history else {}
         return {k: float(v) for k, v in last.items()}
 
+    def working_state(self) -> str:
+        """The state this peer reports while it runs (`peer.metrics.PEER_STATES`)."""
+        return "training"
+
     def close_peers(self) -> list[str]:
         """Every counterparty countersigns our close."""
         return list(self.node.counterparties)
