@@ -231,6 +231,11 @@ class LimitsSpec(_Strict):
     inbound_queue_messages: int = Field(
         4, ge=1, le=1024, description="complete messages queued per inbound connection before the transport stops reading it",
     )
+    rejoin_grace_s: float = Field(
+        900.0, ge=0.0, le=7 * 86_400.0,
+        description="once training runs, how long the others wait for a peer that went away to restart and "
+        "rejoin (0: stop at once)",
+    )
     close_timeout_s: float = Field(
         10.0, gt=0.0, le=3600.0,
         description="how long a peer waits at the end of a run for its counterparties' signed close heads",

@@ -30,7 +30,9 @@ def training_node(config_path: str | Path, *, resume: bool = False, progress: Pr
     if ctx.deployment.spec.training.schedule in ("sequential", "splitfed"):
         return PeerNode(ctx, HorizontalSchedule(ctx, resume=resume), resume=resume, progress=progress,
                         accepts_restarted_peers=True)
-    return PeerNode(ctx, SyncSchedule(ctx, resume=resume), resume=resume, progress=progress)
+    # A counterparty that crashed and restarts during the run opens a new session (rejoin).
+    return PeerNode(ctx, SyncSchedule(ctx, resume=resume), resume=resume, progress=progress,
+                    accepts_restarted_peers=True)
 
 
 def serve_node(config_path: str | Path, *, epoch: int | None = None, max_requests: int | None = None,

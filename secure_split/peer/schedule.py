@@ -30,10 +30,22 @@ from secure_split.protocol import Message
 if TYPE_CHECKING:
     from secure_split.peer.node import PeerNode
 
-__all__ = ["ProgressFn", "Schedule"]
+__all__ = ["ProgressFn", "Rollback", "Schedule"]
 
 ProgressFn = Callable[[dict[str, Any]], None]
 """Receives progress events ({"event": "step" | "epoch" | ..., ...}) for the operator's display."""
+
+
+class Rollback(Exception):
+    """Raised by a schedule from a node callback to unwind its own waits to its run loop: at the
+    coordinator when a restarted peer came back (it then rolls every peer back to a common
+    checkpoint), at a follower when that rollback's start barrier arrives (`barrier`: taken at
+    the run loop, outside the waits it interrupted). Not a `SecureSplitError`: the node never
+    catches it."""
+
+    def __init__(self, reason: str, *, barrier: Message | None = None) -> None:
+        super().__init__(reason)
+        self.barrier = barrier
 
 
 class Schedule(Protocol):

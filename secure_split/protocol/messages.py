@@ -533,6 +533,8 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
             optional={"checkpoints": MetaField("int_list", max_len=4096), "software": _SHORT, "rows": _COUNT,
                       # a digest per deployment section, so a mismatch can name what differs
                       "sections": MetaField("plain"),
+                      # the highest step this peer has seen (a restarted coordinator goes above it)
+                      "last_step": _COUNT,
                       # audit format 2: the sender process's fresh run nonce (64 hex digits)
                       "run_nonce": _HEX64_FIELD},
         ),

@@ -97,8 +97,6 @@ def test_a_bank_tabular_model_with_categorical_embeddings_trains_across_two_proc
     _assert_trained(*_run(_plan("tabular", ids, x, y, segments, [{"from": "bottom", "to": "top"}]), tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="the peer layer does not pass segment_sources(deployment, peer_config) to "
-                                       "PeerExecutor yet (issue 18: wired by the peer rewrite); remove this mark then")
 def test_a_private_user_module_trains_with_only_its_commitment_in_the_deployment(tmp_path: Path) -> None:
     ids, x, y = _bank_table()
     model = {"module": "bank_models:tabular_bottom", "path": str(ORG_CODE),

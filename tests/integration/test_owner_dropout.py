@@ -126,7 +126,8 @@ def test_splitfed_he_owner_rejoins_but_the_key_holder_cannot(tmp_path_factory: p
 
         def averaged_after_restart() -> bool:
             entries = d.audit("owner_3")
-            resumed = max((i for i, e in enumerate(entries) if e["event"] == "log_resumed"), default=None)
+            starts = [i for i, e in enumerate(entries) if e["event"] == "run_start"]
+            resumed = starts[-1] if len(starts) > 1 else None
             return resumed is not None and any(
                 e["event"] == "weights_loaded" and "HE average" in e["data"]["reason"] for e in entries[resumed:]
             )

@@ -134,11 +134,13 @@ def test_vanilla_predictions_come_back_from_the_label_holder_and_match_a_local_f
     assert len(sent) == len(received) == -(-len(ids) // 64)
     assert {e["data"]["rule_id"] for e in sent} == {"prediction@bottom->top"}
     assert {e["data"]["dtype"] for e in received} == {"int64"}
-    served = holder_log[[e["event"] for e in holder_log].index("log_resumed"):]
+    served = _serving_segment(holder_log)
     # No step_begin, so no sample ids: the label holder sees activations and nothing else of the data.
     assert {e["data"]["kind"] for e in events(served, "message_received")} == {"hello", "activation", "audit_receipt"}
-    assert holder_log[-1]["event"] == "checkpoint" and holder_log[-2]["event"] == "run_end"
-    assert holder_log[-2]["data"]["status"] == "ok" and holder_log[-2]["data"]["reason"] == "stopped by SIGINT"
+    end = events(served, "run_end")[-1]["data"]
+    assert end["status"] == "ok" and end["reason"] == "stopped by SIGINT"
+    assert holder_log[-1]["event"] == "checkpoint" and events(served, "close_incomplete"), \
+        "a server ends after its clients: its close says nobody was left to countersign it"
     from secure_split.audit import verify_logs
     from secure_split.policy import load_policy
 
@@ -163,7 +165,7 @@ def test_u_shaped_owner_predicts_with_its_own_tail_and_the_server_never_sees_a_p
     assert accuracy > 0.5 and f"accuracy/tail (labels of owner.safetensors, kept here): {accuracy:.4f}" in pred.stdout
 
     server_log = d.audit("server")
-    served = server_log[[e["event"] for e in server_log].index("log_resumed"):]
+    served = _serving_segment(server_log)
     assert "prediction" not in _kinds(server_log)
     assert "activation" in _kinds(served)  # it did serve: head->middle in, middle->tail back
     batches = [e for e in events(served, "message_received") if e["data"]["kind"] == "activation"]
@@ -310,6 +312,13 @@ def test_predict_names_the_server_that_does_not_answer_and_exits_3(vanilla_templ
     assert pred.returncode == 3, pred.stderr
     assert "label_holder" in pred.stderr and "handshake" in pred.stderr
     assert not events(d.audit("owner"), "message_sent")[1:]  # only our HELLO went out
+
+
+def _serving_segment(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of the server's last run segment (serve continues the training run's log)."""
+    starts = [i for i, e in enumerate(log) if e["event"] == "run_start"]
+    assert len(starts) >= 2, "serve begins a new segment after training"
+    return log[starts[-1]:]
 
 
 def _initial_checkpoints(d: Deploy) -> None:

@@ -81,7 +81,9 @@ class ContextRound:
         self._keys = dict(transport_keys)
         self._max_bytes = max_bytes
         self.context: CkksContext | None = None
+        self._public: bytes | None = None
         self._secret: bytes | None = None
+        self._replace = False  # the key holder restarted: its new context replaces ours
         self._sealed_for: dict[str, bytes] = {}  # relay: receiver -> sealed secret, to send again
 
     @property
@@ -101,7 +103,8 @@ class ContextRound:
             return []
         ctx = KeyHolderContext.create(self.params)
         self.context = ctx
-        out: list[Effect] = [Send(p, Kind.HE_CONTEXT, meta=self._meta("public"), blob=ctx.public_context_bytes())
+        self._public = ctx.public_context_bytes()
+        out: list[Effect] = [Send(p, Kind.HE_CONTEXT, meta=self._meta("public"), blob=self._public)
                              for p in self.plan.public_to]
         self._secret = ctx.serialize_secret()
         for p in self.plan.secret_to:
@@ -116,6 +119,24 @@ class ContextRound:
         if self.plan.relay is not None:
             return [Send(self.plan.relay, Kind.HE_CONTEXT, meta=self._meta("secret", to=to), blob=sealed)]
         return [Send(to, Kind.HE_CONTEXT, meta=self._meta("secret"), blob=sealed)]
+
+    def resend(self, to: str) -> list[Effect]:
+        """Key holder: `to` restarted and lost its context: its part again (the same key)."""
+        if to in self.plan.secret_to:
+            return self.send_secret(to)
+        if to in self.plan.public_to and self._public is not None:
+            return [Send(to, Kind.HE_CONTEXT, meta=self._meta("public"), blob=self._public)]
+        return []
+
+    @property
+    def awaiting(self) -> bool:
+        """The key holder restarted and its new context has not arrived yet."""
+        return self._replace
+
+    def expect_replacement(self) -> None:
+        """The key holder restarted: it brings a new key, whose context replaces ours."""
+        if self.plan.role(self.me) in ("public", "secret"):
+            self._replace = True
 
     def forward_again(self, to: str) -> list[Effect]:
         """Relay: the sealed secret context for `to` once more, if the key holder sent one."""
@@ -143,7 +164,7 @@ class ContextRound:
                 raise RemoteProtocolError(f"'{sender}' asked to relay a CKKS secret context to {to!r}")
             self._sealed_for[to] = bytes(msg.blob)
             return self.forward_again(to)
-        if self.context is not None:
+        if self.context is not None and not self._replace:
             raise RemoteProtocolError(f"'{sender}' sent a second CKKS context for {plan.scope or 'weight averaging'}")
         try:
             if role == "public":
@@ -164,6 +185,7 @@ class ContextRound:
                 raise RemoteProtocolError(self._unexpected(msg, "no context"))
         except CryptoError as exc:
             raise RemoteProtocolError(f"CKKS context from '{sender}' refused: {exc}") from None
+        self._replace = False
         return []
 
     def _unexpected(self, msg: Message, expected: str) -> str:

@@ -36,14 +36,15 @@ from secure_split.engine.metrics import (
     task_metrics_to_meta,
 )
 from secure_split.engine.schedule import epoch_batches, eval_batches, split_train_test
-from secure_split.errors import ConfigError, ConfigProblem, RemoteProtocolError, TrainingError
+from secure_split.errors import ConfigError, ConfigProblem, PeerTimeout, RemoteProtocolError, TrainingError
 from secure_split.peer.checkpoints import checkpoint_digest
-from secure_split.peer.context import PeerContext
+from secure_split.peer.context import PeerContext, clip
 from secure_split.peer.effects import Record
 from secure_split.peer.rounds.barrier import BarrierRound
 from secure_split.peer.rounds.contexts import ContextPlan, ContextRound
 from secure_split.peer.rounds.he_merge import HeKeyHolder
 from secure_split.peer.rounds.psi import PsiRound
+from secure_split.peer.schedule import Rollback
 from secure_split.peer.steps import STEP_TENSOR_KINDS, StepRunner, ids_from_wire, ids_to_wire
 from secure_split.policy import he_key_holder, psi_parties
 from secure_split.protocol import Kind, Message
@@ -89,6 +90,12 @@ class SyncSchedule:
         self.statement: dict[str, Any] = {}
         self.epochs_done = 0
         self.epoch = 0
+        # Rejoin after a crash (limits.rejoin_grace_s): who is gone since when, who came back.
+        self.training = False
+        self.lost: dict[str, float] = {}
+        self.restarted: set[str] = set()
+        self.completed_epoch = -1
+        self.last_step_seen = 0
         del spec
 
     def _new_executor(self) -> PeerExecutor:
@@ -106,8 +113,10 @@ class SyncSchedule:
         return [Record("segment_commitment", r) for r in self.executor.segment_records()]
 
     def hello_meta(self) -> dict[str, Any]:
-        """The checkpoints this peer holds (the coordinator resumes from the newest all share)."""
-        return {"checkpoints": list(self.available_checkpoints)}
+        """The checkpoints this peer holds (the coordinator resumes, or rolls back, to the newest
+        all share) and the highest step it has seen (a new segment's steps go above it)."""
+        held = list_checkpoints(self.checkpoint_dir) if (self.resume or self.training) else []
+        return {"checkpoints": held, "last_step": self.last_step_seen}
 
     def prepare(self) -> None:
         """Nothing to check before the handshake."""
@@ -119,9 +128,16 @@ class SyncSchedule:
             self._align_ids()
         except _ShutdownDuringSetup:
             return
+        self._new_steps()
+
+    def _new_steps(self) -> None:
         contexts: dict[str, CkksContext] = {r.plan.scope: r.context for r in self.contexts if r.context is not None}
         self.steps = StepRunner(self.executor, self.ctx.topology, self.me, he_contexts=contexts,
                                 he_key_holders=self.he_key_holders, limits=self.ctx.deployment.spec.limits)
+        if self.key_holder is not None:
+            mine = {r.plan.scope: r.context for r in self.contexts if r.plan.key_holder == self.me and r.context}
+            self.key_holder = HeKeyHolder(dict(self.key_holder.holders), mine,
+                                          max_bytes=self.ctx.deployment.spec.limits.max_message_bytes)
 
     def run(self) -> tuple[str, str]:
         """Coordinate the run, or follow the coordinator; returns (status, reason)."""
@@ -131,11 +147,20 @@ class SyncSchedule:
             self._coordinate()
             return "ok", ""
         coordinator = self.ctx.deployment.spec.coordinator
-        self.node.wait(
-            lambda: self.shutdown is not None,
-            lambda: "waiting for the coordinator's schedule",
-            lambda: [coordinator] if self._steps.idle else self.node.counterparties,
-        )
+        while True:
+            try:
+                self.node.wait(
+                    lambda: self.shutdown is not None,
+                    lambda: "waiting for the coordinator's schedule",
+                    lambda: [coordinator] if self._steps.idle else self.node.counterparties,
+                )
+                break
+            except Rollback as rb:
+                # A start barrier during the run: whatever this peer waited for inside (a step, a
+                # barrier's heads) is over; the barrier is taken here, outside those waits.
+                assert rb.barrier is not None
+                self._drop_run_state()
+                self._on_barrier(rb.barrier)
         shown = self.history[-1]["values"] if self.history else {}
         self.node.result.metrics = {"history": self.history, "final": dict(shown), "own": self.final_metrics()}
         return self.shutdown or ("failed", "")
@@ -159,8 +184,8 @@ class SyncSchedule:
                 raise RemoteProtocolError(f"'{msg.binding.sender}' acknowledged a barrier that is not open")
             self.node.record_reported_metrics(msg)
             return True
-        if self.steps is None:
-            return False  # set-up is not finished here yet
+        if self.steps is None or any(r.awaiting for r in self.contexts):
+            return False  # set-up is not finished here yet, or a restarted key holder's new context
         if kind == Kind.STEP_BEGIN:
             return self._on_step_begin(msg)
         if kind in STEP_TENSOR_KINDS:
@@ -170,6 +195,8 @@ class SyncSchedule:
             self._finish_if_complete()
             return True
         if kind == Kind.BARRIER:
+            if msg.meta.get("reason") == "start" and self.training and not self.ctx.is_coordinator:
+                raise Rollback("the coordinator rolls the run back to a checkpoint", barrier=msg)
             if not self.steps.idle:
                 return False
             self._on_barrier(msg)
@@ -182,11 +209,49 @@ class SyncSchedule:
         raise RemoteProtocolError(f"'{msg.binding.sender}' sent {kind.value}, which '{self.me}' does not expect")
 
     def on_peer_lost(self, peer: str, reason: str, *, timed_out: bool) -> bool:
-        """One run of a sync deployment needs every peer: stop."""
-        return False
+        """Once training runs, the survivors wait for a peer that went away to come back (a
+        restarted process), for up to `limits.rejoin_grace_s`; then (or before training, or with
+        no grace) the run stops. Silence alone is waited out only while a rejoin is awaited."""
+        grace = self.ctx.deployment.spec.limits.rejoin_grace_s
+        now = time.monotonic()
+        if not self.training or grace <= 0:
+            return False
+        for gone, since in self.lost.items():
+            if now - since > grace:
+                raise PeerTimeout(gone, now - since, f"waiting for '{gone}' to restart and rejoin (limits.rejoin_grace_s "
+                                  f"= {grace:g} s): restart it with `secure-split peer run`, then restart this peer")
+        if timed_out:
+            return bool(self.lost)
+        if peer not in self.lost:
+            self.lost[peer] = now
+            self.node.record("peer_lost", counterparty=peer, reason=clip(reason))
+            self.node.record("rejoin_wait", counterparty=peer, reason=f"waiting up to {grace:g} s for '{peer}' to restart")
+            self.node.metrics.on_rejoin_wait(peer, True, time.time())
+            self.node.progress({"event": "waiting", "for": peer, "since": time.time(), "grace_s": grace})
+        return True
 
     def on_peer_restarted(self, peer: str) -> None:
-        """Not accepted in a sync run (the gate refuses a second HELLO)."""
+        """A counterparty's new process said HELLO: bring it its CKKS context; the coordinator
+        rolls everyone back to the newest checkpoint all hold (`Rollback`); a follower whose
+        coordinator restarted drops its step and waits for the new start barrier.
+
+        Raises:
+            Rollback: at the coordinator, once every lost peer is back.
+        """
+        self.lost.pop(peer, None)
+        self.node.metrics.on_rejoin_wait(peer, False)
+        self.node.progress({"event": "rejoined", "peer": peer})
+        for rnd in self.contexts:
+            if rnd.plan.key_holder == peer:
+                rnd.expect_replacement()  # a new process brings a new key
+            elif rnd.context is not None:
+                self.node.apply(rnd.resend(peer))
+        self.restarted.add(peer)
+        if self.ctx.is_coordinator:
+            if self.training and not self.lost:
+                raise Rollback(f"'{peer}' restarted; every peer goes back to the newest checkpoint all hold")
+        elif peer == self.ctx.deployment.spec.coordinator:
+            self._drop_run_state()
 
     def on_remote_error(self, msg: Message) -> bool:
         """A counterparty's error stops the run."""
@@ -297,7 +362,10 @@ class SyncSchedule:
     def _on_context(self, msg: Message) -> bool:
         for rnd in self.contexts:
             if rnd.concerns(msg):
+                replacing = rnd.awaiting
                 self.node.apply(rnd.on_message(msg))
+                if replacing and self.steps is not None:
+                    self._new_steps()  # the restarted key holder's new key from now on
                 return True
         if self.ctx.topology.he_segments and str(msg.meta.get("segment", "")) in self.ctx.topology.he_segments \
                 and not self.contexts:
@@ -317,6 +385,7 @@ class SyncSchedule:
                 return True
             return False
         self.epoch = _meta_int(msg, "epoch", self.epoch)
+        self.last_step_seen = max(self.last_step_seen, step)
         self._begin(step, phase, ids_from_wire(msg.tensors[0]))
         return True
 
@@ -365,14 +434,34 @@ class SyncSchedule:
             raise ConfigError(ConfigProblem(str(self.ctx.cfg.path), "data", "the coordinator needs a data file with the sample ids"))
         ids = self.data.ids.numpy() if hasattr(self.data.ids, "numpy") else np.asarray(self.data.ids)
         train_ids, test_ids = split_train_test(ids, training.test_fraction, training.seed)
-        resume_epoch = self._resume_epoch()
-        self._barrier(resume_epoch, "start")
-        step = 0
-        n_epochs = training.epochs
+        start = self._resume_epoch()
+        # Steps are unique across epochs, resumes and rollbacks: above every step any peer saw.
+        step = max([self.last_step_seen, *(self._their_last_step(p) for p in self.node.counterparties)])
         timing: list[dict[str, float]] = []  # wall seconds per epoch, for benchmarks (bench/split_vs_local.py)
-        for epoch in range(resume_epoch + 1, n_epochs):
+        while True:
+            try:
+                self._barrier(start, "start")
+                self.training = True
+                step = self._epochs(start + 1, train_ids, test_ids, step, timing)
+                break
+            except Rollback as rb:
+                start = self._rollback_epoch()
+                step = max(step, self.last_step_seen)
+                self.node.record("rollback", epoch=start, reason=clip(str(rb), 1000))
+                self.node.progress({"event": "rollback", "epoch": start, "reason": str(rb)})
+        shown = self.history[-1]["values"] if self.history else {}
+        self.node.result.metrics = {"history": self.history, "final": dict(shown), "own": self.final_metrics(),
+                                    "timing": timing}
+        self.node.broadcast_shutdown("ok", "training finished")
+
+    def _epochs(self, first_epoch: int, train_ids: np.ndarray, test_ids: np.ndarray, step: int,
+                timing: list[dict[str, float]]) -> int:
+        """Run the epochs from `first_epoch` to the end; returns the last step number used."""
+        training = self.ctx.deployment.spec.training
+        n_epochs = training.epochs
+        for epoch in range(first_epoch, n_epochs):
             batches = epoch_batches(train_ids, training.batch_size, training.seed, epoch, training.max_steps_per_epoch)
-            step = max(step, epoch * 1_000_000)  # steps are unique across epochs and resumes
+            step = max(step, epoch * 1_000_000)
             plan = [("train", b) for b in batches] + [("eval", b) for b in eval_batches(test_ids, training.batch_size)]
             first = step + 1
             marks = [time.perf_counter()]  # epoch start, train end, eval end, barrier end
@@ -380,6 +469,7 @@ class SyncSchedule:
                 if i == len(batches):
                     marks.append(time.perf_counter())
                 step += 1
+                self.last_step_seen = max(self.last_step_seen, step + 1)
                 nxt = (step + 1, *plan[i + 1]) if i + 1 < len(plan) else None
                 self._run_step(step, phase, batch, epoch, announced=step > first, then=nxt)
                 if phase != "train":
@@ -390,16 +480,30 @@ class SyncSchedule:
                                     "steps": len(batches), "loss": m.mean_loss if m is not None else None})
             marks += [time.perf_counter()] * (3 - len(marks))
             values = self._barrier(epoch, "epoch_end")
+            self.completed_epoch = epoch
             marks.append(time.perf_counter())
             timing.append({"epoch": epoch, "train_steps": len(batches), "eval_steps": len(plan) - len(batches),
                            **{k: b - a for k, a, b in zip(("train_s", "eval_s", "barrier_s"), marks, marks[1:], strict=False)}})
             self.history.append({"epoch": epoch, "values": values})
             self.epochs_done = self.node.result.epochs_done = epoch + 1
             self.node.progress({"event": "epoch", "epoch": epoch, "epochs": n_epochs, "values": values})
-        shown = self.history[-1]["values"] if self.history else {}
-        self.node.result.metrics = {"history": self.history, "final": dict(shown), "own": self.final_metrics(),
-                                    "timing": timing}
-        self.node.broadcast_shutdown("ok", "training finished")
+        return step
+
+    def _their_last_step(self, peer: str) -> int:
+        value = self.node.hello_meta_of(peer).get("last_step")
+        return value if isinstance(value, int) else 0
+
+    def _rollback_epoch(self) -> int:
+        """After a rejoin: the newest epoch every peer holds a checkpoint of (-1: start over).
+
+        The survivors hold every epoch whose barrier completed (they saved it before they
+        acknowledged); a restarted peer says in its new HELLO which checkpoints it holds."""
+        common = set(range(self.completed_epoch + 1))
+        for p in self.restarted:
+            theirs = self.node.hello_meta_of(p).get("checkpoints")
+            common &= {int(x) for x in theirs if isinstance(x, int)} if isinstance(theirs, list) else set()
+        self.restarted.clear()
+        return max(common) if common else -1
 
     def _resume_epoch(self) -> int:
         """The newest checkpoint every peer has (-1: none, or not resuming)."""
@@ -419,7 +523,7 @@ class SyncSchedule:
         meta = self.node.announce_run() if reason == "start" else {}
         barrier = self.barrier = BarrierRound(epoch, reason, self.node.counterparties, meta=meta)
         self.node.apply(barrier.open())
-        train, evaluation = self._barrier_local(epoch, reason)
+        train, evaluation = self._barrier_local(epoch, reason, rollback=reason == "start" and self.training)
         self.node.wait(lambda: barrier.done(), lambda: f"waiting for every peer at the {reason} barrier of epoch {epoch}",
                        barrier.missing)
         self.barrier = None
@@ -430,11 +534,16 @@ class SyncSchedule:
 
     # -- both roles ---------------------------------------------------------------------------
 
-    def _barrier_local(self, epoch: int, reason: str) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
+    def _barrier_local(self, epoch: int, reason: str, *, rollback: bool = False
+                       ) -> tuple[dict[str, TaskMetrics], dict[str, TaskMetrics]]:
         """What every peer does at a barrier: checkpoint, sign, exchange heads; returns its own
         metric sums of the epoch (train, eval) and starts the next epoch's."""
         ckpt = self.checkpoint_dir
         if reason == "start":
+            if rollback:  # fresh state (and the CKKS contexts as they are now)
+                self.executor = self._new_executor()
+                self._new_steps()
+                self.train_steps, self.eval_steps = [], []
             if epoch >= 0:
                 load_checkpoint(ckpt, epoch, self.executor, preprocessing=self.preprocessing)
                 self.node.record("checkpoint_resumed", epoch=epoch, digest=checkpoint_digest(ckpt, epoch))
@@ -453,12 +562,24 @@ class SyncSchedule:
         self.statement = self.node.state_metrics(epoch, own)
         return train, evaluation
 
+    def _drop_run_state(self) -> None:
+        """Forget the open step, the queued messages and the epoch's sums (a rollback follows)."""
+        if self.steps is not None:
+            self.steps.abort()
+        self.node.take_later()
+        self.train_steps, self.eval_steps = [], []
+
     def _on_barrier(self, msg: Message) -> None:
         epoch = _meta_int(msg, "epoch", -1)
         reason = str(msg.meta.get("reason", "epoch_end"))
+        rollback = reason == "start" and self.training
         if reason == "start":
             self.node.bind_announced_run(msg)
-        train, evaluation = self._barrier_local(epoch, reason)
+            self.training = True
+            if rollback:
+                self.node.record("rollback", epoch=epoch, reason="the coordinator rolled the run back to this checkpoint")
+                self.node.progress({"event": "rollback", "epoch": epoch})
+        train, evaluation = self._barrier_local(epoch, reason, rollback=rollback)
         if reason == "epoch_end":
             values = epoch_values(train, evaluation)
             self.history.append({"epoch": epoch, "values": values})
