@@ -89,7 +89,11 @@ def keys_show(path: Annotated[Path, typer.Argument(help="a NAME.pub or NAME.key 
 @peer_app.command("run")
 def peer_run(
     config: Annotated[Path, typer.Argument(help="this organisation's peers/NAME.yaml")],
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint all peers share")] = False,
+    resume: Annotated[bool | None, typer.Option(
+        "--resume/--fresh",
+        help="--resume: continue from the newest checkpoint all peers share, and rejoin a running deployment "
+             "(the default when this peer holds a checkpoint); --fresh: start over (earlier checkpoints are "
+             "moved aside into a superseded-TIME folder)")] = None,
     threads: Annotated[str, typer.Option(help="torch threads: a number, or 'auto' (cores / local peers)")] = "",
     result: Annotated[Path | None, typer.Option(help="write this peer's result as JSON here")] = None,
     progress: Annotated[str, typer.Option(help="progress output: 'auto' (rich on a terminal, else jsonl), 'rich', "
@@ -104,8 +108,14 @@ def peer_run(
     endpoints = [p.endpoint for p in dep.spec.peers.values()]
     apply_thread_policy(choose_threads(threads or cfg.spec.threads, endpoints))
 
-    from secure_split.peer.launch import training_node
+    from secure_split.peer.launch import set_aside_checkpoints, training_node
 
+    held = sorted(cfg.checkpoints_dir.glob("epoch-*.json")) if cfg.checkpoints_dir.is_dir() else []
+    if resume is None:
+        resume = bool(held)
+    elif not resume and held:
+        moved = set_aside_checkpoints(cfg.checkpoints_dir)
+        err_console.print(f"--fresh: moved this peer's earlier checkpoints aside to {moved}", markup=False)
     res = training_node(config, resume=resume, progress=_progress_printer(progress)).run()
     if result is not None:
         result.parent.mkdir(parents=True, exist_ok=True)

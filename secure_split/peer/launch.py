@@ -14,7 +14,7 @@ from secure_split.peer.schedules.predict import PredictSchedule
 from secure_split.peer.schedules.serve import ServeSchedule
 from secure_split.peer.schedules.sync import SyncSchedule
 
-__all__ = ["predict_node", "serve_node", "training_node"]
+__all__ = ["predict_node", "serve_node", "set_aside_checkpoints", "training_node"]
 
 
 def training_node(config_path: str | Path, *, resume: bool = False, progress: ProgressFn | None = None) -> PeerNode:
@@ -68,3 +68,21 @@ def _inference_context(config_path: str | Path) -> PeerContext:
     if why := ctx.resume_problem():
         raise ConfigError(ConfigProblem(str(ctx.deployment.path), "-", why))
     return ctx
+
+
+def set_aside_checkpoints(directory: Path) -> Path:
+    """`peer run --fresh`: move a peer's earlier checkpoints (and its kept PSI result) into
+    `superseded-TIME/` in the same folder, so that neither a resume nor a rollback of the new run
+    can pick them up. Nothing is deleted.
+
+    Returns:
+        The folder they went to.
+    """
+    import time
+
+    target = directory / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+    target.mkdir(parents=True, exist_ok=True)
+    for f in directory.iterdir():
+        if f.is_file() and (f.name.startswith("epoch-") or f.name.startswith("aligned-ids")):
+            f.rename(target / f.name)
+    return target

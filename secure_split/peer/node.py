@@ -564,6 +564,14 @@ class PeerNode:
                     raise PeerTimeout(peer, now - since, "the connection dropped (stalled or stopped peer)")
 
     def _timed_out(self, names: list[str], what: str, limit: float) -> None:
+        down = [n for n in names if n in self._lost_since or n not in self.transport.connected_peers()]
+        for n in down:  # silent because gone: its connection is down
+            self._lost_since.pop(n, None)
+            if not self.schedule.on_peer_lost(n, "connection lost (no answer, no connection)", timed_out=False):
+                self.audit.record("peer_lost", counterparty=n, reason="connection lost")
+                raise PeerTimeout(n, limit, what)
+        if down:
+            return
         reason = f"no answer within {limit:.0f} s while {what}"
         if names and all(self.schedule.on_peer_lost(n, reason, timed_out=True) for n in names):
             return
@@ -702,9 +710,9 @@ class PeerNode:
             head = SignedHead.from_meta(dict(msg.meta))
             if head.peer != sender:
                 raise RemoteProtocolError(f"'{sender}' sent an audit receipt for '{head.peer}'")
-            if head.run and not self.audit.run_id and len(self._early_receipts) < 4 * len(self.counterparties):
-                # A counterparty that got the start barrier before us: its head binds the run we
-                # have not been told yet. Kept (bounded) until we are.
+            if head.run and head.run != self.audit.run_id and len(self._early_receipts) < 4 * len(self.counterparties):
+                # A counterparty that got the start barrier before us: its head binds a run we have
+                # not been told of yet. Kept (bounded) until we are; never recorded otherwise.
                 self._early_receipts.append(msg)
                 return
             self.audit.record_counterparty_head(head, self.ctx.deployment.spec.peers[sender].sign_key)

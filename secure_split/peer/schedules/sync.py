@@ -37,7 +37,7 @@ from secure_split.engine.metrics import (
 )
 from secure_split.engine.schedule import epoch_batches, eval_batches, split_train_test
 from secure_split.errors import ConfigError, ConfigProblem, PeerTimeout, RemoteProtocolError, TrainingError
-from secure_split.peer.checkpoints import checkpoint_digest
+from secure_split.peer.checkpoints import checkpoint_digest, load_alignment, save_alignment
 from secure_split.peer.context import PeerContext, clip
 from secure_split.peer.effects import Record
 from secure_split.peer.rounds.barrier import BarrierRound
@@ -184,8 +184,10 @@ class SyncSchedule:
                 raise RemoteProtocolError(f"'{msg.binding.sender}' acknowledged a barrier that is not open")
             self.node.record_reported_metrics(msg)
             return True
-        if self.steps is None or any(r.awaiting for r in self.contexts):
-            return False  # set-up is not finished here yet, or a restarted key holder's new context
+        if self.steps is None:
+            return False  # set-up is not finished here yet
+        if (kind == Kind.STEP_BEGIN or kind in STEP_TENSOR_KINDS) and any(r.awaiting for r in self.contexts):
+            return False  # a restarted key holder's new context comes first
         if kind == Kind.STEP_BEGIN:
             return self._on_step_begin(msg)
         if kind in STEP_TENSOR_KINDS:
@@ -335,17 +337,26 @@ class SyncSchedule:
         if site is None:
             raise ConfigError(ConfigProblem(str(self.ctx.cfg.path), "data", "vertical training needs this peer's data file (ids) for PSI"))
         spec = self.ctx.deployment.spec
-        self.psi = PsiRound(self.me, parties, [int(x) for x in site.ids.tolist()],
-                            deployment_hash=self.ctx.deployment.hash, max_points=spec.limits.max_psi_points)
-        self.node.apply(self.psi.start())
-        others = [p for p in parties if p != self.me]
-        self._wait_setup(lambda: self.psi is not None and self.psi.result is not None,
-                         "aligning sample ids by PSI", others)
-        result = self.psi.result
-        assert result is not None
-        if result.ids.shape[0] < 2:
-            raise TrainingError(f"PSI: the parties share only {result.ids.shape[0]} sample id(s); nothing to train on")
-        self.data, self.preprocessing = self.ctx.training_data(result.ids)
+        kept = load_alignment(self.checkpoint_dir, self.ctx.deployment.hash, list(parties)) if self.resume else None
+        if kept is not None:
+            # A restarted process of a running deployment: the others aligned with it already.
+            self.node.record("ids_aligned", parties=list(parties), own_size=len(site.ids),
+                             intersection_size=int(kept.shape[0]))
+            ids = kept
+        else:
+            self.psi = PsiRound(self.me, parties, [int(x) for x in site.ids.tolist()],
+                                deployment_hash=self.ctx.deployment.hash, max_points=spec.limits.max_psi_points)
+            self.node.apply(self.psi.start())
+            others = [p for p in parties if p != self.me]
+            self._wait_setup(lambda: self.psi is not None and self.psi.result is not None,
+                             "aligning sample ids by PSI", others)
+            result = self.psi.result
+            assert result is not None
+            ids = result.ids
+            save_alignment(self.checkpoint_dir, self.ctx.deployment.hash, list(parties), ids)
+        if ids.shape[0] < 2:
+            raise TrainingError(f"PSI: the parties share only {ids.shape[0]} sample id(s); nothing to train on")
+        self.data, self.preprocessing = self.ctx.training_data(ids)
         self.executor = self._new_executor()
 
     def _wait_setup(self, ready: Any, what: str, from_peers: list[str]) -> None:
