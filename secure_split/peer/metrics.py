@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-PEER_STATES = ("starting", "handshake", "setup", "training", "waiting", "closing", "finished", "failed")
+PEER_STATES = ("starting", "handshake", "setup", "training", "serving", "waiting", "closing", "finished", "failed")
 """The states a peer reports (`secure_split_peer_state`), in the order a run goes through them."""
 
 Direction = Literal["sent", "received"]
