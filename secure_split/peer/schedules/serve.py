@@ -69,6 +69,7 @@ class _Open:
     request: InferenceRequest
     started: bool = False
     acked: bool = False
+    closing: bool = False  # the requester's closing head arrived; waiting for the other servers'
     last_activity: float = field(default_factory=time.monotonic)
 
 
@@ -233,21 +234,28 @@ class ServeSchedule:
         return True
 
     def on_receipt(self, sender: str, key: int) -> None:
-        """The requester's closing signed head: answer it, send ours to the other servers of the
-        request too; one request done."""
+        """The requester's closing signed head: answer it and send ours to the other servers of
+        the request too. The request is done once every party this server exchanged messages
+        with in it sent its head (so none of them stops before ours arrived)."""
         number = request_number(key)
         entry = self.open.get(number)
-        if entry is None or sender != entry.request.requester or key != entry.request.base:
-            return  # another server's closing head: recorded by the node
+        if entry is None or key != entry.request.base:
+            return  # a head of a request closed here already: recorded by the node
         req = entry.request
+        if sender == req.requester and not entry.closing:
+            entry.closing = True
+            entry.last_activity = time.monotonic()
+            own = self.node.signed_head(f"prediction request {number} of {sender} done: {req.batches_done} batches")
+            for peer in req.routes.links(self.me):
+                if self.node.established(peer):
+                    self.node.send(peer, Kind.AUDIT_RECEIPT, step=key, meta=own.to_meta())
+        if not entry.closing or not set(req.routes.links(self.me)) <= self.node.receipts.get(key, set()):
+            return
         del self.open[number]
         self.closed.append(number)
-        own = self.node.signed_head(f"prediction request {number} of {sender} done: {req.batches_done} batches")
-        for peer in req.routes.links(self.me):
-            if self.node.established(peer):
-                self.node.send(peer, Kind.AUDIT_RECEIPT, step=key, meta=own.to_meta())
+        self.node.receipts.pop(key, None)
         self.requests_done += 1
-        self.node.progress({"event": "request", "owner": sender, "requests": self.requests_done,
+        self.node.progress({"event": "request", "owner": req.requester, "requests": self.requests_done,
                             "batches": self.batches_served})
 
     def reachable(self, peer: str) -> bool:
