@@ -42,12 +42,20 @@ from typing import TYPE_CHECKING, Any
 from secure_split.engine.checkpoint import checkpoint_preprocessing
 from secure_split.engine.data import PeerData, fit_preprocessing
 from secure_split.engine.executor import PeerExecutor
-from secure_split.errors import ConfigError, ConfigProblem, ExitCode, PolicyDenied, RemoteProtocolError
+from secure_split.errors import (
+    ConfigError,
+    ConfigProblem,
+    ExitCode,
+    PolicyDenied,
+    RemoteProtocolError,
+    SecureSplitError,
+)
 from secure_split.inference_routes import RequestRoutes, requesters
 from secure_split.peer.checkpoints import checkpoint_digest, chosen_epoch, load_trained
 from secure_split.peer.context import PeerContext, clip
 from secure_split.peer.effects import Effect
 from secure_split.peer.requests import MAX_BATCHES, REQUEST_KINDS, InferenceRequest, request_number
+from secure_split.peer.steps import STEP_TENSOR_KINDS
 from secure_split.policy import he_key_holder
 from secure_split.protocol import Kind, Message
 
@@ -101,20 +109,19 @@ class ServeSchedule:
         self.me = ctx.me
         dep = ctx.deployment
         key_holders = {s: he_key_holder(dep, s, ctx.policy) for s in ctx.topology.he_segments}
-        self.routes: dict[str, RequestRoutes] = {
-            r: routes for r, routes in requesters(dep, key_holders).items() if self.me in routes.servers}
+        every = requesters(dep, key_holders)
+        self.routes: dict[str, RequestRoutes] = {r: routes for r, routes in every.items() if self.me in routes.servers}
         if not self.routes:
             raise ConfigError(ConfigProblem(str(dep.path), "segments", (
                 f"peer '{self.me}' takes part in no party's prediction request, so it has nothing to serve "
                 "(see `secure-split predict --help` for who asks and who serves)")))
-        links: set[str] = set()
         co_servers: set[str] = set()
         for routes in self.routes.values():
-            mine = set(routes.links(self.me))
-            links |= mine
-            co_servers |= mine & set(routes.servers)
+            co_servers |= set(routes.links(self.me)) & set(routes.servers)
         self.clients = sorted(self.routes)
-        self.counterparties = sorted(links)
+        # Whoever may connect to this endpoint while it serves: every party of a request this peer
+        # takes part in (a server of another party's request connects to all its links at start).
+        self.counterparties = sorted({p for r in every.values() if self.me in r.peers for p in r.peers} - {self.me})
         self.co_servers = sorted(co_servers)
         self.epoch = chosen_epoch(ctx, epoch)
         reads_rows = any(self.me in r.row_holders for r in self.routes.values())
@@ -182,10 +189,11 @@ class ServeSchedule:
         number = request_number(msg.binding.step)
         entry = self.open.get(number)
         if entry is None:
-            if number in self.closed or number == 0:
+            if number in self.closed or number == 0 or kind in REQUEST_KINDS:
+                # Batches begin only after every server acknowledged the request's barrier.
                 raise RemoteProtocolError(f"'{msg.binding.sender}' sent {kind.value} for request {number}, which is "
                                           f"not open at '{self.me}'", code="not_served")
-            return False  # a request whose barrier has not reached us yet
+            return False  # another server's set-up, ahead of the requester's barrier to us
         if not entry.started or (kind in REQUEST_KINDS and not entry.request.ready):
             return False
         entry.last_activity = time.monotonic()
@@ -202,11 +210,17 @@ class ServeSchedule:
         except PolicyDenied as exc:  # one of our own sends: audited by the gate
             self._drop(number, f"the policy refused what '{self.me}' would send: {exc}", code="policy_denied")
             return True
-        except RemoteProtocolError as exc:
-            # The sender is told by the node; the request cannot complete without that message.
-            self._drop(number, f"'{msg.binding.sender}' sent {kind.value} that was refused: {exc}",
-                       tell=msg.binding.sender != req.requester)
-            raise
+        except SecureSplitError as exc:
+            # Refused (the node audits it and tells the sender); nothing changed here. Without
+            # another server's message the request cannot complete: its requester learns why now.
+            sender = msg.binding.sender
+            if sender != req.requester:
+                self._drop(number, f"'{sender}' sent {kind.value} that was refused: {exc}")
+            code = exc.code if isinstance(exc, RemoteProtocolError) else "protocol"
+            if code == "protocol" and kind in STEP_TENSOR_KINDS:
+                code = "bad_tensor"
+            raise RemoteProtocolError(f"'{self.me}' could not serve step {msg.binding.step} of request {number}: "
+                                      f"{exc}", code=code) from None
         self._advance()
         return True
 
