@@ -117,6 +117,7 @@ def _run_request(tmp_path: Path, scenario: str, seed: int) -> tuple[dict[str, _P
     lab = parties["lab"].req
     aligned = lab.aligned
     assert aligned is not None
+    assert {999_001, 999_002} <= set(asked.tolist()) and not {999_001, 999_002} & set(aligned.tolist())
     batches = np.array_split(aligned, 4)
     for k, ids in enumerate(batches, 1):  # every step_begin first: the hospitals run ahead of the lab
         for h in ("hospital_a", "hospital_b"):
