@@ -187,3 +187,30 @@ def test_a_chain_serves_as_real_processes(trained_topologies: dict[str, Deploy],
     predictions = [e for e in events(d.audit("owner"), "message_received") if e["data"]["kind"] == "prediction"]
     assert predictions and {e["data"]["edge"] for e in predictions} == {""}
     _audit_clean(d)
+
+
+def test_a_server_takes_part_in_two_requests_at_once(trained_topologies: dict[str, Deploy], tmp_path: Path) -> None:
+    """Both owners of a sequential deployment ask at the same time: the shared top serves the two
+    requests interleaved (their messages told apart by their steps), one step at a time."""
+    d = _copy(trained_topologies["sequential"], tmp_path / "d")
+    server = serve_node(d.peer_configs[d.coordinator], max_requests=2)
+    served: list[Any] = []
+    serving = threading.Thread(target=lambda: served.append(server.run()), daemon=True)
+    serving.start()
+    clients = {o: predict_node(d.peer_configs[o], d.workdir / "data" / f"{o}.safetensors") for o in ("owner_1", "owner_2")}
+    results: dict[str, Any] = {}
+    asking = [threading.Thread(target=lambda o=o: results.__setitem__(o, clients[o][0].run()), daemon=True)
+              for o in clients]
+    for t in asking:
+        t.start()
+    for t in [*asking, serving]:
+        t.join(120)
+    assert {o: r.status for o, r in results.items()} == {"owner_1": "ok", "owner_2": "ok"}, results
+    assert [r.status for r in served] == ["ok"] and server.schedule.requests_done == 2  # type: ignore[attr-defined]
+    for owner, (_, client) in clients.items():
+        routes = _routes(d, owner)
+        assert np.array_equal(client.predictions()["top"], _reference(d, routes, client.predicted_ids())["top"])
+    steps = [e["data"]["step"] >> 20 for e in events(_served(d, d.coordinator), "message_received")
+             if e["data"]["kind"] == "activation"]
+    assert len(set(steps)) == 2  # two request numbers
+    _audit_clean(d)

@@ -314,10 +314,16 @@ class ServeSchedule:
             self.why_stopped = f"served {self.requests_done} request(s)"
             return True
         now = time.monotonic()
-        limit = self.ctx.deployment.spec.limits.peer_timeout_s
+        limits = self.ctx.deployment.spec.limits
         for number, entry in list(self.open.items()):
-            if now - entry.last_activity > limit:
-                self._drop(number, f"no message of request {number} within {limit:.0f} s", code="timeout")
+            links = entry.request.routes.links(self.me)
+            down = [p for p in links if not self.node.established(p)]
+            if not entry.started and down and now - entry.last_activity > limits.handshake_timeout_s:
+                self._drop(number, f"no session with {', '.join(down)} within {limits.handshake_timeout_s:.0f} s: "
+                           f"`secure-split serve` must run there too", code="timeout")
+            elif now - entry.last_activity > limits.peer_timeout_s:
+                self._drop(number, f"no message of request {number} within {limits.peer_timeout_s:.0f} s",
+                           code="timeout")
         if self.idle_exit_s is not None and not self.open and now - self.last_message > self.idle_exit_s:
             self.why_stopped = f"no request for {self.idle_exit_s:g} s"
             return True
