@@ -214,3 +214,48 @@ def test_a_server_takes_part_in_two_requests_at_once(trained_topologies: dict[st
              if e["data"]["kind"] == "activation"]
     assert len(set(steps)) == 2  # two request numbers
     _audit_clean(d)
+
+
+def test_a_failed_request_is_dropped_and_the_servers_serve_the_next(trained_topologies: dict[str, Deploy],
+                                                                     tmp_path: Path) -> None:
+    """hospital_b's server breaks down at the first batch: the lab's request fails with its reason,
+    hospital_a drops the request (audited) and keeps serving; a restarted hospital_b and a new
+    request of the lab then succeed against the same hospital_a process."""
+    from secure_split.errors import TrainingError
+    from secure_split.protocol import Kind
+
+    d = _copy(trained_topologies["vertical"], tmp_path / "d")
+    a = serve_node(d.peer_configs["hospital_a"], max_requests=1)
+    results: dict[str, Any] = {}
+    threads = {"hospital_a": threading.Thread(target=lambda: results.__setitem__("hospital_a", a.run()), daemon=True)}
+    broken = serve_node(d.peer_configs["hospital_b"])
+    take = broken.schedule.on_message
+
+    def break_down(msg: Any) -> bool:
+        if msg.kind == Kind.STEP_BEGIN:
+            raise TrainingError("hospital_b's disk failed")
+        return take(msg)
+
+    broken.schedule.on_message = break_down  # type: ignore[method-assign]
+    threads["broken"] = threading.Thread(target=lambda: results.__setitem__("broken", broken.run()), daemon=True)
+    for t in threads.values():
+        t.start()
+    first, _ = predict_node(d.peer_configs["lab"], d.workdir / "data" / "lab.safetensors")
+    failed = first.run()
+    threads["broken"].join(60)
+    assert failed.status == "failed" and "hospital_b's disk failed" in str(failed.error), failed.error
+    assert results["broken"].status == "failed"
+
+    again = serve_node(d.peer_configs["hospital_b"], max_requests=1)
+    threads["hospital_b"] = threading.Thread(target=lambda: results.__setitem__("hospital_b", again.run()), daemon=True)
+    threads["hospital_b"].start()
+    second, client = predict_node(d.peer_configs["lab"], d.workdir / "data" / "lab.safetensors")
+    assert second.run().status == "ok"
+    for name in ("hospital_a", "hospital_b"):
+        threads[name].join(60)
+        assert results[name].status == "ok", results[name].error
+    dropped = [e for e in events(d.audit("hospital_a"), "error") if e["data"]["error"] == "RequestDropped"]
+    assert len(dropped) == 1 and "lab" in dropped[0]["data"]["reason"]
+    routes = _routes(d, "lab")
+    assert np.array_equal(client.predictions()["top"][client.done_rows],
+                          _reference(d, routes, client.predicted_ids())["top"])
