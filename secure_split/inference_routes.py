@@ -159,7 +159,8 @@ class RequestRoutes:
         return tuple(sorted(got))
 
 
-def request_routes(deployment: Deployment, requester: str, key_holders: Mapping[str, str | None]) -> RequestRoutes:
+def request_routes(deployment: Deployment, requester: str, key_holders: Mapping[str, str | None], *,
+                   topology: Topology | None = None) -> RequestRoutes:
     """The routes of `requester`'s prediction request (see the module docstring).
 
     Args:
@@ -167,13 +168,14 @@ def request_routes(deployment: Deployment, requester: str, key_holders: Mapping[
         requester: the party that asks.
         key_holders: HE merge segment -> the peer that holds its CKKS secret key (from the
             policy: `policy.he_key_holder`).
+        topology: the deployment's topology, where the caller has it already.
 
     Raises:
         ConfigError: `requester` cannot ask (it holds no input and no output, or a horizontal
             deployment's non-owner), or a party of the request would hold a segment the request
             does not reach; every reason listed.
     """
-    topo = Topology.from_deployment(deployment)
+    topo = topology or Topology.from_deployment(deployment)
     where = str(deployment.path)
     spec = deployment.spec
     if requester not in spec.peers:
@@ -231,9 +233,10 @@ def request_routes(deployment: Deployment, requester: str, key_holders: Mapping[
 def requesters(deployment: Deployment, key_holders: Mapping[str, str | None]) -> dict[str, RequestRoutes]:
     """Every party that can ask for predictions, with its request's routes, by name."""
     out = {}
+    topo = Topology.from_deployment(deployment)
     for peer in sorted(deployment.spec.peers):
         try:
-            out[peer] = request_routes(deployment, peer, key_holders)
+            out[peer] = request_routes(deployment, peer, key_holders, topology=topo)
         except ConfigError:
             continue
     return out
