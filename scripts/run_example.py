@@ -12,8 +12,11 @@ coordinates. `policies/hospitals_lab.yaml` is the policy all three signed and
 Steps: the example keys are made private (git keeps no file modes); the policy is checked
 against the deployment; each organisation's data is checked against the deployment
 (`secure-split data check`); one `secure-split peer run` process per file in `peers/` trains;
-the audit logs are verified (`secure-split audit verify`); then predictions for the patients the
-lab has no diagnosis for yet. Exits 0 only if every step worked. Everything a run writes goes to
+the audit logs are verified (`secure-split audit verify`); then the lab asks for the diagnosis
+of the 20 patients it has none for (`secure-split predict`; each hospital runs `secure-split
+serve` with its own columns) and the audit logs, the request included, are verified again.
+Exits 0 only if every step worked (and at least 75 % of those predictions match the diagnoses
+scikit-learn's data set records). Everything a run writes goes to
 `example-work/` (git-ignored), cleared first.
 """
 
@@ -35,18 +38,30 @@ WORK = Path("example-work")
 HOSPITAL_A_COLUMNS = 15
 """hospital_a holds the first 15 of the 30 measurements, hospital_b the other 15."""
 SEED = 2024
+MIN_AGREEMENT = 0.75
+"""The share of the 20 held-back patients whose predicted diagnosis must match the recorded one."""
 
 
 def example_data() -> dict[str, str]:
-    """The three CSV files, as text: scikit-learn's bundled breast-cancer set split by columns.
+    """The example's CSV files, as text: scikit-learn's bundled breast-cancer set split by columns.
 
     Patient ids are 10001..10569. hospital_a misses 12 patients and has 6 blank cells in
     `mean_smoothness` (imputed by its peer config); hospital_b misses 12 other patients, lists its
     rows in another order, and adds `clinic`, a categorical column (synthetic: which of its three
     clinics saw the patient; one-hot encoded by its peer config); the lab has no diagnosis yet
     for 20 patients both hospitals hold (0 malignant, 1 benign, as scikit-learn codes them):
-    those are the rows the example predicts.
+    those are the rows the example predicts, listed in `lab_to_predict.csv` (`patient_id`).
     """
+    return _example()[0]
+
+
+def held_back_diagnoses() -> dict[int, int]:
+    """The diagnoses scikit-learn's data set records for the patients of `lab_to_predict.csv`
+    (the example compares its predictions with them; no party of the example holds them)."""
+    return _example()[1]
+
+
+def _example() -> tuple[dict[str, str], dict[int, int]]:
     import numpy as np
     from sklearn.datasets import load_breast_cancer
 
@@ -79,12 +94,14 @@ def example_data() -> dict[str, str]:
             continue
         b_lines.append(f"{ids[i]}," + ",".join(cell(v) for v in x[i, HOSPITAL_A_COLUMNS:]) + f",{clinics[i]}")
     lab_lines = ["patient_id,diagnosis"] + [f"{ids[i]},{y[i]}" for i in range(n) if i not in undiagnosed]
-    return {name: "\n".join(lines) + "\n" for name, lines in
-            (("hospital_a", a_lines), ("hospital_b", b_lines), ("lab", lab_lines))}
+    ask_lines = ["patient_id"] + [f"{ids[i]}" for i in sorted(undiagnosed)]
+    texts = {name: "\n".join(lines) + "\n" for name, lines in
+             (("hospital_a", a_lines), ("hospital_b", b_lines), ("lab", lab_lines), ("lab_to_predict", ask_lines))}
+    return texts, {int(ids[i]): int(y[i]) for i in sorted(undiagnosed)}
 
 
 def write_data(root: Path) -> None:
-    """Write peers/data/NAME.csv for the three organisations."""
+    """Write peers/data/NAME.csv for the three organisations (and the lab's ids to predict)."""
     out = root / "peers" / "data"
     out.mkdir(parents=True, exist_ok=True)
     for name, text in example_data().items():
@@ -148,18 +165,60 @@ def train(root: Path, timeout_s: float) -> dict[str, dict[str, object]]:
     return results
 
 
-def predict_held_back(root: Path) -> None:
+def predict_held_back(root: Path, timeout_s: float = 120.0) -> float:
     """Predict the diagnosis of the 20 patients the lab holds no diagnosis for.
 
-    TODO(vertical inference, issue 16): the lab runs `secure-split predict` with those patient
-    ids and the hospitals run `secure-split serve` on their own rows (ids aligned by PSI for the
-    request; the policy's serving flows decide who may ask); then every party's audit log is
-    verified again. Vertical (concat) inference is being built on the new peer layer; until it
-    lands this step fails rather than pretend.
+    The lab asks (`secure-split predict peers/lab.yaml --input peers/data/lab_to_predict.csv`):
+    it names the patient ids; each hospital serves its own columns for them (`secure-split serve
+    --max-requests 1`), after a PSI of the ids; the lab's top computes the diagnosis, so no
+    prediction crosses the wire (the policy lets none: a hospital cannot ask). Then every
+    party's audit log is verified again, the request included.
+
+    Returns:
+        The share of predictions that match the diagnoses scikit-learn's data set records.
     """
-    del root
-    raise StepFailed("prediction step: vertical (concat) inference is not built yet (issue 16); "
-                     "run with --training-only to check everything up to here")
+    work = root / WORK
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONUNBUFFERED="1")
+    servers = {}
+    for name in ("hospital_a", "hospital_b"):
+        log = (work / "logs" / f"{name}-serve.log").open("wb")
+        cmd = [sys.executable, "-m", "secure_split", "serve", f"peers/{name}.yaml", "--max-requests", "1",
+               "--idle-exit", str(timeout_s), "--quiet", "--result", str(WORK / "results" / f"{name}-serve.json")]
+        servers[name] = (subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL), log)
+    try:
+        out = WORK / "predictions.csv"
+        proc = _cli(root, "predict", "peers/lab.yaml", "--input", "peers/data/lab_to_predict.csv", "--output", str(out),
+                    "--quiet", "--result", str(WORK / "results" / "lab-predict.json"), timeout=timeout_s)
+        _expect_ok(proc, "predict at the lab")
+        for name, (server, _) in servers.items():
+            try:
+                code = server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise StepFailed(f"`serve` at {name} still runs after the request; see {WORK}/logs/") from None
+            if code != 0:
+                tail = (work / "logs" / f"{name}-serve.log").read_text(errors="replace").strip().splitlines()[-5:]
+                raise StepFailed(f"`serve` at {name} exited {code}: {' | '.join(tail)}")
+    finally:
+        for server, log in servers.values():
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+            log.close()
+    import csv
+
+    with (root / out).open() as fh:
+        got = {int(r["id"]): int(r["prediction"]) for r in csv.DictReader(fh)}
+    truth = held_back_diagnoses()
+    if set(got) != set(truth):
+        raise StepFailed(f"predicted {len(got)} patients, expected the {len(truth)} of lab_to_predict.csv")
+    for pid in sorted(got):
+        print(f"  patient {pid}: {'benign' if got[pid] else 'malignant'}")
+    agree = sum(got[i] == truth[i] for i in truth) / len(truth)
+    print(f"{sum(got[i] == truth[i] for i in truth)}/{len(truth)} predictions match the diagnoses the data set records")
+    _expect_ok(_cli(root, "audit", "verify", str(WORK / "audit"), "--deployment", str(DEPLOYMENT)),
+               "audit verify after the prediction request")
+    return agree
 
 
 def run(root: Path, *, training_only: bool, timeout_s: float) -> int:
@@ -191,8 +250,11 @@ def run(root: Path, *, training_only: bool, timeout_s: float) -> int:
         if training_only:
             print("training-only: prediction step skipped")
             return 0
-        _step("6/6 predictions for the patients the lab has no diagnosis for")
-        predict_held_back(root)
+        _step("6/6 predictions for the patients the lab has no diagnosis for (lab asks, hospitals serve)")
+        agree = predict_held_back(root)
+        if agree < MIN_AGREEMENT:
+            raise StepFailed(f"only {agree:.0%} of the predictions match the recorded diagnoses "
+                             f"(at least {MIN_AGREEMENT:.0%} expected from a model of test accuracy about 0.95)")
     except StepFailed as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1

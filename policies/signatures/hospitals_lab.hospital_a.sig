@@ -2,8 +2,8 @@
  "format": "secure-split-policy-signature-v1",
  "peer": "hospital_a",
  "policy": "hospitals-lab",
- "policy_hash": "0453fc3d06ca6852e5b185922ab145ead1132951081c50551a55fcf0d4b00ba3",
- "policy_version": 1,
+ "policy_hash": "dc88bda861762c02b8ebc9b175c6840323231aa8cf0776499b013721500ebf2f",
+ "policy_version": 2,
  "sign_key": "dd1d21527a7a3225bd073634c3c02ce9e64d5b74f13fd79bf760aff8b292cb5a",
- "signature": "5196ebd211a484c8b3888f015f67f935804d1b79a8281edd4034edf10423240f8103eb07b6bfee1fb5ffe475ce93f3a82a6f414aa6bd413da0dd25147d75050a"
+ "signature": "6ba62bee8afef034ec6cd8411cc9fa225609ff1a12e89cb0b31715a6b462e9cc3897cae9e7586595d4e14b083e028b60346ceea8f3cd57c36b748fc46a70e907"
 }

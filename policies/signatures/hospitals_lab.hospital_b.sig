@@ -2,8 +2,8 @@
  "format": "secure-split-policy-signature-v1",
  "peer": "hospital_b",
  "policy": "hospitals-lab",
- "policy_hash": "0453fc3d06ca6852e5b185922ab145ead1132951081c50551a55fcf0d4b00ba3",
- "policy_version": 1,
+ "policy_hash": "dc88bda861762c02b8ebc9b175c6840323231aa8cf0776499b013721500ebf2f",
+ "policy_version": 2,
  "sign_key": "55624b6ec4f336c152625b01bca449cd380e2574038f3b711d54afcf53d7a980",
- "signature": "dd466415a51106b0c91e54e336fdee854b0df9f3d6911fbd182a9654848303a6cadc10b7bfa9d0cfedc45d03bd5a913b88fa8822a3ed8daf03b18b0f2d4a2409"
+ "signature": "2ec8282398f53c426447119c0c323f3e88f15334b84006d51631571573855ce0092775c4e7cd3abaf315ada410e347329282abaa1ffe28d74d5cbd52432ee70c"
 }

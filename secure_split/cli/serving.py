@@ -17,25 +17,32 @@ from secure_split.cli.output import console, err_console
 from secure_split.errors import ExitCode
 
 SERVE_HELP = (
-    "Serve split predictions from a trained peer to the data owners that ask (`secure-split predict`).\n\n"
-    "Every request passes this peer's policy gate and is written to its audit log, which continues the "
-    "training run's chain. Train-phase tensors, gradients and malformed input are refused, audited and "
-    "answered with an error; the server keeps serving. Stops on SIGTERM (exit 0), Ctrl-C (exit 130), "
-    "--max-requests or --idle-exit (exit 0)."
+    "Take part in split prediction requests with a trained peer: the party that wants the output asks "
+    "(`secure-split predict`), the others serve.\n\n"
+    "A server computes its segments for each request: with its own rows for the ids the requester names "
+    "(aligned by PSI: it never learns ids it does not hold), or on the tensors it receives (batch positions, "
+    "never ids); the holder of an output returns the predicted classes to the requester where the policy "
+    "allows kind 'prediction'. Every message passes this peer's policy gate and is written to its audit log, "
+    "which continues the training run's chain; a request ends with an exchange of signed audit heads. "
+    "Train-phase tensors, gradients and malformed input are refused, audited and answered with an error; the "
+    "server keeps serving. Stops on SIGTERM (exit 0), Ctrl-C (exit 130), --max-requests or --idle-exit (exit 0)."
 )
 PREDICT_HELP = (
-    "Predict the samples of a data file with the trained split network; the other peers run "
+    "Ask for split predictions of the ids in a data file; the other parties of the request run "
     "`secure-split serve`.\n\n"
-    "Only cut-layer activations leave this peer, through its policy gate (egress guards included) and "
-    "into its audit log. A vanilla label holder returns each batch's predicted classes: the policy must "
-    "allow kind 'prediction' to this owner, else exit 4 before anything is sent. U-shaped, the owner's "
-    "tail predicts and the server never sees a prediction. Labels in the file are only used here, to "
-    "report accuracy.\n\n"
+    "The file holds the ids, and this party's features where it owns an input segment (same format as its "
+    "training data; labels optional, only used here to report accuracy). Where other parties read rows for "
+    "the ids (a vertical deployment), the ids are aligned with theirs by PSI first: ids some party does not "
+    "hold are reported, not predicted. Only cut-layer activations leave this peer, through its policy gate "
+    "(egress guards included) and into its audit log; predictions come from this party's own output segment "
+    "or from the output's holder, which needs the policy to allow kind 'prediction' to this party: every "
+    "route of the request is checked before anything is sent (else exit 4).\n\n"
     "Exit codes: 2 bad configuration, 3 a server did not answer (named), 4 the policy refused a flow, "
     "5 a server broke the protocol."
 )
-_SERVED = ("Topologies served: vanilla, U-shaped, multi-task and horizontal owners (every segment a request "
-           "reaches is at the owner or fed by it directly); not multi-hop chains or vertical merges.")
+_SERVED = ("Who asks: in vanilla, U-shaped, multi-hop, multi-task and vertical deployments a party that reads "
+           "features or holds an output (a multi-task owner gets every head; a label holder its own); in "
+           "sequential and splitfed deployments each data owner, for its own rows.")
 
 
 def _set_threads(config: Path, threads: str) -> None:
@@ -84,8 +91,8 @@ def register(app: typer.Typer) -> None:
 
         server = serve_node(config, epoch=epoch, max_requests=max_requests, idle_exit_s=idle_exit, progress=show)
         if not quiet:
-            err_console.print(f"'{server.me}' serves the checkpoint of epoch {server.schedule.epoch} to "  # type: ignore[attr-defined]
-                              f"{', '.join(server.counterparties)}", markup=False)
+            err_console.print(f"'{server.me}' serves the checkpoint of epoch {server.schedule.epoch} in the "  # type: ignore[attr-defined]
+                              f"prediction requests of {', '.join(server.schedule.clients)}", markup=False)  # type: ignore[attr-defined]
         res = server.run()
         _write_result(result, res)
         _exit_for(res, "server")
@@ -93,8 +100,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("predict", help=PREDICT_HELP, epilog=_SERVED)
     def predict(
-        config: Annotated[Path, typer.Argument(help="the data owner's peers/OWNER.yaml")],
-        input: Annotated[Path, typer.Option("--input", help="data file (safetensors: ids, features; labels optional)")],
+        config: Annotated[Path, typer.Argument(help="the requesting party's peers/NAME.yaml")],
+        input: Annotated[Path, typer.Option("--input", help=(
+            "data file in this party's data format: the ids, and its features where it owns an input segment"))],
         output: Annotated[Path, typer.Option("--output", help="CSV `id,prediction`, or JSON when it ends in .json")],
         batch_size: Annotated[int | None, typer.Option(help="samples per batch (default: the training batch size)")] = None,
         epoch: Annotated[int | None, typer.Option(help="use this epoch's checkpoint (default: the newest)")] = None,
@@ -121,9 +129,15 @@ def register(app: typer.Typer) -> None:
             res = node.run()
         _write_result(result, res)
         _exit_for(res, "predict for")
-        path = write_predictions(output, client.inputs.ids.numpy(), client.predictions())
+        done = client.done_rows
+        path = write_predictions(output, client.predicted_ids(), {s: v[done] for s, v in client.predictions().items()})
         m = res.metrics
         console.print(f"{int(m['samples'])} predictions written to {path} (epoch {client.epoch}): "
                       f"{m['samples_per_s']:.0f} samples/s over {m['seconds']:.2f} s", markup=False)
+        missing = client.missing_ids
+        if len(missing):
+            shown = ", ".join(str(int(i)) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            console.print(f"{len(missing)} id(s) not predicted: not held by every party that reads rows for them "
+                          f"({shown})", markup=False)
         for key in sorted(k for k in m if k.startswith("accuracy/")):
             console.print(f"{key} (labels of {input.name}, kept here): {m[key]:.4f}", markup=False)

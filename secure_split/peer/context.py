@@ -194,9 +194,12 @@ class PeerContext:
 
 
 def counterparties(deployment: Deployment, policy: Policy, me: str) -> list[str]:
-    """Every peer `me` exchanges messages with: those the topology's required flows name."""
+    """Every peer `me` exchanges messages with in training: those the topology's required flows
+    name, less the serving flows."""
     peers: set[str] = set()
     for flow in required_flows(deployment, policy=policy):
+        if flow.serving:
+            continue  # split inference only (`serve` and `predict` pick their own counterparties)
         if flow.sender == me:
             peers.add(flow.receiver)
         elif flow.receiver == me:

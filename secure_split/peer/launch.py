@@ -46,7 +46,7 @@ def serve_node(config_path: str | Path, *, epoch: int | None = None, max_request
     ctx = _inference_context(config_path)
     schedule = ServeSchedule(ctx, epoch=epoch, max_requests=max_requests, idle_exit_s=idle_exit_s)
     return PeerNode(ctx, schedule, resume=True, progress=progress, accepts_restarted_peers=True,
-                    counterparties=schedule.clients, handshake=False, serving=True)
+                    counterparties=schedule.counterparties, handshake=False, serving=True)
 
 
 def predict_node(config_path: str | Path, input_path: str | Path, *, epoch: int | None = None,
@@ -56,7 +56,7 @@ def predict_node(config_path: str | Path, input_path: str | Path, *, epoch: int 
     training run's chain.
 
     Raises:
-        ConfigError: unreadable files or input, a topology that cannot be served, no checkpoint.
+        ConfigError: unreadable files or input, a party that cannot ask, no checkpoint.
     """
     ctx = _inference_context(config_path)
     schedule = PredictSchedule(ctx, input_path, epoch=epoch, batch_size=batch_size)

@@ -52,7 +52,7 @@ from secure_split.peer.context import PeerContext, PeerResult, clip
 from secure_split.peer.effects import Effect, Record, Send
 from secure_split.peer.gate import Gate
 from secure_split.peer.metrics import PeerMetrics
-from secure_split.peer.rounds.barrier import HeadExchange
+from secure_split.peer.rounds.barrier import CLOSE_KEY, HeadExchange
 from secure_split.peer.schedule import ProgressFn, Schedule
 from secure_split.peer.status import OpsLog
 from secure_split.protocol import Kind, Message, PeerSession, SessionState, WireTensor
@@ -62,9 +62,6 @@ from secure_split.transport.resources import ensure_open_file_limit, open_files_
 
 __all__ = ["PeerNode"]
 
-# The step key of the close round's audit receipts (a barrier's key is epoch + 1; a request's, its
-# batch count + 1: neither comes near this).
-CLOSE_KEY = 2**62
 # How long a disconnected counterparty may stay away before we name it as lost.
 _RECONNECT_GRACE_S = 3.0
 # Refusal codes (see gate.Gate.receive) for frames our own gate cannot have produced: a counterparty's

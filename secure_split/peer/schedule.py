@@ -7,8 +7,9 @@ audit heads, saves checkpoints and closes. What the peer does in between, step b
 
 - `SyncSchedule` (`schedules/sync.py`): every topology of one run, coordinator and followers;
 - `HorizontalSchedule` (`schedules/horizontal.py`): many data owners, sequential or splitfed;
-- `ServeSchedule` (`schedules/serve.py`): answer prediction requests from a trained checkpoint;
-- `PredictSchedule` (`schedules/predict.py`): one owner's prediction request.
+- `ServeSchedule` (`schedules/serve.py`): take part in prediction requests from a trained checkpoint;
+- `PredictSchedule` (`schedules/predict.py`): one party's prediction request (both drive
+  `peer/requests.py`: one party's part in one request, sans-IO).
 
 The node calls the schedule; the schedule calls back only through the node's public methods
 (`send`, `apply`, `record`, `progress`, `wait`, `refuse`, `exchange_heads`). No schedule imports

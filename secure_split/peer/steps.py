@@ -139,6 +139,12 @@ class StepRunner:
                 holder.drop(self.current_step)
         self.current_step = None
 
+    def he_pending_batch(self, segment: str, step: int) -> int | None:
+        """HE merge holder: the batch size of step `step`'s masked sum out for decryption at
+        `segment` (None if none is); a server that reads no rows begins its step with it."""
+        holder = self._holders.get(segment)
+        return None if holder is None else holder.pending_batch(step)
+
     # -- tensors ------------------------------------------------------------------------------
 
     def verdict(self, msg: Message) -> bool:

@@ -10,10 +10,14 @@ never starts only to be refused on its first step. The rules, one per kind of tr
 - the coordinator and every other peer: all control kinds, both ways;
 - every pair of peers that exchange anything: `hello`, `refuse`, `error`,
   `audit_receipt`, both ways;
-- serving (split inference, `secure-split serve` / `predict`): `prediction` from the peer of an
-  output segment (one without out-edges, and no merge) to each feature owner that feeds it
-  through a direct cut edge, on that edge. These flows have `serving=True`: a training run does not need them, so
-  the startup check leaves them out, and a training-only policy may deny them;
+- serving (split inference, `secure-split serve` / `predict`): for every party that can ask for
+  predictions, the flows of its request (`secure_split.inference_routes`): a session, a
+  `barrier` that opens the request and its `barrier_ack` between the requester and each server,
+  `step_begin` with the ids to each party that reads rows for them, `psi` among those parties
+  and the requester, the request's cut activations (and HE merge flows), and `prediction` from
+  the holder of each output to the requester. Those that training does not use already have
+  `serving=True`: a training run does not need them, so the startup check and the peers a
+  training run talks to leave them out, and a training-only policy may deny them;
 - each HE merge point: the CKKS key holder sends `he_context` (public context) to the merge
   holder and the other owners; `masked_aggregate` both ways between merge holder and key holder;
 - vertical training (schedule `sync`) with two or more peers reading raw features: `psi`
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 
 from secure_split.canonical import digest_of
 from secure_split.config import Deployment, horizontal_owners
+from secure_split.inference_routes import requesters
 from secure_split.policy.kinds import CONTROL_KINDS, KINDS, SESSION_KINDS
 from secure_split.policy.model import Policy
 
@@ -42,7 +47,8 @@ from secure_split.policy.model import Policy
 class RequiredFlow:
     """One route a deployment needs: sender -> receiver, kind, edge (None for no edge), and why.
 
-    `serving` marks a route only split inference uses (`prediction`), not training.
+    `serving` marks a route only split inference uses (a `prediction`, a requester's session with
+    a peer it never talks to in training), not training.
     """
 
     sender: str
@@ -149,15 +155,6 @@ def required_flows(deployment: Deployment, *, policy: Policy | None = None) -> l
             add(pf, pt, "activation", e.name, f"edge {e.name} carries '{e.from_}' outputs forward")
             add(pt, pf, "gradient", e.name, f"edge {e.name} carries gradients back to '{e.from_}'")
 
-    feature_owners = {seg.peer for seg in spec.segments.values() if seg.input == "features"}
-    feeds = {e.from_ for e in spec.edges}
-    for e in spec.edges:
-        pf, pt = seg_peer.get(e.from_), seg_peer.get(e.to)
-        # A merge needs every owner's input at once, which one owner's request cannot give.
-        if pf in feature_owners and pt is not None and e.to not in feeds and spec.segments[e.to].merge is None:
-            add(pt, pf, "prediction", e.name, f"serving: {pt} returns the predictions of '{e.to}' to {pf}, "
-                f"which fed it on edge {e.name}")
-
     for sname, seg in sorted(spec.segments.items()):
         if not seg.he:
             continue
@@ -233,4 +230,10 @@ def required_flows(deployment: Deployment, *, policy: Policy | None = None) -> l
             add(a, b, kind, None, f"{a} and {b} hold a session")
             add(b, a, kind, None, f"{a} and {b} hold a session")
 
-    return [RequiredFlow(s, r, k, e, why, serving=k == "prediction") for (s, r, k, e), why in flows.items()]
+    training_flows = set(flows)
+    key_holders = {s: he_key_holder(deployment, s, policy) for s, seg in spec.segments.items() if seg.he}
+    for routes in requesters(deployment, key_holders).values():
+        for f in routes.flows():
+            add(f.sender, f.receiver, f.kind, f.edge, f.why)
+    return [RequiredFlow(s, r, k, e, why, serving=(s, r, k, e) not in training_flows)
+            for (s, r, k, e), why in flows.items()]

@@ -124,6 +124,14 @@ def kill_all(procs: dict[str, PeerProc]) -> None:
         p.kill()
 
 
+def last_segment(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of a log's last run segment (serve and predict continue the training run's log
+    in a new segment, which begins with `run_start`)."""
+    starts = [i for i, e in enumerate(entries) if e["event"] == "run_start"]
+    assert len(starts) >= 2, "a new run segment after training"
+    return entries[starts[-1]:]
+
+
 def audit_entries(path: Path) -> list[dict[str, Any]]:
     """The entries of one audit log (JSON lines); a line still being written is left out."""
     if not path.is_file():

@@ -1,6 +1,8 @@
 """The worked example of peers/ runs end to end: policy and data checked, one `peer run` process
-per config trains on the CSV files, the audit logs verify, and each hospital's preprocessing was
-fitted on its training rows and saved with its checkpoints."""
+per config trains on the CSV files, the audit logs verify, each hospital's preprocessing was
+fitted on its training rows and saved with its checkpoints; then the lab asks for the diagnosis
+of the patients it has none for (`predict`), the hospitals serve their columns (`serve`), and
+the audit logs, the request included, verify again."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 
 from secure_split.engine.schedule import split_train_test
 from secure_split.scenarios import free_ports
+from tests.integration.helpers import last_segment
 
 pytestmark = pytest.mark.integration
 
@@ -46,15 +49,14 @@ def _ids(path: Path) -> set[int]:
         return {int(r["patient_id"]) for r in csv.DictReader(f)}
 
 
-def test_the_example_trains_verifies_its_audit_and_keeps_preprocessing_private(tmp_path: Path) -> None:
+def test_the_example_trains_predicts_verifies_its_audit_and_keeps_preprocessing_private(tmp_path: Path) -> None:
     root = _copy_example(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    proc = subprocess.run([sys.executable, "scripts/run_example.py", "--root", str(root), "--training-only",
-                           "--timeout", "240"], cwd=root, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    proc = subprocess.run([sys.executable, "scripts/run_example.py", "--root", str(root), "--timeout", "240"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=360, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert "CLEAN: every log intact" in out
+    assert out.count("CLEAN: every log intact") == 2 and "example: every step worked" in out
     acc = float(re.search(r"test accuracy of the split model: ([0-9.]+)", out).group(1))  # type: ignore[union-attr]
     assert acc >= 0.9, out  # raw clinical values without standardisation reach about 0.77
 
@@ -74,3 +76,23 @@ def test_the_example_trains_verifies_its_audit_and_keeps_preprocessing_private(t
             assert "mean_smoothness" not in manifest.read_text()
     logs = "".join(p.read_text() for p in (root / "example-work" / "audit").glob("*.jsonl"))
     assert repr(expected) not in logs and "mean_smoothness" not in logs
+
+    # The prediction request: the lab named 20 patient ids, the hospitals served their columns.
+    with (root / "example-work" / "predictions.csv").open() as f:
+        predicted = {int(r["id"]) for r in csv.DictReader(f)}
+    assert predicted == _ids(data / "lab_to_predict.csv") and len(predicted) == 20
+    assert not predicted & _ids(data / "lab.csv")  # patients the lab has no diagnosis for
+    agree = re.search(r"(\d+)/20 predictions match", out)
+    assert agree is not None and int(agree.group(1)) >= 15, out
+    audit = {p: [json.loads(line) for line in (root / "example-work" / "audit" / f"{p}.jsonl").read_text().splitlines()]
+             for p in ("hospital_a", "hospital_b", "lab")}
+    for hospital in ("hospital_a", "hospital_b"):
+        served = last_segment(audit[hospital])
+        aligned = [e["data"] for e in served if e["event"] == "ids_aligned"]
+        # The PSI of the request: the hospital learns which 20 of its patients are asked for, nothing more.
+        assert [(d["parties"], d["intersection_size"]) for d in aligned] == [(["lab", "hospital_a", "hospital_b"], 20)]
+        kinds = {e["data"]["kind"] for e in served if e["event"] == "message_received"}
+        assert kinds <= {"hello", "barrier", "psi", "step_begin", "audit_receipt"}, kinds
+    for p, entries in audit.items():  # no prediction crossed the wire; every request ended with signed heads
+        assert not [e for e in entries if e["event"].startswith("message_") and e["data"]["kind"] == "prediction"], p
+        assert entries[-1]["event"] == "checkpoint", p

@@ -1,8 +1,9 @@
 """Split inference over real processes: `secure-split serve` at the server, `secure-split predict`
 at the data owner, CURVE between them, the policy gate and audit log on both sides.
 
-One vanilla and one U-shaped deployment are trained once (a few steps, both at the same time) and
-copied per test, so each test starts from trained checkpoints.
+The vanilla and U-shaped deployments trained once for the session (conftest.py) are copied per
+test, so each test starts from trained checkpoints. Every topology's predictions against the
+local forward: test_predict_topologies.py.
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ from tests.integration.helpers import (
     clone_deployment,
     edit_policy,
     events,
-    generate_template,
-    start_peers,
-    wait_peers,
+    last_segment,
 )
 
 pytestmark = pytest.mark.integration
@@ -45,17 +44,10 @@ def _copy(d: Deploy, dest: Path) -> Deploy:
                   {n: dest / "peers" / p.name for n, p in d.peer_configs.items()}, d.coordinator)
 
 
-@pytest.fixture(scope="module")
-def trained(vanilla_template: Deploy, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Deploy]:
-    """A vanilla and a U-shaped deployment, each trained for 12 steps (one checkpoint, epoch 0)."""
-    root = Path(tmp_path_factory.mktemp("predict"))
-    u_template = generate_template(root / "u-template", "u-shaped")
-    deploys = {"vanilla": clone_deployment(vanilla_template, root / "vanilla", max_steps=12),
-               "u-shaped": clone_deployment(u_template, root / "u-shaped", max_steps=12)}
-    procs = {f"{k}/{n}": p for k, d in deploys.items() for n, p in start_peers(d).items()}
-    codes = wait_peers(procs, 120)
-    assert set(codes.values()) == {0}, {k: p.stderr[-2000:] for k, p in procs.items()}
-    return deploys
+@pytest.fixture
+def trained(trained_topologies: dict[str, Deploy]) -> dict[str, Deploy]:
+    """The session's trained deployments (conftest.py): vanilla and U-shaped are used here."""
+    return trained_topologies
 
 
 def _start(*args: str, log: Path) -> subprocess.Popen[bytes]:
@@ -134,9 +126,10 @@ def test_vanilla_predictions_come_back_from_the_label_holder_and_match_a_local_f
     assert len(sent) == len(received) == -(-len(ids) // 64)
     assert {e["data"]["rule_id"] for e in sent} == {"prediction@bottom->top"}
     assert {e["data"]["dtype"] for e in received} == {"int64"}
-    served = _serving_segment(holder_log)
+    served = last_segment(holder_log)
     # No step_begin, so no sample ids: the label holder sees activations and nothing else of the data.
-    assert {e["data"]["kind"] for e in events(served, "message_received")} == {"hello", "activation", "audit_receipt"}
+    assert {e["data"]["kind"] for e in events(served, "message_received")} == {
+        "hello", "barrier", "activation", "audit_receipt"}
     end = events(served, "run_end")[-1]["data"]
     assert end["status"] == "ok" and end["reason"] == "stopped by SIGINT"
     assert holder_log[-1]["event"] == "checkpoint" and events(served, "close_incomplete"), \
@@ -165,7 +158,7 @@ def test_u_shaped_owner_predicts_with_its_own_tail_and_the_server_never_sees_a_p
     assert accuracy > 0.5 and f"accuracy/tail (labels of owner.safetensors, kept here): {accuracy:.4f}" in pred.stdout
 
     server_log = d.audit("server")
-    served = _serving_segment(server_log)
+    served = last_segment(server_log)
     assert "prediction" not in _kinds(server_log)
     assert "activation" in _kinds(served)  # it did serve: head->middle in, middle->tail back
     batches = [e for e in events(served, "message_received") if e["data"]["kind"] == "activation"]
@@ -204,12 +197,16 @@ def test_the_server_refuses_training_tensors_and_malformed_input_and_keeps_servi
     try:
         owner.gate.send_hello("label_holder")
         assert owner.receive(30).kind is Kind.HELLO
+        base = 4242 << 20  # request 4242: its steps are base + batch
+        owner.gate.send("label_holder", Kind.BARRIER, step=base, meta={
+            "epoch": 0, "reason": "request", "phase": "infer", "members": ["label_holder", "owner"]})
+        assert owner.receive(10).kind is Kind.BARRIER_ACK
 
         def ask(kind: Kind, tensor: WireTensor, phase: str, step: int) -> Any:
             control = kind is Kind.STEP_BEGIN
             meta: dict[str, Any] = {"epoch": 0, "phase": phase} if control else {"phase": phase}
             edge = "" if control else "bottom->top"
-            owner.gate.send("label_holder", kind, step=step, edge=edge, meta=meta, tensors=(tensor,))
+            owner.gate.send("label_holder", kind, step=base + step, edge=edge, meta=meta, tensors=(tensor,))
             return owner.receive(10)
 
         width = int(d.read_deployment()["segments"]["top"]["model"][0]["linear"]["in"])  # the cut's width
@@ -218,8 +215,8 @@ def test_the_server_refuses_training_tensors_and_malformed_input_and_keeps_servi
         train = ask(Kind.ACTIVATION, wire, "train", 1)
         assert train.kind is Kind.ERROR and train.meta["code"] == "not_served" and "phase 'train'" in train.meta["reason"]
         ids = WireTensor("int64", (16,), np.arange(16, dtype="<i8").tobytes())
-        control = ask(Kind.STEP_BEGIN, ids, "train", 2)
-        assert control.kind is Kind.ERROR and "does not take 'step_begin'" in control.meta["reason"]
+        control = ask(Kind.STEP_BEGIN, ids, "infer", 2)  # ids to a server that reads no rows
+        assert control.kind is Kind.ERROR and "only the requester sends to a party that reads rows" in control.meta["reason"]
         narrow = ask(Kind.ACTIVATION, WireTensor("float32", (16, 8), bytes(16 * 8 * 4)), "infer", 3)
         assert narrow.kind is Kind.ERROR and narrow.meta["code"] == "bad_tensor"
         nan = good.copy()
@@ -229,10 +226,15 @@ def test_the_server_refuses_training_tensors_and_malformed_input_and_keeps_servi
         # A gradient (this owner's gate is loosened to let it out): the server's policy refuses it.
         grad = ask(Kind.GRADIENT, wire, "infer", 5)
         assert grad.kind is Kind.ERROR and grad.meta["code"] == "policy_denied"
-        # ... and it still serves.
+        # ... and it still serves the request.
         answer = ask(Kind.ACTIVATION, wire, "infer", 6)
-        assert answer.kind is Kind.PREDICTION and answer.binding.step == 6 and answer.tensors[0].shape == (16,)
+        assert answer.kind is Kind.PREDICTION and answer.binding.step == base + 6 and answer.tensors[0].shape == (16,)
         assert answer.meta["segment"] == "top" and answer.edge == "bottom->top"
+        # A message of a request that was never opened is refused, not kept.
+        owner.gate.send("label_holder", Kind.ACTIVATION, step=(4243 << 20) + 1, edge="bottom->top",
+                        meta={"phase": "infer"}, tensors=(wire,))
+        other = owner.receive(10)
+        assert other.kind is Kind.ERROR and "request 4243, which is not open" in other.meta["reason"]
 
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=20) == 0
@@ -242,83 +244,52 @@ def test_the_server_refuses_training_tensors_and_malformed_input_and_keeps_servi
         owner.audit.close("ok")
         owner.transport.close()
     refused = events(d.audit("label_holder"), "refused")
-    assert [e["data"]["kind"] for e in refused] == ["activation", "step_begin", "activation", "activation"]
+    assert [e["data"]["kind"] for e in refused] == ["activation", "step_begin", "activation", "activation", "activation"]
     denied = events(d.audit("label_holder"), "policy_denied")
     assert [(e["data"]["kind"], e["data"]["direction"]) for e in denied] == [("gradient", "receive")]
     end = events(d.audit("label_holder"), "run_end")[-1]["data"]
     assert end["status"] == "ok" and end["reason"] == "stopped by SIGTERM"
 
 
-def test_a_multi_task_owner_collects_one_prediction_per_head_from_two_servers(
-        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    """Two label holders serve at once; the weights are freshly initialised checkpoints (what is
-    tested is the routing: each head's prediction comes back from its own holder)."""
-    d = clone_deployment(generate_template(Path(tmp_path_factory.mktemp("mt")) / "t", "multi-task"), tmp_path / "d")
-    _initial_checkpoints(d)
-    servers = [_start("serve", str(d.peer_configs[n]), "--max-requests", "1", log=d.workdir / "logs" / f"{n}.log")
-               for n in ("digit_lab", "ge5_lab")]
-    out = tmp_path / "p.csv"
-    try:
-        pred = _run("predict", str(d.peer_configs["owner"]), "--input", str(d.workdir / "data" / "owner.safetensors"),
-                    "--output", str(out), "--batch-size", "256", "--quiet")
-        codes = [s.wait(timeout=30) for s in servers]
-    finally:
-        for s in servers:
-            if s.poll() is None:
-                s.kill()
-    assert pred.returncode == 0 and codes == [0, 0], pred.stderr
-    with out.open() as fh:
-        rows = list(csv.reader(fh))
-    assert rows[0] == ["id", "prediction_head_digit", "prediction_head_ge5"]
-    local = _local_predictions(d, "owner", d.workdir / "data" / "owner.safetensors")
-    for col, head in ((1, "head_digit"), (2, "head_ge5")):
-        assert (np.array([int(r[col]) for r in rows[1:]]) == local[head]).mean() >= 0.99
-    for lab, head in (("digit_lab", "head_digit"), ("ge5_lab", "head_ge5")):
-        sent = [e for e in events(d.audit(lab), "message_sent") if e["data"]["kind"] == "prediction"]
-        assert len(sent) == -(-len(rows[1:]) // 256) and {e["data"]["edge"] for e in sent} == {f"trunk->{head}"}
-
-
 def test_one_server_serves_horizontal_owners_one_after_another_each_its_own_rows(
-        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+        trained: dict[str, Deploy], tmp_path: Path) -> None:
     """Sequential schedule, two owners with a copy of the bottom each: one `serve` answers both
     `predict` runs (a fresh session each), with only the asking owner's edge into the shared top."""
-    d = clone_deployment(generate_template(Path(tmp_path_factory.mktemp("hz")) / "t", "sequential", owners=2),
-                         tmp_path / "d")
-    _initial_checkpoints(d)
-    serve = _start("serve", str(d.peer_configs[d.coordinator]), "--max-requests", "2",
-                   log=d.workdir / "logs" / "serve.log")
-    try:
-        runs = {o: _run("predict", str(d.peer_configs[o]), "--input", str(d.workdir / "data" / f"{o}.safetensors"),
-                        "--output", str(tmp_path / f"{o}.csv"), "--quiet") for o in ("owner_1", "owner_2")}
-        code = serve.wait(timeout=30)
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-    assert code == 0 and {o: r.returncode for o, r in runs.items()} == {"owner_1": 0, "owner_2": 0}, runs
-    for owner in runs:
-        with (tmp_path / f"{owner}.csv").open() as fh:
-            got = np.array([int(r[1]) for r in list(csv.reader(fh))[1:]])
+    import threading
+
+    from secure_split.peer.launch import predict_node, serve_node
+
+    d = _copy(trained["sequential"], tmp_path / "d")
+    server = serve_node(d.peer_configs[d.coordinator], max_requests=2)
+    served: list[Any] = []
+    thread = threading.Thread(target=lambda: served.append(server.run()), daemon=True)
+    thread.start()
+    for owner in ("owner_1", "owner_2"):
+        node, client = predict_node(d.peer_configs[owner], d.workdir / "data" / f"{owner}.safetensors")
+        assert node.run().status == "ok"
         (local,) = _local_predictions(d, owner, d.workdir / "data" / f"{owner}.safetensors").values()
-        assert len(got) == len(local) and (got == local).mean() >= 0.99
-    joined = [e["data"]["counterparty"] for e in events(d.audit(d.coordinator), "peer_joined")]
-    assert joined == ["owner_1", "owner_2"]
+        (got,) = client.predictions().values()
+        assert np.array_equal(got, local)
+        sent = [e for e in events(d.audit(d.coordinator), "message_sent") if e["data"]["kind"] == "prediction"
+                and e["data"]["receiver"] == owner]
+        assert sent and {e["data"]["edge"] for e in sent} == {f"bottom_{owner[-1]}->top"}
+    thread.join(30)
+    assert [r.status for r in served] == ["ok"]
+    opened = [e["data"]["counterparty"] for e in events(d.audit(d.coordinator), "peer_joined")
+              if e["data"]["reason"].startswith("prediction request")]
+    assert opened == ["owner_1", "owner_2"]
 
 
 def test_predict_names_the_server_that_does_not_answer_and_exits_3(vanilla_template: Deploy, tmp_path: Path) -> None:
+    from secure_split.peer.launch import predict_node
+
     d = clone_deployment(vanilla_template, tmp_path / "d", limits={"handshake_timeout_s": 2.0})
     _initial_checkpoints(d)
-    pred = _run("predict", str(d.peer_configs["owner"]), "--input", str(d.workdir / "data" / "owner.safetensors"),
-                "--output", str(tmp_path / "p.csv"), "--quiet")
-    assert pred.returncode == 3, pred.stderr
-    assert "label_holder" in pred.stderr and "handshake" in pred.stderr
+    node, _ = predict_node(d.peer_configs["owner"], d.workdir / "data" / "owner.safetensors")
+    result = node.run()
+    assert result.exit_code == 3 and result.status == "failed"
+    assert "label_holder" in str(result.error) and "handshake" in str(result.error)
     assert not events(d.audit("owner"), "message_sent")[1:]  # only our HELLO went out
-
-
-def _serving_segment(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The entries of the server's last run segment (serve continues the training run's log)."""
-    starts = [i for i, e in enumerate(log) if e["event"] == "run_start"]
-    assert len(starts) >= 2, "serve begins a new segment after training"
-    return log[starts[-1]:]
 
 
 def _initial_checkpoints(d: Deploy) -> None:

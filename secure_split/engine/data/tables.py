@@ -393,7 +393,8 @@ def load_site_data(source: DataSource, *, inference: bool = False) -> SiteData:
 
     Args:
         source: the peer config's `data:` section (see `secure_split.data_source`).
-        inference: rows to predict: label columns are not required (and not read).
+        inference: rows to predict: label columns are not required; those the file has are read
+            (the requester compares its predictions with them locally).
 
     Returns:
         The checked rows, not yet preprocessed (`fit_preprocessing`, `Preprocessing.apply`).
@@ -414,6 +415,8 @@ def load_site_data(source: DataSource, *, inference: bool = False) -> SiteData:
     roles: dict[str, list[str]] = {}
 
     def pick(names: list[str]) -> list[str]:
+        if inference:
+            label_cols.update({t: c for t, c in spec.labels.items() if c in names})
         missing_cols = [c for c in [spec.id_column or "", *label_cols.values(), *(spec.features or [])]
                         if c not in names]
         for c in dict.fromkeys(missing_cols):
@@ -533,21 +536,22 @@ def _from_safetensors(source: DataSource, problems: _Problems, inference: bool) 
         problems.raise_if_any()
     file_rows = np.arange(1, n + 1, dtype=np.int64)
     labels: dict[str, np.ndarray] = {}
-    if not inference:
-        wanted = spec.labels or {k: k for k in file_labels}
-        for task, name in wanted.items():
-            key = name.removeprefix("labels.")
-            if key not in file_labels:
-                problems.add(f"labels.{key}", f"data.labels.{task} names tensor 'labels.{key}', which the file lacks; "
-                                              f"it has {sorted('labels.' + k for k in file_labels) or 'no labels'}")
-                continue
-            col = file_labels[key]
-            if col.dim() != 1 or col.shape[0] != n:
-                problems.add(f"labels.{key}", f"shape {list(col.shape)}; expected [{n}] like ids")
-                continue
-            labels[task] = col.numpy().astype(np.int64)
-            if (neg := labels[task] < 0).any():
-                problems.add(f"labels.{key}", f"negative class in {_rows_text(file_rows[neg], 'safetensors')}")
+    wanted = spec.labels or {k: k for k in file_labels}
+    if inference:  # rows to predict: the labels the file has, none required
+        wanted = {t: name for t, name in wanted.items() if name.removeprefix("labels.") in file_labels}
+    for task, name in wanted.items():
+        key = name.removeprefix("labels.")
+        if key not in file_labels:
+            problems.add(f"labels.{key}", f"data.labels.{task} names tensor 'labels.{key}', which the file lacks; "
+                                          f"it has {sorted('labels.' + k for k in file_labels) or 'no labels'}")
+            continue
+        col = file_labels[key]
+        if col.dim() != 1 or col.shape[0] != n:
+            problems.add(f"labels.{key}", f"shape {list(col.shape)}; expected [{n}] like ids")
+            continue
+        labels[task] = col.numpy().astype(np.int64)
+        if (neg := labels[task] < 0).any():
+            problems.add(f"labels.{key}", f"negative class in {_rows_text(file_rows[neg], 'safetensors')}")
     numbers: dict[str, np.ndarray] = {}
     block = None
     imputed = bool(spec.impute)

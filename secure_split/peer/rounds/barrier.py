@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from secure_split.peer.effects import Effect, Send
 from secure_split.protocol import Kind, Message
 
-__all__ = ["BarrierReport", "BarrierRound", "HeadExchange"]
+__all__ = ["CLOSE_KEY", "BarrierReport", "BarrierRound", "HeadExchange"]
+
+CLOSE_KEY = 2**62
+"""The step key of the close round's audit receipts (a barrier's key is epoch + 1; a prediction
+request's, its number << 20, below 2**51: neither comes near this)."""
+
 
 @dataclass(frozen=True)
 class BarrierReport:

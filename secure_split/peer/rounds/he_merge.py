@@ -128,6 +128,11 @@ class HeMergeHolder:
             raise RemoteProtocolError(f"'{sender}' answered step {step} of '{self.segment}' badly: {exc}") from None
         return np.ascontiguousarray(total, dtype="<f4")
 
+    def pending_batch(self, step: int) -> int | None:
+        """The batch size of step `step`'s masked sum out for decryption (None if none is)."""
+        mask = self._masks.get(step)
+        return int(mask.shape[0]) if mask is not None and mask.shape else None
+
     def drop(self, step: int) -> None:
         """Forget step `step` (aborted)."""
         self._inputs.pop(step, None)

@@ -169,6 +169,16 @@ def test_an_unknown_category_at_inference_is_refused_with_its_row(tmp_path: Path
         prep.apply(rows)
 
 
+def test_rows_to_predict_need_no_labels_and_keep_those_they_have(tmp_path: Path) -> None:
+    src = DataSource.of(_csv(tmp_path / "t.csv", _table_rows()), id_column="pid", categorical=["smoker"],
+                        labels={"labels": "y"})
+    with_labels = load_site_data(src, inference=True)
+    assert with_labels.labels["labels"].tolist() == LABEL and with_labels.feature_order == ("age", "bmi", "smoker")
+    ids_only = _csv(tmp_path / "new.csv", [[21, 40, 20, "no"]], header="pid,age,bmi,smoker")
+    rows = load_site_data(src.with_path(ids_only), inference=True)
+    assert rows.labels == {} and rows.ids.tolist() == [21]
+
+
 def test_listed_categories_fix_the_width_and_refuse_others(tmp_path: Path) -> None:
     path = _csv(tmp_path / "t.csv", _table_rows())
     site = load_site_data(DataSource.of(path, id_column="pid", labels={"labels": "y"},

@@ -1,5 +1,5 @@
-"""Split inference pieces: which peers a request involves, what is refused before any socket opens,
-the route check at the gate, and the predictions file."""
+"""Split inference pieces: who asks and who serves in each topology (`inference_routes`), what is
+refused before any socket opens, the route check at the gate, and the predictions file."""
 
 from __future__ import annotations
 
@@ -14,58 +14,80 @@ import yaml
 
 from secure_split.config import load_deployment
 from secure_split.errors import ConfigError, PolicyDenied
+from secure_split.inference_routes import RequestRoutes, request_routes, requesters
 from secure_split.peer.launch import predict_node, serve_node
-from secure_split.peer.serving import inference_clients, inference_plan, write_predictions
+from secure_split.peer.serving import write_predictions
+from secure_split.policy import he_key_holder
 from secure_split.testing import generate_deployment
 
 
-def _plan(tmp_path: Path, scenario: str, owner: str = "owner", **options: Any) -> Any:
-    gen = generate_deployment(scenario, tmp_path, **options)
-    return inference_plan(load_deployment(gen.deployment), owner)
+def _routes(tmp_path: Path, scenario: str, requester: str, **options: Any) -> RequestRoutes:
+    dep = load_deployment(generate_deployment(scenario, tmp_path, **options).deployment)
+    return request_routes(dep, requester, {s: he_key_holder(dep, s) for s, seg in dep.spec.segments.items() if seg.he})
 
 
-def test_vanilla_owner_gets_its_prediction_from_the_label_holder(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, "vanilla")
-    assert plan.servers == ("label_holder",) and plan.local_outputs == ()
-    assert dict(plan.remote_outputs) == {"top": ("label_holder", "bottom->top")}
+def test_vanilla_owner_gets_its_prediction_from_the_label_holder_without_psi(tmp_path: Path) -> None:
+    r = _routes(tmp_path, "vanilla", "owner")
+    assert r.servers == ("label_holder",) and r.outputs == ("top",) and r.psi_parties == ()
+    assert r.output_peer("top") == "label_holder" and r.prediction_edge("top") == "bottom->top"
 
 
-def test_u_shaped_owner_predicts_with_its_own_tail(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, "u-shaped")
-    assert plan.servers == ("server",) and plan.local_outputs == ("tail",) and not plan.remote_outputs
+def test_vanilla_label_holder_asks_for_ids_the_owner_serves_rows_for_after_psi(tmp_path: Path) -> None:
+    r = _routes(tmp_path, "vanilla", "label_holder")
+    assert r.servers == ("owner",) and r.row_holders == ("owner",) and r.psi_parties == ("label_holder", "owner")
+    kinds = {(f.sender, f.receiver, f.kind) for f in r.flows()}
+    assert ("label_holder", "owner", "step_begin") in kinds and not any(k == "prediction" for *_, k in kinds)
 
 
-def test_multi_task_owner_gets_one_prediction_per_head(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, "multi-task")
-    assert plan.servers == ("digit_lab", "ge5_lab")
-    assert dict(plan.remote_outputs) == {"head_digit": ("digit_lab", "trunk->head_digit"),
-                                         "head_ge5": ("ge5_lab", "trunk->head_ge5")}
+def test_u_shaped_owner_predicts_with_its_own_tail_and_only_it_asks(tmp_path: Path) -> None:
+    r = _routes(tmp_path, "u-shaped", "owner")
+    assert r.servers == ("server",) and r.local_outputs("owner") == ("tail",)
+    with pytest.raises(ConfigError, match="neither a segment that reads features nor an output"):
+        _routes(tmp_path / "s", "u-shaped", "server")
 
 
-def test_multi_hop_and_vertical_are_refused_with_the_reason(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as hop:
-        _plan(tmp_path / "hop", "multi-hop", hops=2)
-    assert "edge mid1->mid2 runs from hop1 to hop2" in str(hop.value)
-    assert "output segment 'top' at label_holder is not fed directly by owner" in str(hop.value)
-    with pytest.raises(ConfigError, match=r"segment 'top' merges \(concat\) inputs from \['hospital_b'\]"):
-        _plan(tmp_path / "vertical", "vertical", owner="hospital_a")
-    with pytest.raises(ConfigError, match="only a data owner can ask for predictions"):
-        _plan(tmp_path / "lh", "vanilla", owner="label_holder")
+def test_multi_task_owner_gets_every_head_and_a_head_s_holder_its_own(tmp_path: Path) -> None:
+    r = _routes(tmp_path, "multi-task", "owner")
+    assert r.servers == ("digit_lab", "ge5_lab") and r.outputs == ("head_digit", "head_ge5")
+    assert {o: r.prediction_edge(o) for o in r.outputs} == {"head_digit": "trunk->head_digit",
+                                                           "head_ge5": "trunk->head_ge5"}
+    lab = _routes(tmp_path / "l", "multi-task", "ge5_lab")
+    assert lab.peers == ("ge5_lab", "owner") and lab.outputs == ("head_ge5",)  # digit_lab takes no part
 
 
-def test_servers_serve_exactly_the_owners_that_feed_them(tmp_path: Path) -> None:
-    vanilla = load_deployment(generate_deployment("vanilla", tmp_path / "v").deployment)
-    assert inference_clients(vanilla, "label_holder") == ["owner"]
-    chain = load_deployment(generate_deployment("multi-hop", tmp_path / "m").deployment)
-    assert inference_clients(chain, "hop1") == []
+def test_a_chain_runs_through_every_hop_and_the_prediction_comes_back_on_no_edge(tmp_path: Path) -> None:
+    r = _routes(tmp_path, "multi-hop", "owner", hops=2)
+    assert r.servers == ("hop1", "hop2", "label_holder") and r.psi_parties == ()
+    assert r.prediction_edge("top") is None
+    assert r.links("hop2") == ("hop1", "label_holder", "owner")  # its signed heads go to each of them
+    with pytest.raises(ConfigError, match="'hop1' owns neither"):
+        _routes(tmp_path / "h", "multi-hop", "hop1", hops=2)
 
 
-def test_a_peer_with_nothing_to_serve_or_predict_is_refused_before_it_opens_anything(tmp_path: Path) -> None:
-    gen = generate_deployment("multi-hop", tmp_path)
-    with pytest.raises(ConfigError, match="takes part in no owner's prediction request"):
-        serve_node(gen.peer_configs["hop1"])
-    with pytest.raises(ConfigError, match="multi-hop chains are not served"):
-        predict_node(gen.peer_configs["owner"], tmp_path / "data" / "owner.safetensors")
+def test_vertical_requests_align_ids_among_the_parties_that_read_rows(tmp_path: Path) -> None:
+    lab = _routes(tmp_path, "vertical", "lab")
+    assert lab.row_holders == ("hospital_a", "hospital_b") and lab.psi_parties == ("lab", "hospital_a", "hospital_b")
+    hospital = _routes(tmp_path / "a", "vertical", "hospital_a")
+    assert hospital.psi_parties == ("hospital_a", "hospital_b")  # the lab reads no rows: it sees positions only
+    assert hospital.prediction_edge("top") == "bottom_a->top"
+    he = _routes(tmp_path / "he", "vertical-he", "lab")
+    assert dict(he.he_merges) == {"top": "hospital_a"}
+    assert ("hospital_a", "lab", "he_context") in {(f.sender, f.receiver, f.kind) for f in he.flows()}
+
+
+def test_horizontal_owners_ask_for_their_own_rows_and_nobody_else_does(tmp_path: Path) -> None:
+    dep = load_deployment(generate_deployment("splitfed", tmp_path, owners=2, labels="owners").deployment)
+    routes = requesters(dep, {})
+    assert sorted(routes) == ["owner_1", "owner_2"]
+    assert routes["owner_2"].peers == ("owner_2", "server") and routes["owner_2"].outputs == ("tail_2",)
+
+
+def test_a_peer_with_nothing_to_serve_or_ask_is_refused_before_it_opens_anything(tmp_path: Path) -> None:
+    gen = generate_deployment("u-shaped", tmp_path)
+    with pytest.raises(ConfigError, match="takes part in no party's prediction request"):
+        serve_node(gen.peer_configs["owner"])
+    with pytest.raises(ConfigError, match="'server' owns neither"):
+        predict_node(gen.peer_configs["server"], tmp_path / "data" / "owner.safetensors")
     assert not list((tmp_path / "audit").iterdir())
 
 

@@ -1,4 +1,5 @@
-"""Serving flows: `prediction` routes of split inference, required only to serve, never to train."""
+"""Serving flows: the routes split inference uses that training does not (predictions, a requester's
+sessions with the hops of a chain, the PSI of a label holder's request), required only to serve."""
 
 from __future__ import annotations
 
@@ -22,14 +23,43 @@ def serving(name: str) -> set[tuple[str, str, str, str | None]]:
     return {(f.sender, f.receiver, f.kind, f.edge) for f in required_flows(dep) if f.serving}
 
 
-def test_the_label_holder_returns_predictions_on_the_owners_edge() -> None:
-    assert serving("vanilla") == {("label_holder", "owner", "prediction", "bottom->top")}
+def test_the_label_holder_returns_predictions_on_the_owners_edge_and_may_ask_itself_after_psi() -> None:
+    assert serving("vanilla") == {
+        ("label_holder", "owner", "prediction", "bottom->top"),  # the owner asks
+        ("label_holder", "owner", "psi", None), ("owner", "label_holder", "psi", None),  # the label holder asks
+    }
 
 
-def test_no_prediction_crosses_the_wire_where_the_owner_predicts_or_no_session_exists() -> None:
+def test_no_prediction_crosses_the_wire_where_the_requester_computes_the_output() -> None:
     assert serving("u_shaped") == set()  # the owner's own tail predicts
-    assert serving("multi_hop") == set()  # the label holder is not fed by the owner directly
-    assert serving("bank_hospital") == set()  # a merge of two owners' inputs
+    # A merge of two owners' inputs at the bank: the bank asks with its own rows, the hospital's are
+    # aligned by the PSI training uses too; only a hospital's request needs a prediction back.
+    assert serving("bank_hospital") == {("bank", "hospital", "prediction", None)}
+
+
+def test_a_chain_s_requester_needs_sessions_with_every_hop_which_training_does_not() -> None:
+    flows = serving("multi_hop")
+    dep = load_deployment(POLICIES / "deployments" / "multi_hop.deployment.yaml")
+    training = {(f.sender, f.receiver) for f in required_flows(dep) if not f.serving}
+    assert {(a, b) for a, b, _, _ in flows} - training == {("owner", "hop2"), ("hop2", "owner")}
+    assert ("owner", "hop2", "barrier", None) in flows and ("hop2", "owner", "barrier_ack", None) in flows
+    assert ("label_holder", "owner", "prediction", None) in flows  # the top's prediction travels on no edge
+
+
+def test_serving_flows_do_not_change_whom_a_training_run_talks_to() -> None:
+    from secure_split.peer.context import counterparties
+
+    dep = load_deployment(POLICIES / "deployments" / "multi_hop.deployment.yaml")
+    policy = load_policy(POLICIES / "multi_hop.yaml")
+    assert counterparties(dep, policy, "owner") == sorted(dep_neighbours(dep, "owner"))
+
+
+def dep_neighbours(dep: object, peer: str) -> set[str]:
+    from secure_split.topology import Topology
+
+    topo = Topology.from_deployment(dep)  # type: ignore[arg-type]
+    coordinator = dep.spec.coordinator  # type: ignore[attr-defined]
+    return topo.neighbours(peer) | ({coordinator} - {peer})
 
 
 def test_horizontal_owners_each_get_their_predictions(identities: dict[str, Identity], write_setup: WriteSetup) -> None:
