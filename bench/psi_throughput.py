@@ -1,10 +1,13 @@
-"""PSI throughput: hashing, blinding and full two- and three-party runs, printed as a table.
+"""PSI throughput: hashing, blinding and full runs of the ring (`MultiPartyPsi`, the protocol
+the peer runs) with two parties (a coordinator and one owner: vertical with one owner, and each
+PSI of a horizontal coordinator) and three, printed as a table.
 
-Every party runs in this one process, one after another, so a full run's time is the total
-compute of all parties on one core (on separate hosts the parties blind in parallel and the
-wall time is about that divided by the number of parties, plus the network). Usage:
+Every party runs in this one process, one after another, messages delivered in FIFO order, so a
+full run's time is the total compute of all parties on one core (on separate hosts the parties
+blind in parallel and the wall time is about that divided by the number of parties, plus the
+network). The load average is printed with the table: the machine is shared. Usage:
 
-    .venv/bin/python bench/psi_throughput.py               # 10k and 100k ids per party (~2 min)
+    .venv/bin/python bench/psi_throughput.py               # 10k and 100k ids per party (~3 min)
     .venv/bin/python bench/psi_throughput.py --sizes 10000  # quick
 """
 
@@ -14,16 +17,16 @@ import argparse
 import os
 import random
 import time
+from collections import deque
 
 from secure_split.crypto.psi import (
     MultiPartyPsi,
-    PsiParty,
+    PsiResult,
     PsiStep,
     blind_points,
     decode_points,
     hash_ids,
     new_scalar,
-    run_in_memory,
 )
 
 SALT = os.urandom(16)
@@ -57,17 +60,16 @@ def primitives(n: int) -> None:
     _row("decode + validate received points", n, time.perf_counter() - t, n)
 
 
-def two_party(n: int) -> None:
-    ids_a, ids_b = _sets(n, 2, seed=n)
-    t = time.perf_counter()
-    a, b = PsiParty(ids_a, salt=SALT), PsiParty(ids_b, salt=SALT)
-    a1 = a.blinded_own()
-    b1, b2 = b.blinded_own(), b.blind_other(a1)
-    reveal = a.intersect(b1, b2)
-    b.accept_reveal(reveal)
-    seconds = time.perf_counter() - t
-    assert a.intersection() == b.intersection() == sorted(set(ids_a) & set(ids_b))
-    _row("2-party PsiParty (3 messages)", n, seconds, 2 * n, len(a1) + len(b1) + len(b2) + len(reveal))
+def run_ring(members: list[MultiPartyPsi], steps: list[PsiStep]) -> dict[str, PsiResult]:
+    """Start every party and deliver every step in FIFO order (what one connection per pair does)."""
+    by_name = {p.me: p for p in members}
+    queue = deque(step for p in members for step in p.start())
+    while queue:
+        step = queue.popleft()
+        steps.append(step)
+        queue.extend(by_name[step.receiver].receive(step.sender, step.payload))
+    assert all(p.finished for p in members), "the ring stalled"
+    return {p.me: p.result() for p in members}
 
 
 def ring(n: int, parties: int) -> None:
@@ -76,12 +78,12 @@ def ring(n: int, parties: int) -> None:
     t = time.perf_counter()
     members = [MultiPartyPsi(name, names, ids, salt=SALT) for name, ids in zip(names, sets, strict=True)]
     steps: list[PsiStep] = []
-    results = run_in_memory(members, observe=steps.append)
+    results = run_ring(members, steps)
     seconds = time.perf_counter() - t
     expected = sorted(set.intersection(*(set(s) for s in sets)))
     assert all(r.ids == expected for r in results.values())
     wire = sum(len(s.payload) for s in steps)
-    _row(f"{parties}-party ring MultiPartyPsi", n, seconds, parties * n, wire)
+    _row(f"{parties}-party ring ({len(steps)} messages)", n, seconds, parties * n, wire)
 
 
 def main() -> None:
@@ -91,11 +93,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000", help="ids per party, comma-separated")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"cores: {os.cpu_count()}; all parties in one process, one after another")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"cores: {os.cpu_count()}; load average {load}; all parties in one process, one after another")
     print(f"{'step':<34} {'ids/party':>8} {'seconds':>9} {'ids/s':>11} {'wire MB':>9}")
     primitives(min(sizes))
     for n in sizes:
-        two_party(n)
         ring(n, 2)
         ring(n, 3)
 

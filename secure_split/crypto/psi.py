@@ -11,21 +11,16 @@ a·(b·H(x)) = b·(a·H(x)), so sets blinded by every party's key can be compare
 no party can test a guessed id without all the keys (decisional Diffie-Hellman on ristretto255).
 See docs/he-and-psi.md for the full argument and what each party learns.
 
-Everything here is sans-IO: objects take and return `bytes`; the peer runtime moves them through
-its gate (as `psi` messages, inside authenticated frames). Two APIs:
+Everything here is sans-IO: objects take and return `bytes`; the peer moves them through its
+gate (as `psi` messages, inside authenticated frames; `secure_split.peer.rounds.psi.PsiRound`).
+One protocol serves every case, two parties included:
 
-- `PsiParty`: the classic two-party protocol in three messages (leader A, follower B)::
-
-      A: a1 = A.blinded_own()                        A -> B: a1
-      B: b1 = B.blinded_own(); b2 = B.blind_other(a1) B -> A: b1, b2
-      A: reveal = A.intersect(b1, b2)                A -> B: reveal
-      B: B.accept_reveal(reveal)
-      both: .intersection() -> sorted own ids in the intersection
-
-- `MultiPartyPsi`: K feature owners + the coordinator (label holder), a ring of blindings in
-  which every set is blinded by every key, the fully blinded sets are compared by the coordinator
-  (who cannot map any of them back to ids) and the matches come back as positions that only the
-  owner of each set can turn into ids. Steps are `PsiStep(sender, receiver, payload)`.
+- `MultiPartyPsi`: the coordinator (label holder) and K >= 1 feature owners, a ring of blindings
+  in which every set is blinded by every key, the fully blinded sets are compared by the
+  coordinator (who cannot map any of them back to ids) and the matches come back as positions
+  that only the owner of each set can turn into ids. Steps are `PsiStep(sender, receiver,
+  payload)`. A vertical deployment runs one ring of all its parties; a horizontal coordinator
+  that holds labels runs a two-party ring with each owner.
 
 Wire encoding: points are 32 bytes each, concatenated; positions are little-endian uint32. Every
 received point is checked with `crypto_core_ristretto255_is_valid_point`, every size is bounded
@@ -39,7 +34,7 @@ import os
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -297,153 +292,7 @@ def _result(own: _OwnSet, indices: Iterable[int]) -> PsiResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Two parties
-# --------------------------------------------------------------------------------------------
-
-
-class PsiParty:
-    """One side of the two-party ECDH-PSI (three messages; both sides learn the intersection).
-
-    Usage (A is the leader, B the follower; every arrow is one authenticated message)::
-
-        A = PsiParty(ids_a, salt=s); B = PsiParty(ids_b, salt=s)
-        a1 = A.blinded_own()                    # A -> B   a·H(x), x in A, shuffled
-        b1 = B.blinded_own()                    # B -> A   b·H(y), y in B, shuffled
-        b2 = B.blind_other(a1)                  # B -> A   b·a·H(x), in A's shuffled order
-        reveal = A.intersect(b1, b2)            # A -> B   positions in b1 that matched
-        B.accept_reveal(reveal)
-        A.intersection() == B.intersection()    # sorted ids, each party's own ids only
-
-    What each side learns: the intersection and the size of the other set. A sees b·H(y) (it
-    cannot remove b) and its own points blinded by b in its own shuffled order; B sees a·H(x)
-    and positions in its own shuffled list. Neither can test an id it guesses outside the
-    intersection without the other's scalar (DDH on ristretto255).
-
-    Args:
-        ids: this party's sample ids (int, str or bytes, one type; duplicates are ignored).
-        salt: the session salt both parties share (16..1024 bytes).
-        max_points: the largest set accepted from the other party.
-        workers: threads for blinding (1 = no threads).
-    """
-
-    def __init__(
-        self,
-        ids: Sequence[PsiId],
-        *,
-        salt: bytes,
-        max_points: int = DEFAULT_MAX_POINTS,
-        workers: int = 1,
-    ) -> None:
-        _check_salt(salt)
-        self._own = _OwnSet(ids, salt=salt, max_points=max_points)
-        self._max_points = max_points
-        self._workers = workers
-        self._blinded: bytes | None = None
-        self._result: PsiResult | None = None
-
-    @property
-    def size(self) -> int:
-        """How many distinct ids this party holds."""
-        return len(self._own.ids)
-
-    def blinded_own(self) -> bytes:
-        """Round 1 (both sides): this party's ids hashed, blinded by its scalar and shuffled.
-
-        Returns:
-            32 bytes per id. The same bytes on every call.
-        """
-        if self._blinded is None:
-            self._blinded = self._own.blinded_shuffled(self._workers)
-        return self._blinded
-
-    def blind_other(self, points: bytes) -> bytes:
-        """Round 2 (follower): blind the other party's `blinded_own()` with this party's scalar.
-
-        Args:
-            points: what the other party sent, 32 bytes per point.
-
-        Returns:
-            The points multiplied by this party's scalar, in the order received.
-
-        Raises:
-            CryptoError: wrong length, too many points, or an invalid point.
-        """
-        received = decode_points(points, what="the other party's blinded set", max_points=self._max_points)
-        return b"".join(blind_points(self._own.scalar, received, workers=self._workers))
-
-    def intersect(self, other_blinded: bytes, own_double_blinded: bytes) -> bytes:
-        """Round 3 (leader): find the intersection; return the reveal message for the follower.
-
-        Args:
-            other_blinded: the follower's `blinded_own()` (b·H(y), shuffled by the follower).
-            own_double_blinded: the follower's `blind_other(self.blinded_own())` (b·a·H(x),
-                in this party's shuffled order).
-
-        Returns:
-            The reveal: little-endian uint32 positions, into `other_blinded`, of the matches.
-
-        Raises:
-            CryptoError: malformed or invalid points, duplicates, or a double-blinded set whose
-                size is not this party's.
-        """
-        if self._blinded is None:
-            raise LocalProtocolError("PSI: intersect() before blinded_own() was sent")
-        theirs = decode_points(
-            other_blinded, what="the other party's blinded set", max_points=self._max_points
-        )
-        mine = decode_points(
-            own_double_blinded, what="our set blinded by the other party", max_points=self.size
-        )
-        if len(mine) != self.size:
-            raise CryptoError(f"PSI: our set came back with {len(mine)} points, we sent {self.size}")
-        _require_unique(mine, "our set blinded by the other party")
-        _require_unique(theirs, "the other party's blinded set")
-        theirs_double = blind_points(self._own.scalar, theirs, workers=self._workers)
-        wire_of = {p: j for j, p in enumerate(mine)}
-        their_positions, my_wire = [], []
-        for k, p in enumerate(theirs_double):
-            j = wire_of.get(p)
-            if j is not None:
-                their_positions.append(k)
-                my_wire.append(j)
-        self._result = _result(self._own, self._own.select(my_wire))
-        return _encode_positions(their_positions)
-
-    def accept_reveal(self, reveal: bytes) -> list[PsiId]:
-        """Round 3 (follower): turn the leader's reveal into this party's intersection.
-
-        Args:
-            reveal: the bytes `intersect()` returned at the leader.
-
-        Returns:
-            The sorted ids in the intersection (this party's own ids).
-
-        Raises:
-            CryptoError: positions that are not strictly increasing or point past this set.
-        """
-        if self._blinded is None:
-            raise LocalProtocolError("PSI: accept_reveal() before blinded_own() was sent")
-        positions = _decode_positions(reveal, size=self.size, what="the reveal")
-        self._result = _result(self._own, self._own.select(positions.tolist()))
-        return self._result.ids
-
-    def result(self) -> PsiResult:
-        """The intersection: sorted ids and their positions in the caller's list.
-
-        Raises:
-            LocalProtocolError: the protocol has not finished on this side.
-        """
-        if self._result is None:
-            raise LocalProtocolError("PSI: the intersection is not known yet on this side")
-        return self._result
-
-    def intersection(self) -> list[PsiId]:
-        """The sorted ids in the intersection (this party's own ids only)."""
-        return self.result().ids
-
-
-# --------------------------------------------------------------------------------------------
-# K owners + the coordinator
+# The ring: the coordinator and K >= 1 owners
 # --------------------------------------------------------------------------------------------
 
 _MAGIC = b"SPSI"
@@ -480,7 +329,7 @@ def _session_tag(parties: Sequence[str], salt: bytes) -> bytes:
 
 
 class MultiPartyPsi:
-    """One party of the ring PSI among K feature owners and the coordinator (the label holder).
+    """One party of the ring PSI among K >= 1 feature owners and the coordinator (the label holder).
 
     Parties are indexed by their place in `parties` (index 0 is the coordinator); every party
     must be given the same list (take it from the deployment). Each party's set travels the
@@ -759,38 +608,3 @@ class MultiPartyPsi:
         positions = _decode_positions(body, size=len(self._own.ids), what="matches")
         self._result = _result(self._own, self._own.select(positions.tolist()))
         return []
-
-
-def run_in_memory(
-    parties: Sequence[MultiPartyPsi],
-    *,
-    observe: Callable[[PsiStep], None] | None = None,
-) -> dict[str, PsiResult]:
-    """Run a multi-party PSI with all parties in this process (tests, benchmarks, demos).
-
-    Messages are delivered in FIFO order; the peer runtime does the same over its gate.
-
-    Args:
-        parties: one `MultiPartyPsi` per party, not yet started.
-        observe: called with every step before it is delivered (to record a transcript).
-
-    Returns:
-        Each party's result, by name.
-
-    Raises:
-        LocalProtocolError: the run stalled before every party finished.
-    """
-    by_name = {p.me: p for p in parties}
-    queue: list[PsiStep] = []
-    for party in parties:
-        queue.extend(party.start())
-    head = 0
-    while head < len(queue):
-        step = queue[head]
-        head += 1
-        if observe is not None:
-            observe(step)
-        queue.extend(by_name[step.receiver].receive(step.sender, step.payload))
-    if not all(p.done for p in parties):
-        raise LocalProtocolError("PSI: the in-memory run stalled before every party finished")
-    return {p.me: p.result() for p in parties}

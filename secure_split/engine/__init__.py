@@ -11,7 +11,6 @@ stays cheap):
   presets (the one importer of torchvision); `interface`: an edge's agreed shape, dtype, bounds.
 - `data`: `PeerData`, `load_peer_data`, `write_peer_data`, bundled `digits` and `breast_cancer`.
 - `schedule`: `split_train_test`, `epoch_batches`, `eval_batches` (shared by coordinator and baseline).
-- `topology`: `Topology` (order, ownership, neighbours, tasks).
 - `executor`: `PeerExecutor` (sans-IO, one peer) and `Outgoing`.
 - `metrics`: `TaskMetrics`, `StepMetrics`, `evaluate`.
 - `privacy`: `distance_correlation` (NoPeek), clipping, noise, the label-defence hook.

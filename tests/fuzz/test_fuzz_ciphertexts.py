@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from secure_split.crypto.he import EncryptedTensor, KeyHolderContext, decrypt_packed, encrypt_packed
-from secure_split.crypto.psi import POINT_BYTES, PsiParty, decode_points
+from secure_split.crypto.psi import POINT_BYTES, MultiPartyPsi, decode_points
 from secure_split.errors import CryptoError
 
 COUNT = 200_000 if os.environ.get("SECURE_SPLIT_SLOW") == "1" else 2_000
@@ -75,8 +75,8 @@ def test_mutated_ciphertexts_load_or_raise_crypto_error_only() -> None:
 
 @pytest.mark.slow
 def test_mutated_psi_sets_decode_or_raise_crypto_error_only() -> None:
-    party = PsiParty(list(range(50)), salt=b"s" * 16, max_points=64)
-    blob = party.blinded_own()
+    (step,) = MultiPartyPsi("a", ["lh", "a"], list(range(50)), salt=b"s" * 16, max_points=64).start()
+    blob = step.payload[-50 * POINT_BYTES :]  # the set's points, after the ring's header
     rng = random.Random(20260103)
     decoded = 0
     for _ in range(COUNT):

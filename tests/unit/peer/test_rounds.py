@@ -121,6 +121,22 @@ def test_psi_records_the_alignment_once_without_ids() -> None:
         assert set(rec.fields) == {"parties", "own_size", "intersection_size"}
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_two_party_psi_round_aligns_a_coordinator_and_one_owner_in_any_order(seed: int) -> None:
+    # What a horizontal coordinator that holds labels runs with each owner (the same ring, n = 2),
+    # over ristretto255, every message free to overtake any other.
+    ids = {"coordinator": [4, 8, 15, 16, 23, 42], "owner": [42, 16, 7, 4]}
+    rounds = {p: PsiRound(p, list(ids), ids[p], deployment_hash=DEPLOYMENT, max_points=1000) for p in ids}
+    sim = DeliverySimulator({p: (lambda m, p=p: rounds[p].on_message(m.binding.sender, bytes(m.blob))) for p in ids},
+                            seed=seed, fifo_links=False, max_delay=2)
+    for p in ids:
+        sim.post(p, rounds[p].start())
+    assert sim.run() == 6  # two sets out, one fully blinded set back, three position lists
+    for p, rnd in rounds.items():
+        assert rnd.finished and rnd.result is not None
+        assert rnd.result.ids.tolist() == [4, 16, 42] and rnd.result.own_size == len(ids[p])
+
+
 # -- barriers and audit heads ---------------------------------------------------------------------
 
 
