@@ -106,7 +106,8 @@ def _check_salt(salt: bytes) -> None:
     if not isinstance(salt, bytes) or not MIN_SALT_BYTES <= len(salt) <= MAX_SALT_BYTES:
         raise ValueError(
             f"PSI salt must be {MIN_SALT_BYTES}..{MAX_SALT_BYTES} bytes that every party shares "
-            "(e.g. the session id and deployment hash); a fresh salt per run keeps runs unlinkable"
+            "(the peers use `psi_salt(deployment hash)`); runs stay unlinkable on the wire because "
+            "each run draws fresh blinding scalars"
         )
 
 
@@ -563,7 +564,7 @@ class MultiPartyPsi:
     def _on_partial_set(self, origin: int, hops: int, body: bytes) -> list[PsiStep]:
         what = f"the set of '{self._name(origin)}' after {hops} blinding(s)"
         points = decode_points(body, what=what, max_points=self._max_points)
-        self._sizes[self._name(origin)] = len(points)
+        self._check_size(origin, len(points), what)
         blinded = blind_points(self._own.scalar, points, workers=self._workers)
         if hops + 1 == self._n:
             # We are the last blinder of this set: shuffle it again so the coordinator cannot
@@ -577,7 +578,7 @@ class MultiPartyPsi:
         what = f"the fully blinded set of '{self._name(origin)}'"
         points = decode_points(body, what=what, max_points=self._max_points)
         _require_unique(points, what)
-        self._sizes[self._name(origin)] = len(points)
+        self._check_size(origin, len(points), what)
         self._full_sets[origin] = points
         if len(self._full_sets) < self._n:
             return []
@@ -593,6 +594,18 @@ class MultiPartyPsi:
             )
         self._full_sets.clear()
         return steps
+
+    def _check_size(self, origin: int, size: int, what: str) -> None:
+        """A set keeps its size all the way round: a party that dropped or added points (to learn
+        from the matches which ids were dropped, or to hide some) is refused where the set comes
+        back to a party that saw it before (its owner's own set at the coordinator, another's
+        set the coordinator blinded earlier)."""
+        name = self._name(origin)
+        seen = self._sizes.get(name)
+        if seen is not None and seen != size:
+            raise RemoteProtocolError(f"PSI: {what} has {size} points, but it had {seen} when this party saw it "
+                                      "before; a party on the ring dropped or added points")
+        self._sizes[name] = size
 
     def _on_matches_shuffled(self, origin: int, body: bytes) -> list[PsiStep]:
         perm = self._final_perm.get(origin)

@@ -19,8 +19,10 @@ payload, audit entry), then the node's own kinds, then the schedule:
 - everything else: `schedule.on_message`; a message it leaves for later waits in a bounded queue
   and is offered again after the next message the schedule took.
 
-A message the gate or the schedule refuses is audited and answered with an `error`; the run goes
-on. Only a refused handshake or an inbound flow our own policy denies stops it.
+A message the gate or the schedule refuses is audited, answered with an `error` and counted
+against its sender's violation budget; the run goes on until the sender's refusals exceed
+`limits.max_violations` within `limits.violation_window_s` (exit 4 when all were policy denials,
+else 5). A refused handshake stops it at once.
 """
 
 from __future__ import annotations

@@ -379,3 +379,40 @@ def test_bad_arguments_are_refused() -> None:
     party.start()
     with pytest.raises(LocalProtocolError, match="already called"):
         party.start()
+
+
+# -- a set keeps its size all the way round -------------------------------------------------------
+
+
+def test_a_party_that_drops_points_from_the_coordinators_set_is_refused() -> None:
+    # The owner would learn from the matches which of lh's ids it dropped: refused instead.
+    lh = MultiPartyPsi("lh", PAIR, [1, 2, 3, 4], salt=SALT)
+    a = MultiPartyPsi("a", PAIR, [2, 3, 4, 5], salt=SALT)
+    (to_a,) = lh.start()
+    (full,) = a.receive("lh", to_a.payload)
+    body = full.payload[HEADER:]
+    with pytest.raises(RemoteProtocolError, match="has 3 points, but it had 4 .* dropped or added points"):
+        lh.receive("a", _rebody(full.payload, body[POINT_BYTES:]))
+    assert lh.receive("a", full.payload) == []  # the genuine one is still taken
+
+
+def test_a_party_that_drops_points_from_another_partys_set_is_refused_by_the_coordinator() -> None:
+    # Three parties: b's set goes b -> lh -> a -> lh; a (its last blinder) drops a point of it.
+    names = ["lh", "a", "b"]
+    sets = {"lh": [1, 2, 3, 4], "a": [2, 3, 4, 5], "b": [3, 4, 6, 7]}
+    parties = {n: MultiPartyPsi(n, names, ids, salt=SALT) for n, ids in sets.items()}
+    queue = deque(step for p in parties.values() for step in p.start())
+    refused = []
+    while queue:
+        step = queue.popleft()
+        payload = step.payload
+        origin = struct.unpack_from("<H", payload, 6)[0]
+        if step.sender == "a" and step.receiver == "lh" and _kind(step) == SET and origin == 2:
+            payload = _rebody(payload, payload[HEADER + POINT_BYTES :])
+            with pytest.raises(RemoteProtocolError, match="dropped or added points"):
+                parties["lh"].receive(step.sender, payload)
+            refused.append(step)
+            continue
+        queue.extend(parties[step.receiver].receive(step.sender, payload))
+    assert len(refused) == 1
+    assert not parties["lh"].finished, "no matches go out for a set that lost points"
