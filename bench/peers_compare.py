@@ -266,7 +266,7 @@ def run_secure_split(variant: Variant, plan: Any, workdir: Path, *, link: Any, t
 def run_nvflare(variant: Variant, plan: Any, workdir: Path, *, link: Any, timeout_s: float) -> dict[str, Any]:
     """NVFlare's SplitNN: skipped (the reason is the row's note)."""
     if importlib.util.find_spec("nvflare") is None:
-        raise Skipped("nvflare is not installed (the optional extra); its SplitNN row is skipped")
+        raise Skipped("nvflare is not installed (optional)")
     raise Skipped("nvflare is installed, but this bench does not drive its SplitNN job yet")
 
 
@@ -445,7 +445,8 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
 
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results.values() if "skipped" not in r]
+    rank = {v.name: i for i, v in enumerate(VARIANTS)}
+    rows = [results[k] for k in sorted(results, key=lambda k: rank.get(k, len(rank))) if "skipped" not in results[k]]
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.6))
     names = [r["label"] for r in rows][::-1]
     values = [r["ms_per_step"] for r in rows][::-1]
@@ -457,7 +458,7 @@ def plot(results: dict[str, Any], path: Path, title: str) -> None:
                 va="center", fontsize=8)
     ax.set_xlabel("ms per training step (median; lower is better)")
     ax.set_xlim(0, max(values) * 1.6)
-    ax.set_title(textwrap.fill(title, 110), fontsize=9)
+    ax.set_title(textwrap.fill(title, 85), fontsize=9)
     ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
