@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = bench(args.variant_list, args.epochs, args.repeats, workroot, link=link, timeout_s=args.timeout,
                         log=log)
-    except RunFailed as exc:
+    except RuntimeError as exc:  # RunFailed, or a secure_split run that failed (split_vs_local.run_split)
         log(f"FAILED: {exc}")
         return 1
     finally:
