@@ -499,11 +499,11 @@ class _Probe:
 
         orig_begin = E.begin_step
 
-        def begin_step(this: Any, step: int, phase: str, ids: Any) -> Any:
+        def begin_step(this: Any, step: int, phase: str, ids: Any, **kwargs: Any) -> Any:
             if probe.phase != phase:
                 probe.set_phase(phase)
             probe.steps[phase] = probe.steps.get(phase, 0) + 1
-            return orig_begin(this, step, phase, ids)
+            return orig_begin(this, step, phase, ids, **kwargs)
 
         E.begin_step = begin_step  # type: ignore[method-assign]
         orig_barrier = R._barrier_local.__wrapped__  # type: ignore[attr-defined]

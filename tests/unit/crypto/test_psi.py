@@ -391,7 +391,7 @@ def test_a_party_that_drops_points_from_the_coordinators_set_is_refused() -> Non
     (to_a,) = lh.start()
     (full,) = a.receive("lh", to_a.payload)
     body = full.payload[HEADER:]
-    with pytest.raises(RemoteProtocolError, match="has 3 points, but it had 4 .* dropped or added points"):
+    with pytest.raises(RemoteProtocolError, match=r"has 3 points, but it had 4 .* dropped or added points"):
         lh.receive("a", _rebody(full.payload, body[POINT_BYTES:]))
     assert lh.receive("a", full.payload) == []  # the genuine one is still taken
 
