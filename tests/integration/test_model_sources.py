@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from secure_split.architecture import SegmentSource, segment_commitment
-from secure_split.cli import demo
+from secure_split import scenarios as demo
 from secure_split.engine.sources import describe_source
 from tests.integration.helpers import audit_entries, start_peers, wait_for
 
@@ -115,7 +115,7 @@ def test_a_private_user_module_trains_with_only_its_commitment_in_the_deployment
     _assert_trained(gen, codes, logs)
     (record,) = [e for e in audit_entries(gen.workdir / "audit" / "bank.jsonl")
                  if e.get("event") == "segment_commitment"]
-    assert record["commitment"] == segment_commitment(document)
+    assert record["data"]["commitment"] == segment_commitment(document)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")

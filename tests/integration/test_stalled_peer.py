@@ -1,5 +1,9 @@
 """A peer that stops answering mid-training (SIGSTOP: the process and its sockets stay open, only
-silent) is detected by heartbeats within seconds, not after the long peer timeout, and named."""
+silent) is detected by heartbeats within seconds, not after the long peer timeout, and named.
+
+What follows depends on `limits.rejoin_grace_s`: by default the others wait for it to be restarted
+(tests/integration/test_rejoin.py heals such a run), saying whom they wait for; with no grace the
+run stops at once with exit 3."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ DETECTION_BOUND_S = 30.0
 
 def test_stalled_follower_is_detected_and_named_within_seconds(vanilla_template: Deploy, tmp_path: Path) -> None:
     d = clone_deployment(vanilla_template, tmp_path / "d", epochs=5, max_steps=None,
-                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": PEER_TIMEOUT_S})
+                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": PEER_TIMEOUT_S, "rejoin_grace_s": 0.0})
     procs = start_peers(d)
     owner, holder = procs["owner"], procs["label_holder"]
     try:
@@ -53,3 +57,32 @@ def test_stalled_follower_is_detected_and_named_within_seconds(vanilla_template:
     lost = events(log, "peer_lost")
     assert lost and lost[0]["data"]["counterparty"] == "owner"
     assert events(log, "run_end")[-1]["data"]["status"] == "failed"
+
+
+def test_with_a_rejoin_grace_the_coordinator_names_the_stalled_follower_and_waits_for_it(
+        vanilla_template: Deploy, tmp_path: Path) -> None:
+    d = clone_deployment(vanilla_template, tmp_path / "d", epochs=5, max_steps=None,
+                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": PEER_TIMEOUT_S, "rejoin_grace_s": 600.0})
+    procs = start_peers(d)
+    owner, holder = procs["owner"], procs["label_holder"]
+    try:
+        def training() -> bool:
+            got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
+            return len(got) >= 3
+
+        assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
+        os.kill(owner.proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+
+        def waiting() -> bool:
+            return any(e["data"]["counterparty"] == "owner" for e in events(d.audit("label_holder"), "rejoin_wait"))
+
+        assert wait_for(waiting, DETECTION_BOUND_S + 15, interval=0.1), holder.stderr
+        assert time.monotonic() - stopped_at < DETECTION_BOUND_S
+        assert holder.proc.poll() is None, "the coordinator keeps running while it waits"
+        lost = events(d.audit("label_holder"), "peer_lost")
+        assert lost and lost[0]["data"]["counterparty"] == "owner"
+    finally:
+        if owner.proc.poll() is None:
+            os.kill(owner.proc.pid, signal.SIGCONT)
+        kill_all(procs)

@@ -44,4 +44,3 @@ def test_junk_appended_to_a_log_gives_bounded_findings_in_bounded_memory(small_r
     assert "Traceback" not in stderr
     assert len(report["findings"]) < 50 and any(f["kind"] in ("garbage", "torn_tail") for f in report["findings"])
     assert rss_mb < RSS_LIMIT_MB, rss_mb
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 < RSS_LIMIT_MB

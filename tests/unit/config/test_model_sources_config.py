@@ -27,7 +27,7 @@ def deployment(tmp_path: Path, bottom: dict[str, Any], edge: dict[str, Any] | No
     doc = {
         "version": 1, "name": "t", "coordinator": "lab", "policy": "policy.yaml",
         "peers": {"bank": {"endpoint": "tcp://127.0.0.1:5601", "sign_key": KEY, "transport_key": TK},
-                  "lab": {"endpoint": "tcp://127.0.0.1:5602", "sign_key": "b" * 64, "transport_key": TK}},
+                  "lab": {"endpoint": "tcp://127.0.0.1:5602", "sign_key": "b" * 64, "transport_key": "y" * 40}},
         "segments": {"bottom": {"peer": "bank", "input": "features", **bottom},
                      "top": {"peer": "lab", "loss": "cross_entropy", **(top or {"model": [{"linear": {"in": 8, "out": 2}}]})}},
         "edges": [{"from": "bottom", "to": "top", **(edge or {})}],

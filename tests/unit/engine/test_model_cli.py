@@ -20,7 +20,8 @@ runner = CliRunner()
 def _deployment(tmp_path: Path, entry: dict[str, object]) -> Path:
     doc = {
         "version": 1, "name": "t", "coordinator": "lab", "policy": "policy.yaml",
-        "peers": {p: {"endpoint": f"tcp://127.0.0.1:{5601 + i}", "sign_key": "a" * 64, "transport_key": "x" * 40}
+        "peers": {p: {"endpoint": f"tcp://127.0.0.1:{5601 + i}", "sign_key": "ab"[i] * 64,
+                      "transport_key": "xy"[i] * 40}
                   for i, p in enumerate(("bank", "lab"))},
         "segments": {"bottom": {"peer": "bank", "input": "features", **entry},
                      "top": {"peer": "lab", "loss": "cross_entropy", "model": [{"linear": {"in": 8, "out": 2}}]}},

@@ -210,7 +210,7 @@ def test_message_meta_is_a_read_only_copy() -> None:
         (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "eval": {"t": {"loss_sum": 1.0, "correct": 5, "count": 4}}}},
          r"in \[0, count\]"),
         (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "eval": {"t": {"loss_sum": 1.0, "count": 4}}}}, "exactly the keys"),
-        (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "values": {"accuracy": 1.0}}}, "meta key 'values' is not allowed"),
+        (Kind.BARRIER_ACK, {"meta": {"epoch": 0, "accuracy": 1.0}}, "meta key 'accuracy' is not allowed"),
         (
             Kind.AUDIT_RECEIPT,
             {"meta": {"peer": "Bank", "seq": 1, "head": "h", "signature": "s"}},

@@ -78,8 +78,10 @@ def test_a_multipart_message_over_the_bound_is_cut_before_it_lands(kit):
         assert cuts, "the 40 MiB message was not cut"
         assert cuts[0].peer == "alice"
         held = int(re.search(r"(\d+) bytes arrived", cuts[0].detail).group(1))  # type: ignore[union-attr]
-        # Bound: (queue + 2) messages of 1 MiB + 64 KiB header allowance, plus slack; far below 40 MiB.
-        assert held < 12 * MIB, held
+        # Bound: (queue + 2) messages of 1 MiB + 64 KiB header allowance, plus what arrives between
+        # two inspections of the guard thread (10 ms apart, later on a loaded machine: 14.6 MiB
+        # was seen beside a full test run); far below the 40 MiB the message carries.
+        assert held < 24 * MIB, held
         assert bob.connection_stats().cut.get("backlog") == 1
         assert bob.recv(0.5) is None, "no part of the cut message was delivered"
     finally:
