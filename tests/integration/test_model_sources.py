@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from secure_split.architecture import SegmentSource, segment_commitment
 from secure_split import scenarios as demo
+from secure_split.architecture import SegmentSource, segment_commitment
 from secure_split.engine.sources import describe_source
 from tests.integration.helpers import audit_entries, start_peers, wait_for
 
