@@ -2,8 +2,8 @@
 silent) is detected by heartbeats within seconds, not after the long peer timeout, and named.
 
 What follows depends on `limits.rejoin_grace_s`: by default the others wait for it to be restarted
-(tests/integration/test_rejoin.py heals such a run), saying whom they wait for; with no grace the
-run stops at once with exit 3."""
+(tests/integration/test_rejoin.py heals such a run), saying whom they wait for, and a stalled
+process that simply continues carries on; with no grace the run stops at once with exit 3."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Deploy, clone_deployment, events, kill_all, start_peers, wait_for
+from tests.integration.helpers import Deploy, clone_deployment, events, kill_all, start_peers, wait_for, wait_peers
 
 pytestmark = pytest.mark.integration
 
@@ -86,3 +86,40 @@ def test_with_a_rejoin_grace_the_coordinator_names_the_stalled_follower_and_wait
         if owner.proc.poll() is None:
             os.kill(owner.proc.pid, signal.SIGCONT)
         kill_all(procs)
+
+
+def test_a_stalled_follower_that_continues_carries_on(vanilla_template: Deploy, tmp_path: Path) -> None:
+    # With a rejoin grace the coordinator names the stalled owner and waits for it. When the old
+    # process continues (SIGCONT: same session, every message in sequence) it is back: the wait
+    # ends and the run finishes, with the loss and the return in the coordinator's log.
+    d = clone_deployment(vanilla_template, tmp_path / "d", epochs=2, max_steps=30,
+                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": 15.0, "rejoin_grace_s": 600.0})
+    procs = start_peers(d)
+    owner, holder = procs["owner"], procs["label_holder"]
+    try:
+        def training() -> bool:
+            got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
+            return len(got) >= 3
+
+        assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
+        os.kill(owner.proc.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+
+        def waiting() -> bool:
+            return any(e["data"]["counterparty"] == "owner" for e in events(d.audit("label_holder"), "rejoin_wait"))
+
+        assert wait_for(waiting, DETECTION_BOUND_S + 15, interval=0.1), holder.stderr
+        assert time.monotonic() - stopped_at < DETECTION_BOUND_S
+        assert holder.proc.poll() is None, "the coordinator keeps running while it waits"
+        os.kill(owner.proc.pid, signal.SIGCONT)
+        codes = wait_peers(procs, timeout=300)
+    finally:
+        if owner.proc.poll() is None:
+            os.kill(owner.proc.pid, signal.SIGCONT)
+        kill_all(procs)
+    assert codes == {"label_holder": 0, "owner": 0}, holder.stderr[-3000:] + owner.stderr[-3000:]
+    log = d.audit("label_holder")
+    assert [e["data"]["counterparty"] for e in events(log, "peer_lost")] == ["owner"]
+    back = [e["data"] for e in events(log, "peer_joined") if "came back" in e["data"]["reason"]]
+    assert back == [{"counterparty": "owner", "reason": "came back in its session (no message lost)"}]
+    assert events(log, "run_end")[-1]["data"]["status"] == "ok"

@@ -168,6 +168,8 @@ class SyncSchedule:
     def on_message(self, msg: Message) -> bool:
         """Steps, barriers, set-up rounds and the shutdown (see the module docstring)."""
         kind = msg.kind
+        if msg.binding.sender in self.lost:
+            self._came_back(msg.binding.sender)
         if kind == Kind.HELLO:
             return True  # a counterparty's HELLO after the handshake: nothing to do for one run
         if kind == Kind.PSI:
@@ -256,8 +258,24 @@ class SyncSchedule:
             self._drop_run_state()
 
     def on_remote_error(self, msg: Message) -> bool:
-        """A counterparty's error stops the run."""
+        """A counterparty's error stops the run, except at the coordinator the notice of a peer
+        it counts as gone (it stopped, as asked, to be restarted): the wait goes on."""
+        sender = msg.binding.sender
+        if self.ctx.is_coordinator and sender in self.lost:
+            self.node.record("error", error="RemoteError", reason=clip(
+                f"'{sender}', counted as gone, reported: {msg.meta.get('reason', '')!s}; still waiting for it to restart"))
+            return True
         return False
+
+    def _came_back(self, peer: str) -> None:
+        """A message from a peer counted as gone, in its old session: the session's strict
+        sequence (`protocol.session`) proves nothing was lost on the way here, so the old process
+        (stopped, then continued; or cut off, then reconnected) simply goes on. Had messages been
+        lost, the gate would have refused this one as out of sequence."""
+        del self.lost[peer]
+        self.node.record("peer_joined", counterparty=peer, reason="came back in its session (no message lost)")
+        self.node.metrics.on_rejoin_wait(peer, False)
+        self.node.progress({"event": "rejoined", "peer": peer})
 
     def on_receipt(self, sender: str, key: int) -> None:
         """Receipts are waited on by `node.exchange_heads`."""
