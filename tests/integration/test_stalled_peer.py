@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Deploy, clone_deployment, events, kill_all, start_peers, wait_for, wait_peers
+from tests.integration.helpers import (
+    Deploy,
+    clone_deployment,
+    events,
+    kill_all,
+    start_peers,
+    wait_for,
+    wait_peers,
+)
 
 pytestmark = pytest.mark.integration
 
