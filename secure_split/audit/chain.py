@@ -145,7 +145,8 @@ class LogScanner:
                 out = (h, None, "not a JSON object", None)
             else:
                 canon = canonical_problem(line, entry)
-                if canon is None and entry.get("event") not in MESSAGE_EVENTS:
+                event = entry.get("event")
+                if canon is None and not (type(event) is str and event in MESSAGE_EVENTS):
                     canon = value_problem(entry)
                 problem = None
                 keys = entry.keys()

@@ -4,10 +4,10 @@ About 94% of a log's lines are message entries (`message_sent`, `message_receive
 the chain, are in canonical form, and stand in a running segment. `feed_block` takes a block of
 lines in one loop over local variables and, for such a line, does in place what the general path
 does through five calls: one parse, one re-encoding compared byte for byte (the canonical form),
-one SHA-256 (the entry hash), the link to the line before (seq, prev, peer, version), and, once the
-next line links in turn, the facts the collector keeps (`FactCollector.accept` and `_message`:
-time, policy, the message's own side, its integer fields, its stream's count, sum and protocol
-seq, its flow for the policy pass).
+one SHA-256 (the entry hash), the link to the line before (seq, prev, peer, version), the checks
+of `FactCollector.accept` and `_message` (time, policy, the message's own side, its integer
+fields), and, once the next line links in turn, the facts the collector keeps (its stream's
+count, sum and protocol seq, its flow for the policy pass).
 
 The lane takes a line only when the general path would accept it without a finding; it keeps for
 it exactly what the general path keeps. Every other line (another event, a line that does not
@@ -58,6 +58,19 @@ def _collector_state(col: FactCollector) -> tuple[Any, bool, Any, int, str, str,
             last, last[:20] if last else _NO_DAY, col._first_time, col._msg_last_time)
 
 
+def _lane_record(streams: dict[Any, Any], flows: dict[Any, Any], seg_index: int, key: tuple[Any, ...]) -> Any:
+    """(stream, flow counter, hash of the flow's facts, segment) of a message whose stream already holds
+    messages of this segment and whose flow is known; None otherwise (the general path creates them)."""
+    event, sender, receiver, session, kind, edge, nbytes, dtype, shape, batch = key
+    s = streams.get((sender, receiver, session))
+    if s is None or seg_index not in s.segments:
+        return None
+    f = flows.get((event, sender, receiver, kind, edge, nbytes, dtype, shape, batch))
+    if f is None:
+        return None
+    return s, f, hash((kind, edge, nbytes, dtype, shape, batch)), seg_index
+
+
 def feed_block(sc: LogScanner, lines: list[bytes]) -> None:
     """Verify a block of complete lines (without newlines) in order: `sc.feed` for each, faster.
 
@@ -73,6 +86,7 @@ def feed_block(sc: LogScanner, lines: list[bytes]) -> None:
     facts = col.facts
     streams = facts.streams
     flows = facts.flows
+    records: dict[tuple[Any, ...], Any] = {}  # (event, stream, flow facts) -> _lane_record, for this block
     me = sc.peer
     sha = hashlib.sha256
     loads, encode, sort = parse, dumps, SORT_KEYS
@@ -80,19 +94,22 @@ def feed_block(sc: LogScanner, lines: list[bytes]) -> None:
     tail_kinds = CLOSE_TAIL_KINDS
     time_format = TIME_FORMAT
     micros = _MICROS.fullmatch
+    limit = _NBYTES_LIMIT
     # Scanner state (written back before any call to the general path).
     n_lines, entries, cur, head = sc.lines, sc.entries, sc.seq, sc.head
     lane = not sc._region and bool(head) and not sc._garbage_run
-    # The line that linked last, not yet accepted (the general path's `_pending`), when the lane took it.
+    # The line that linked last, not yet accepted (the general path's `_pending`), when the lane took
+    # it: the entry, and what accepting it changes (its stream, flow, facts' hash, protocol seq, ...).
     p_entry: Any = None
-    p_data: Any = None
-    p_event = p_policy = p_time = p_prev = p_hash = ""
-    p_seq = p_line = -1
+    p_rec: Any = None
+    p_event = p_time = p_prev = p_hash = p_session = ""
+    p_seq = p_line = p_n = p_fact = -1
+    p_tail = False
     # Collector state; `done` = the seq of the last message the lane accepted (-1: none since the last sync).
     seg, running, seg_policy, seg_index, last_time, last_day, first_time, msg_last_time = _collector_state(col)
     done = disallowed = -1
-
     e: Any = None
+
     for line in lines:
         n_lines += 1
         e = None
@@ -107,80 +124,32 @@ def feed_block(sc: LogScanner, lines: list[bytes]) -> None:
                 except KeyError:
                     seq = None
                 if seq == cur + 1 and prev == head and type(seq) is int:
-                    # This line links (the general path would say so too): the one before it is authentic, accept it.
-                    if p_entry is not None:
+                    # This line links (the general path would say so too): the one before it is authentic.
+                    if p_entry is not None:  # the lane checked it: accept it (FactCollector.accept/_message)
                         entries += 1
-                        accepted = False
-                        # FactCollector.accept's common case, then _message's, without a call.
-                        if running and type(p_time) is str and p_time >= last_time and p_policy == seg_policy \
-                                and ((p_time.startswith(last_day) and micros(p_time, 20))
-                                     or time_format.fullmatch(p_time)):
-                            try:
-                                batch, _c, _d, digest, dtype, edge, kind, nbytes, receiver, _r, sender, n, \
-                                    session, shape, step = message_of(p_data)
-                                if len(p_data) != _MESSAGE_LEN:
-                                    n = None
-                            except (KeyError, TypeError):  # a missing field; data not an object
-                                n = None
-                            if type(n) is int and n >= 0 and type(sender) is str and type(receiver) is str \
-                                    and type(session) is str \
-                                    and (sender if p_event == _SENT else receiver) == me \
-                                    and type(step) is int and type(nbytes) is int and 0 <= nbytes < _NBYTES_LIMIT \
-                                    and (batch is None or type(batch) is int):
-                                if shape is None:
-                                    shape_t = None
-                                elif type(shape) is list:
-                                    shape_t = tuple(shape)
-                                    if len(shape_t) == 2:
-                                        if type(shape_t[0]) is not int or type(shape_t[1]) is not int:
-                                            shape_t = False
-                                    else:
-                                        for x in shape_t:
-                                            if type(x) is not int:
-                                                shape_t = False
-                                                break
-                                else:
-                                    shape_t = False
-                                s = streams.get((sender, receiver, session)) if shape_t is not False else None
-                                if s is not None and seg_index in s.segments:
-                                    fact = (n, kind, edge, step, nbytes, dtype, shape_t, batch, digest)
-                                    try:
-                                        fact_hash = hash(fact)
-                                    except TypeError:
-                                        s = None
-                                    if s is not None:
-                                        accepted = True
-                                        if not p_time.startswith(last_day):
-                                            last_day = p_time[:20]
-                                        last_time = p_time
-                                        done = p_seq
-                                        if kind not in tail_kinds:
-                                            disallowed = p_seq
-                                        s.last_entry = p_seq
-                                        s.total = (s.total + fact_hash) & _MASK
-                                        s.count += 1
-                                        if n == s.max_n + 1:
-                                            s.max_n = n
-                                        else:
-                                            col._protocol_seq(s, n, session, p_seq)
-                                        flow = (p_event, sender, receiver, kind, edge, nbytes, dtype, shape_t, batch)
-                                        f = flows.get(flow)
-                                        if f is None:
-                                            flows[flow] = [1, [p_seq]]
-                                        else:
-                                            f[0] += 1
-                                            if len(f[1]) < 16:
-                                                f[1].append(p_seq)
-                                        if p_time < first_time:
-                                            first_time = p_time
-                                        if p_time > msg_last_time:
-                                            msg_last_time = p_time
-                        if not accepted:  # the general path judges it (and reports what is wrong)
-                            _sync_collector(col, seg, last_time, first_time, msg_last_time, done, disallowed)
-                            done = disallowed = -1
-                            col.accept(p_entry, p_seq, p_hash)
-                            seg, running, seg_policy, seg_index, last_time, last_day, first_time, msg_last_time = \
-                                _collector_state(col)
+                        if not p_time.startswith(last_day):
+                            last_day = p_time[:20]
+                        last_time = p_time
+                        done = p_seq
+                        if not p_tail:
+                            disallowed = p_seq
+                        st = p_rec[0]
+                        st.last_entry = p_seq
+                        st.total = (st.total + p_fact) & _MASK
+                        st.count += 1
+                        if p_n == st.max_n + 1:
+                            st.max_n = p_n
+                        else:
+                            col._protocol_seq(st, p_n, p_session, p_seq)
+                        f = p_rec[1]
+                        f[0] += 1
+                        if len(f[1]) < 16:
+                            f[1].append(p_seq)
+                        if p_time < first_time:
+                            first_time = p_time
+                        if p_time > msg_last_time:
+                            msg_last_time = p_time
+                        p_entry = None
                     elif sc._pending is not None:  # the line before went the general way
                         _sync_collector(col, seg, last_time, first_time, msg_last_time, done, disallowed)
                         done = disallowed = -1
@@ -190,15 +159,54 @@ def feed_block(sc: LogScanner, lines: list[bytes]) -> None:
                         sc._pending = None
                         seg, running, seg_policy, seg_index, last_time, last_day, first_time, msg_last_time = \
                             _collector_state(col)
-                    p_entry = None
-                    if len(e) == _ENTRY_LEN and peer == me and v == FORMAT_VERSION and type(v) is int \
-                            and type(policy) is str and (event == _SENT or event == _RECEIVED) \
-                            and encode(e, option=sort) == line:
-                        h = sha(line).hexdigest()
-                        p_entry, p_data, p_event, p_policy, p_time, p_prev, p_hash, p_seq, p_line = \
-                            e, data, event, policy, t, prev, h, seq, n_lines
-                        cur, head = seq, h
-                        continue
+                    # The line itself: what the general path would accept without a finding.
+                    if running and len(e) == _ENTRY_LEN and policy == seg_policy and peer == me \
+                            and v == FORMAT_VERSION and type(v) is int and (event == _SENT or event == _RECEIVED) \
+                            and type(t) is str and t >= last_time \
+                            and ((t.startswith(last_day) and micros(t, 20)) or time_format.fullmatch(t)):
+                        try:
+                            batch, _c, _d, digest, dtype, edge, kind, nbytes, receiver, _r, sender, n, \
+                                session, shape, step = message_of(data)
+                            ok = len(data) == _MESSAGE_LEN
+                        except (KeyError, TypeError):  # a field missing; data not an object
+                            ok = False
+                        if ok and type(n) is int and n >= 0 and (sender if event == _SENT else receiver) == me \
+                                and type(step) is int and type(nbytes) is int and 0 <= nbytes < limit \
+                                and (batch is None or type(batch) is int):
+                            if shape is None:
+                                shape_t = None
+                            elif type(shape) is list:
+                                shape_t = tuple(shape)
+                                if len(shape_t) == 2:
+                                    if type(shape_t[0]) is not int or type(shape_t[1]) is not int:
+                                        ok = False
+                                else:
+                                    for x in shape_t:
+                                        if type(x) is not int:
+                                            ok = False
+                                            break
+                            else:
+                                ok = False
+                            rec = None
+                            if ok:
+                                # A stream key that finds a stream consists of strings; unhashable facts raise.
+                                key = (event, sender, receiver, session, kind, edge, nbytes, dtype, shape_t, batch)
+                                try:
+                                    rec = records.get(key)
+                                    if rec is None or rec[3] != seg_index:
+                                        rec = _lane_record(streams, flows, seg_index, key)
+                                        if rec is not None and len(records) < 4096:
+                                            records[key] = rec
+                                    fact = hash((n, step, digest, rec[2])) if rec is not None else 0
+                                except TypeError:
+                                    rec = None
+                            if rec is not None and encode(e, option=sort) == line:
+                                h = sha(line).hexdigest()
+                                p_entry, p_rec, p_fact, p_n, p_session, p_tail = e, rec, fact, n, session, \
+                                    kind in tail_kinds
+                                p_event, p_time, p_prev, p_hash, p_seq, p_line = event, t, prev, h, seq, n_lines
+                                cur, head = seq, h
+                                continue
         # The general path: write the lane's state back, feed the line, take the state up again.
         _sync_collector(col, seg, last_time, first_time, msg_last_time, done, disallowed)
         done = disallowed = -1
