@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from secure_split.audit.encoding import encode_value
 from secure_split.audit.format import (
     CLOSE_TAIL_EVENTS,
     CLOSE_TAIL_KINDS,
@@ -52,16 +53,32 @@ def _tail_kind(kind: Any) -> bool:
     return type(kind) is str and kind in CLOSE_TAIL_KINDS
 
 
-def message_hash(n: int, step: Any, digest: Any, kind: Any, edge: Any, nbytes: Any, dtype: Any, shape: Any,
-                 batch: Any) -> int:
-    """What a stream's order-free sum adds for one message: sender and receiver log the same facts
-    (`crosscheck.COMPARED_FIELDS` and the protocol seq), so their sums agree. The flow's facts are
-    hashed on their own first, so the hot loop can keep that part per flow.
+def flow_hash(kind: Any, edge: Any, nbytes: Any, dtype: Any, shape: Any, batch: Any) -> int:
+    """The hash of a message's flow facts, the same in every process of one verification (the hash of
+    their canonical JSON: None's own hash is its address, and JSON tells 1, 1.0 and true apart).
 
     Raises:
         TypeError: a fact is not hashable (a list or an object where a scalar belongs).
     """
-    return hash((n, step, digest, hash((kind, edge, nbytes, dtype, shape, batch))))
+    hash((kind, edge, nbytes, dtype, shape, batch))
+    return hash(encode_value([kind, edge, nbytes, dtype, shape, batch]))
+
+
+def message_hash(n: Any, step: Any, digest: Any, kind: Any, edge: Any, nbytes: Any, dtype: Any, shape: Any,
+                 batch: Any) -> int:
+    """What a stream's order-free sum adds for one message. Sender and receiver log the same facts
+    (`crosscheck.COMPARED_FIELDS` and the protocol seq), so their sums agree; the logs of one set may
+    be scanned in different processes (`parallel.py`, one hash seed), so nothing here hashes None.
+    The hot loop keeps `flow_hash` per flow and adds `hash((n, step, digest, flow_hash))`.
+
+    Raises:
+        TypeError: a fact is not hashable.
+    """
+    static = flow_hash(kind, edge, nbytes, dtype, shape, batch)
+    if type(n) is int and type(step) is int and type(digest) is str:
+        return hash((n, step, digest, static))
+    hash((n, step, digest))
+    return hash((encode_value([n, step, digest]), static))
 
 
 @dataclass

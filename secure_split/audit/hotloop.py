@@ -25,6 +25,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from secure_split.audit.encoding import SORT_KEYS, JSONDecodeError, dumps, parse
+from secure_split.audit.facts import flow_hash
 from secure_split.audit.format import CLOSE_TAIL_KINDS, FORMAT_VERSION, TIME_FORMAT
 from secure_split.audit.regions import LineInfo
 
@@ -59,16 +60,19 @@ def _collector_state(col: FactCollector) -> tuple[Any, bool, Any, int, str, str,
 
 
 def _lane_record(streams: dict[Any, Any], flows: dict[Any, Any], seg_index: int, key: tuple[Any, ...]) -> Any:
-    """(stream, flow counter, hash of the flow's facts, segment) of a message whose stream already holds
-    messages of this segment and whose flow is known; None otherwise (the general path creates them)."""
+    """(stream, flow counter, `flow_hash` of its facts, segment) of a message whose stream already holds
+    messages of this segment, whose flow is known and whose kind, edge and dtype are strings (dtype may
+    be null); None otherwise (the general path creates them)."""
     event, sender, receiver, session, kind, edge, nbytes, dtype, shape, batch = key
     s = streams.get((sender, receiver, session))
     if s is None or seg_index not in s.segments:
         return None
+    if type(kind) is not str or type(edge) is not str or (dtype is not None and type(dtype) is not str):
+        return None  # so that a record's key equals only facts of the very same types (1 == 1.0 == true)
     f = flows.get((event, sender, receiver, kind, edge, nbytes, dtype, shape, batch))
     if f is None:
         return None
-    return s, f, hash((kind, edge, nbytes, dtype, shape, batch)), seg_index
+    return s, f, flow_hash(kind, edge, nbytes, dtype, shape, batch), seg_index
 
 
 def feed_block(sc: LogScanner, lines: list[bytes]) -> None:
@@ -172,7 +176,7 @@ def feed_block(sc: LogScanner, lines: list[bytes]) -> None:
                             ok = False
                         if ok and type(n) is int and n >= 0 and (sender if event == _SENT else receiver) == me \
                                 and type(step) is int and type(nbytes) is int and 0 <= nbytes < limit \
-                                and (batch is None or type(batch) is int):
+                                and (batch is None or type(batch) is int) and type(digest) is str:
                             if shape is None:
                                 shape_t = None
                             elif type(shape) is list:

@@ -1,5 +1,7 @@
 """The verifier's hot loop judges every log exactly as the general path does (differential tests).
 
+(Each case also checks that the scan's result survives the trip from a child process, `transfer.py`.)
+
 `hotloop.feed_block` takes the common line (a message entry that links, in canonical form) without
 calls; everything else goes through `LogScanner.feed`. Here the same logs go through both: the
 hot loop, and `LogScanner.feed` line by line (the general path, which never takes the lane). The
@@ -26,6 +28,7 @@ from secure_split.audit.chain import LogScanner, VerifyContext, scan_lines
 from secure_split.audit.facts import LogFacts
 from secure_split.audit.report import FileReport
 from secure_split.audit.synthetic import PEERS, SyntheticRun
+from secure_split.audit.transfer import dump_scan, load_scan
 
 from .conftest import context_of, lines_of
 from .insider import entries_of, resign, resigned_lines
@@ -47,6 +50,8 @@ def assert_same(lines: list[bytes], peer: str, context: VerifyContext) -> FileRe
     assert [f.describe() for f in lane_report.findings] == [f.describe() for f in ref_report.findings]
     assert lane_report == ref_report
     assert lane_facts == ref_facts
+    # What a child process hands back (parallel scans) is the very same report and facts.
+    assert load_scan(dump_scan(lane_report, lane_facts)) == (lane_report, lane_facts)
     return lane_report
 
 
