@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from secure_split.audit.encoding import encode_value
 from secure_split.audit.format import (
     CLOSE_TAIL_EVENTS,
     CLOSE_TAIL_KINDS,
@@ -34,6 +33,7 @@ from secure_split.audit.format import (
 )
 from secure_split.audit.regions import signature_valid
 from secure_split.audit.report import Finding, to_ranges
+from secure_split.audit.sums import message_hash
 from secure_split.errors import AuditError
 
 ZERO_SESSION = "0" * 32
@@ -46,39 +46,13 @@ _MASK = (1 << 64) - 1
 _MESSAGE_FIELDS = SCHEMAS["message_sent"][0]
 _INTS = frozenset({int})
 _SAMPLE = 16  # entry seqs kept per finding-in-the-making
+_REASONS_KEPT = 32  # distinct format problems described per log
+_GAPS_KEPT = 64  # skipped protocol seq ranges kept per stream (a finding lists the first 8)
 
 
 def _tail_kind(kind: Any) -> bool:
     """True for a message kind the close round's tail may hold (any JSON value may stand in a log)."""
     return type(kind) is str and kind in CLOSE_TAIL_KINDS
-
-
-def flow_hash(kind: Any, edge: Any, nbytes: Any, dtype: Any, shape: Any, batch: Any) -> int:
-    """The hash of a message's flow facts, the same in every process of one verification (the hash of
-    their canonical JSON: None's own hash is its address, and JSON tells 1, 1.0 and true apart).
-
-    Raises:
-        TypeError: a fact is not hashable (a list or an object where a scalar belongs).
-    """
-    hash((kind, edge, nbytes, dtype, shape, batch))
-    return hash(encode_value([kind, edge, nbytes, dtype, shape, batch]))
-
-
-def message_hash(n: Any, step: Any, digest: Any, kind: Any, edge: Any, nbytes: Any, dtype: Any, shape: Any,
-                 batch: Any) -> int:
-    """What a stream's order-free sum adds for one message. Sender and receiver log the same facts
-    (`crosscheck.COMPARED_FIELDS` and the protocol seq), so their sums agree; the logs of one set may
-    be scanned in different processes (`parallel.py`, one hash seed), so nothing here hashes None.
-    The hot loop keeps `flow_hash` per flow and adds `hash((n, step, digest, flow_hash))`.
-
-    Raises:
-        TypeError: a fact is not hashable.
-    """
-    static = flow_hash(kind, edge, nbytes, dtype, shape, batch)
-    if type(n) is int and type(step) is int and type(digest) is str:
-        return hash((n, step, digest, static))
-    hash((n, step, digest))
-    return hash((encode_value([n, step, digest]), static))
 
 
 @dataclass
@@ -215,7 +189,10 @@ class FactCollector:
         self._found(Finding(kind, self.peer, self.file, to_ranges(seqs), message, severity, evidence, party))
 
     def malformed(self, seq: int, why: str) -> None:
-        """Collect a format problem; one finding per distinct problem at the end."""
+        """Collect a format problem; one finding per distinct problem at the end (at most
+        `_REASONS_KEPT` distinct ones: a hostile log may vary them with every line)."""
+        if why not in self._malformed and len(self._malformed) >= _REASONS_KEPT:
+            why = f"format problems of yet other kinds (only the first {_REASONS_KEPT} kinds are described)"
         seqs = self._malformed.setdefault(why, [])
         if len(seqs) < _SAMPLE:
             seqs.append(seq)
@@ -468,13 +445,15 @@ class FactCollector:
             return
         if n > s.max_n:
             if n - s.max_n - 1 > HOLE_WINDOW:
-                s.far_gaps.append((s.max_n + 1, n - 1))
+                if len(s.far_gaps) < _GAPS_KEPT:
+                    s.far_gaps.append((s.max_n + 1, n - 1))
             else:
                 s.holes.update(range(s.max_n + 1, n))
-                if len(s.holes) > HOLE_WINDOW:
-                    low = min(s.holes)
-                    s.holes.discard(low)
-                    s.far_gaps.append((low, low))
+                if len(s.holes) > HOLE_WINDOW:  # the oldest holes are gaps for good
+                    for low in sorted(s.holes)[: len(s.holes) - HOLE_WINDOW]:
+                        s.holes.discard(low)
+                        if len(s.far_gaps) < _GAPS_KEPT:
+                            s.far_gaps.append((low, low))
             s.max_n = n
         elif n in s.holes:
             s.holes.discard(n)

@@ -25,9 +25,9 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from secure_split.audit.encoding import SORT_KEYS, JSONDecodeError, dumps, parse
-from secure_split.audit.facts import flow_hash
 from secure_split.audit.format import CLOSE_TAIL_KINDS, FORMAT_VERSION, TIME_FORMAT
 from secure_split.audit.regions import LineInfo
+from secure_split.audit.sums import flow_hash
 
 if TYPE_CHECKING:
     from secure_split.audit.chain import LogScanner
