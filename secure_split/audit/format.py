@@ -126,7 +126,7 @@ HEX128: Final[re.Pattern[str]] = re.compile(r"[0-9a-f]{128}")
 PEER_NAME: Final[re.Pattern[str]] = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _PLAIN: Final[re.Pattern[str]] = re.compile(r"[0-9a-z_]*")
 """Strings that canonical JSON writes between quotes unchanged (no escape, ASCII)."""
-TIME_FORMAT: Final[re.Pattern[str]] = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+TIME_FORMAT: Final[re.Pattern[str]] = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 """Entry times: RFC 3339 UTC with microseconds, e.g. 2026-01-01T00:00:00.250000Z."""
 
 

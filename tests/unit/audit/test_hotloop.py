@@ -215,3 +215,12 @@ def test_any_value_in_any_field_of_any_entry_gives_the_same_verdict_both_ways(
         edited[name] = value
     entries[at] = edited
     assert_same(resigned_lines(small_run_template, peer, entries), peer, context)
+
+
+@pytest.mark.parametrize("name", ["time_wide_digits", "time_arabic_digits", "time_garbage"])
+def test_a_time_in_other_digits_is_not_rfc_3339(name: str, small_run: SyntheticRun, context: VerifyContext) -> None:
+    entries = entries_of(small_run, "lab")
+    at = [i for i, e in enumerate(entries) if e["event"].startswith("message_")][40]
+    EDITS[name](entries[at])
+    report = assert_same(resigned_lines(small_run, "lab", entries), "lab", context)
+    assert any(f.kind == "time_order" and f.covers(at) for f in report.findings)
