@@ -21,14 +21,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from secure_split.audit.encoding import (
-    SORT_KEYS as _SORT,
-)
 from secure_split.audit.encoding import JSONDecodeError, canonical_problem, encode_entry, parse, value_problem
-from secure_split.audit.encoding import dumps as _encode_fast
 from secure_split.audit.facts import FactCollector, LogFacts
 from secure_split.audit.format import (
     CHECKPOINT_KEYS,
@@ -42,14 +39,11 @@ from secure_split.audit.format import (
     genesis_hash,
     head_message,
 )
+from secure_split.audit.hotloop import feed_block
 from secure_split.audit.reading import LineReader
 from secure_split.audit.regions import LineInfo, diagnose_region, paused_gc, signature_valid
 from secure_split.audit.report import MAX_FINDINGS, FileReport, Finding, format_ranges, to_ranges
 from secure_split.errors import AuditError
-
-_FAST_EVENTS = frozenset({"message_sent", "message_received"})
-"""Events the fast path takes (their numbers are checked field by field by the collector)."""
-_parse_fast = parse
 
 REGION_LINES = 4096
 """Most lines of one broken region kept for its diagnosis; past it the region is judged as it stands."""
@@ -132,8 +126,9 @@ class LogScanner:
 
     # -- parsing -------------------------------------------------------------------------------
 
-    def _parse(self, line: bytes) -> tuple[str, Any, str | None, str | None]:
-        """(entry hash, parsed entry or None, structural problem, encoding problem)."""
+    def _parse(self, line: bytes, parsed: dict[str, Any] | None = None) -> tuple[str, Any, str | None, str | None]:
+        """(entry hash, parsed entry or None, structural problem, encoding problem); `parsed` is
+        `parse(line)` when the caller has it already."""
         cache = self._cache
         if cache is not None:
             hit = cache.get(line)
@@ -142,7 +137,7 @@ class LogScanner:
         h = _SHA256(line).hexdigest()
         out: tuple[str, Any, str | None, str | None]
         try:
-            entry = parse(line)
+            entry = parse(line) if parsed is None else parsed
         except JSONDecodeError:
             out = (h, None, "not a JSON entry (invalid UTF-8 or JSON)", None)
         else:
@@ -150,7 +145,8 @@ class LogScanner:
                 out = (h, None, "not a JSON object", None)
             else:
                 canon = canonical_problem(line, entry)
-                if canon is None and entry.get("event") not in MESSAGE_EVENTS:
+                event = entry.get("event")
+                if canon is None and not (type(event) is str and event in MESSAGE_EVENTS):
                     canon = value_problem(entry)
                 problem = None
                 keys = entry.keys()
@@ -168,9 +164,9 @@ class LogScanner:
             cache[line] = out
         return out
 
-    def _info(self, line: bytes) -> LineInfo:
+    def _info(self, line: bytes, parsed: dict[str, Any] | None = None) -> LineInfo:
         n = self.lines
-        h, entry, problem, canon = self._parse(line)
+        h, entry, problem, canon = self._parse(line, parsed)
         if entry is None:
             return LineInfo(-1, "", h, "", problem, False, None, n)
         seq, prev, event = entry.get("seq"), entry.get("prev"), entry.get("event")
@@ -203,29 +199,10 @@ class LogScanner:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    def feed(self, line: bytes) -> None:
-        """Verify the next complete line."""
+    def feed(self, line: bytes, parsed: dict[str, Any] | None = None) -> None:
+        """Verify the next complete line (`parsed`: `parse(line)` when the caller has it already)."""
         self.lines += 1
-        if not self._region and self._cache is None and line[:1] == b"{" and self.head:
-            # The common case, inlined: a canonical entry that links to the chain.
-            try:
-                entry = _parse_fast(line)
-            except JSONDecodeError:
-                entry = None
-            if type(entry) is dict and entry.keys() == ENTRY_KEYS and entry["seq"] == self.seq + 1 \
-                    and entry["prev"] == self.head and type(entry["seq"]) is int and entry["peer"] == self.peer \
-                    and entry["v"] == FORMAT_VERSION and type(entry["v"]) is int and type(entry["policy"]) is str \
-                    and entry["event"] in _FAST_EVENTS and _encode_fast(entry, option=_SORT) == line:
-                if self._garbage_run:
-                    self._end_garbage_run()
-                fast = LineInfo(entry["seq"], entry["prev"], _SHA256(line).hexdigest(), entry["event"], None, False,
-                                entry, self.lines, None)
-                if self._pending is not None:
-                    self._accept(self._pending)
-                self._pending = fast
-                self.seq, self.head = fast.seq, fast.hash
-                return
-        info = self._info(line) if line and line[0] == 0x7B else None
+        info = self._info(line, parsed) if line and line[0] == 0x7B else None
         if info is None or info.entry is None:  # not an entry at all: part of a run of garbage
             if self._garbage_run == 0:
                 self._garbage_from = self.lines
@@ -430,9 +407,10 @@ def scan_lines(lines: Iterable[bytes], *, peer: str, context: VerifyContext, tor
                file: str = "") -> tuple[FileReport, LogFacts]:
     """Verify one peer's log given as lines (without newlines); returns its report and facts."""
     scanner = LogScanner(peer, context, file)
+    it = iter(lines)
     with paused_gc():
-        for line in lines:
-            scanner.feed(line)
+        while block := list(islice(it, 4096)):
+            feed_block(scanner, block)
         return scanner.finish(torn)
 
 
@@ -464,8 +442,8 @@ def scan_file(path: str | Path, *, peer: str, context: VerifyContext) -> tuple[F
     try:
         with open(p, "rb") as fh, paused_gc():
             reader = LineReader(fh, scanner.overlong)
-            for line in reader:
-                scanner.feed(line)
+            for block in reader.blocks():
+                feed_block(scanner, block)
             return scanner.finish(reader.torn, reader.torn_length)
     except OSError as exc:
         raise AuditError(f"cannot read audit log {p}: {exc.strerror or exc}") from None

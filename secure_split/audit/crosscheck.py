@@ -89,7 +89,8 @@ class CrossCheck:
                 own = owner.checkpoints.get(s) if owner is not None and type(s) is int else None
                 if own is not None and own[2] and own[0] == h and own[1] == sig and own[3] == run and own[4] == nonce:
                     pass  # the same signature over the same head already verified in its owner's log
-                elif type(s) is not int or type(h) is not str or type(sig) is not str or not HEX128.fullmatch(sig) \
+                elif type(s) is not int or type(h) is not str or type(sig) is not str or type(run) is not str \
+                        or type(nonce) is not str or not HEX128.fullmatch(sig) \
                         or not signature_valid(key, head_message(cp, s, h, self.dep, run=run, nonce=nonce), sig):
                     bad_sig.append(at)
                     continue

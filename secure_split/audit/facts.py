@@ -33,6 +33,7 @@ from secure_split.audit.format import (
 )
 from secure_split.audit.regions import signature_valid
 from secure_split.audit.report import Finding, to_ranges
+from secure_split.audit.sums import message_hash
 from secure_split.errors import AuditError
 
 ZERO_SESSION = "0" * 32
@@ -45,6 +46,13 @@ _MASK = (1 << 64) - 1
 _MESSAGE_FIELDS = SCHEMAS["message_sent"][0]
 _INTS = frozenset({int})
 _SAMPLE = 16  # entry seqs kept per finding-in-the-making
+_REASONS_KEPT = 32  # distinct format problems described per log
+_GAPS_KEPT = 64  # skipped protocol seq ranges kept per stream (a finding lists the first 8)
+
+
+def _tail_kind(kind: Any) -> bool:
+    """True for a message kind the close round's tail may hold (any JSON value may stand in a log)."""
+    return type(kind) is str and kind in CLOSE_TAIL_KINDS
 
 
 @dataclass
@@ -181,7 +189,10 @@ class FactCollector:
         self._found(Finding(kind, self.peer, self.file, to_ranges(seqs), message, severity, evidence, party))
 
     def malformed(self, seq: int, why: str) -> None:
-        """Collect a format problem; one finding per distinct problem at the end."""
+        """Collect a format problem; one finding per distinct problem at the end (at most
+        `_REASONS_KEPT` distinct ones: a hostile log may vary them with every line)."""
+        if why not in self._malformed and len(self._malformed) >= _REASONS_KEPT:
+            why = f"format problems of yet other kinds (only the first {_REASONS_KEPT} kinds are described)"
         seqs = self._malformed.setdefault(why, [])
         if len(seqs) < _SAMPLE:
             seqs.append(seq)
@@ -207,7 +218,7 @@ class FactCollector:
             self._last_time = t
             seg.last_seq = seq
             self.facts.last_seq = seq
-            if data["kind"] not in CLOSE_TAIL_KINDS:
+            if not _tail_kind(data["kind"]):
                 seg.last_disallowed_seq = seq
             seg.final = False
             self._message(event, data, seq, t)
@@ -246,7 +257,7 @@ class FactCollector:
             sample = self.facts.policy_mismatch.setdefault(str(entry["policy"]), [])
             if len(sample) < _SAMPLE:
                 sample.append(seq)
-        if event not in CLOSE_TAIL_EVENTS and not (event in MESSAGE_EVENTS and data.get("kind") in CLOSE_TAIL_KINDS):
+        if event not in CLOSE_TAIL_EVENTS and not (event in MESSAGE_EVENTS and _tail_kind(data.get("kind"))):
             seg.last_disallowed_seq = seq
             if seg.run_end_seq >= 0 and event != "run_start":
                 self.malformed(seq, "after run_end a segment holds only the close round's entries "
@@ -390,12 +401,13 @@ class FactCollector:
             seg.candidate_runs.add(run)  # its run_bound may be among the entries lost: judged by the heads' owner
         elif not seg.runs and run == "":
             pass  # both unbound (a failed start): the head binds the signer's nonce, checked against its log
-        elif not seg.runs or run != seg.run or self._nonces.get(cp) != nonce:
+        elif not seg.runs or run != seg.run or (type(cp) is str and self._nonces.get(cp) != nonce):
             self.finding("run_mismatch", [seq],
                          f"a head of '{cp}' recorded for run {str(run)[:16]}... (nonce {str(nonce)[:12]}...) while "
                          f"this segment is bound to run {seg.run[:16] or '(none)'}...: the writer refuses such a head, "
                          "so it was put here by hand (a replayed head)")
             return
+        # (A head whose fields are not strings is kept too: the cross-peer pass blames its holder.)
         self.facts.heads.append((cp, data["seq"], data["head"], data["signature"], data["key"], run, nonce, seq))
 
     def _counterparty_metrics(self, data: dict[str, Any], seq: int) -> None:
@@ -433,13 +445,15 @@ class FactCollector:
             return
         if n > s.max_n:
             if n - s.max_n - 1 > HOLE_WINDOW:
-                s.far_gaps.append((s.max_n + 1, n - 1))
+                if len(s.far_gaps) < _GAPS_KEPT:
+                    s.far_gaps.append((s.max_n + 1, n - 1))
             else:
                 s.holes.update(range(s.max_n + 1, n))
-                if len(s.holes) > HOLE_WINDOW:
-                    low = min(s.holes)
-                    s.holes.discard(low)
-                    s.far_gaps.append((low, low))
+                if len(s.holes) > HOLE_WINDOW:  # the oldest holes are gaps for good
+                    for low in sorted(s.holes)[: len(s.holes) - HOLE_WINDOW]:
+                        s.holes.discard(low)
+                        if len(s.far_gaps) < _GAPS_KEPT:
+                            s.far_gaps.append((low, low))
             s.max_n = n
         elif n in s.holes:
             s.holes.discard(n)
@@ -462,8 +476,8 @@ class FactCollector:
             self.malformed(seq, "a message's step, nbytes, batch_size and shape are integers (canonical form: "
                                 "never a float such as 112.0)")
         session = d["session"]
-        key = (sender, receiver, session)
-        s = self.facts.streams.get(key)
+        s = self.facts.streams.get((sender, receiver, session)) \
+            if type(sender) is str and type(receiver) is str and type(session) is str else None
         if s is None:
             s = self._stream(sender, receiver, session, seq)
             if s is None:
@@ -472,10 +486,11 @@ class FactCollector:
         seg_index = self.seg.index if self.seg is not None else 0
         if seg_index not in s.segments:
             s.segments.add(seg_index)
-        facts = (n, d["kind"], d["edge"], d["step"], d["nbytes"], d["dtype"],
-                 tuple(shape) if type(shape) is list else shape, batch, d["digest"])
+        kind, edge, nbytes, dtype = d["kind"], d["edge"], d["nbytes"], d["dtype"]
+        shape_t = tuple(shape) if type(shape) is list else shape
         try:
-            s.total = (s.total + hash(facts)) & _MASK
+            s.total = (s.total + message_hash(n, d["step"], d["digest"], kind, edge, nbytes, dtype, shape_t, batch)) \
+                & _MASK
         except TypeError:
             self.malformed(seq, "a message's facts must be scalars (and a list for shape)")
             return
@@ -484,7 +499,7 @@ class FactCollector:
             s.max_n = n  # the common case: the next protocol seq
         else:
             self._protocol_seq(s, n, session, seq)
-        flow = (event, sender, receiver, facts[1], facts[2], facts[4], facts[5], facts[6], batch)
+        flow = (event, sender, receiver, kind, edge, nbytes, dtype, shape_t, batch)
         f = self.facts.flows.get(flow)
         if f is None:
             self.facts.flows[flow] = [1, [seq]]
@@ -492,6 +507,8 @@ class FactCollector:
             f[0] += 1
             if len(f[1]) < _SAMPLE:
                 f[1].append(seq)
+        if type(t) is not str:
+            return  # reported as time_order
         if t < self._first_time:
             self._first_time = t
         if t > self._msg_last_time:
@@ -508,8 +525,12 @@ class FactCollector:
         s = self._stream(sender, self.peer, d["session"], seq)
         if s is None:
             return
+        try:
+            s.refused_total = (s.refused_total + hash((n, digest))) & _MASK
+        except TypeError:
+            self.malformed(seq, "a refusal's digest must be a string or null")
+            return
         s.refused += 1
-        s.refused_total = (s.refused_total + hash((n, digest))) & _MASK
         self._protocol_seq(s, n, d["session"], seq)
 
     # -- the end -----------------------------------------------------------------------------

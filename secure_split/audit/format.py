@@ -124,7 +124,9 @@ INT_LIMIT: Final[int] = 2**63
 HEX64: Final[re.Pattern[str]] = re.compile(r"[0-9a-f]{64}")
 HEX128: Final[re.Pattern[str]] = re.compile(r"[0-9a-f]{128}")
 PEER_NAME: Final[re.Pattern[str]] = re.compile(r"[a-z][a-z0-9_]{0,62}")
-TIME_FORMAT: Final[re.Pattern[str]] = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+_PLAIN: Final[re.Pattern[str]] = re.compile(r"[0-9a-z_]*")
+"""Strings that canonical JSON writes between quotes unchanged (no escape, ASCII)."""
+TIME_FORMAT: Final[re.Pattern[str]] = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 """Entry times: RFC 3339 UTC with microseconds, e.g. 2026-01-01T00:00:00.250000Z."""
 
 
@@ -198,6 +200,11 @@ def head_message(peer: str, seq: int, head: str, deployment_hash: str, *, run: s
     Returns:
         canonical_json({"deployment", "format": HEAD_FORMAT, "head", "nonce", "peer", "run", "seq"}).
     """
+    parts = (peer, head, deployment_hash, run, nonce)
+    if type(seq) is int and all(type(x) is str for x in parts) and _PLAIN.fullmatch("".join(parts)):
+        # Strings JSON writes as they are (no escapes), an integer: the same bytes, without the encoder.
+        return (f'{{"deployment":"{deployment_hash}","format":"{HEAD_FORMAT}","head":"{head}","nonce":"{nonce}",'
+                f'"peer":"{peer}","run":"{run}","seq":{seq}}}').encode()
     return canonical_json({"deployment": deployment_hash, "format": HEAD_FORMAT, "head": head, "nonce": nonce,
                            "peer": peer, "run": run, "seq": seq})
 

@@ -22,7 +22,7 @@ class LineReader:
 
     A line longer than `MAX_LINE_BYTES` is never held: `on_overlong(line number, length)` is
     called and an empty stand-in is yielded in its place (it then counts as a line that is not an
-    entry).
+    entry). Iterate it line by line, or by `blocks` (lists of lines) where the caller loops itself.
     """
 
     def __init__(self, fh: BinaryIO, on_overlong: Callable[[int, int], None]) -> None:
@@ -33,6 +33,11 @@ class LineReader:
         self.torn_length = 0
 
     def __iter__(self) -> Iterator[bytes]:
+        for block in self.blocks():
+            yield from block
+
+    def blocks(self) -> Iterator[list[bytes]]:
+        """The complete lines, a block (about 1 MiB) at a time; `torn` is set once they are exhausted."""
         carry = b""
         skipping = -1  # >= 0: bytes of an overlong line skipped so far
         line_no = 0
@@ -44,23 +49,20 @@ class LineReader:
             parts = block.split(b"\n")
             last = parts.pop()
             if parts:
-                first = parts[0]
                 if skipping >= 0:
-                    line_no += 1
-                    self._on_overlong(line_no, skipping + len(first))
+                    self._on_overlong(line_no + 1, skipping + len(parts[0]))
+                    parts[0] = b""
                     skipping = -1
-                    yield b""
-                    parts = parts[1:]
                 elif carry:
-                    parts[0] = carry + first
+                    parts[0] = carry + parts[0]
                 carry = b""
-                for part in parts:
-                    line_no += 1
-                    if len(part) > limit:
-                        self._on_overlong(line_no, len(part))
-                        yield b""
-                    else:
-                        yield part
+                if max(map(len, parts)) > limit:
+                    for k, part in enumerate(parts):
+                        if len(part) > limit:
+                            self._on_overlong(line_no + k + 1, len(part))
+                            parts[k] = b""
+                line_no += len(parts)
+                yield parts
                 carry = last
             elif skipping >= 0:
                 skipping += len(last)

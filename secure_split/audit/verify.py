@@ -3,7 +3,8 @@
 Three passes, streaming, memory bounded by peers x sessions x a window (not by log length):
 
 1. per file (`chain.scan_file`): hash chain, seq order, canonical encoding, signatures, run
-   segments, the end of the log; reduced to `LogFacts`;
+   segments, the end of the log; reduced to `LogFacts` (on a large set, one child process per log:
+   `parallel.py`);
 2. across peers (`crosscheck.CrossCheck`): countersigned heads and runs, the close round's tail,
    every message on both sides, signed metrics, each finding attributed to the party that acted;
 3. policy (`compliance.check_compliance`): every segment ran under the policy given, every logged
@@ -19,11 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from secure_split.audit.chain import VerifyContext, scan_file
+from secure_split.audit.chain import VerifyContext
 from secure_split.audit.compliance import check_compliance
 from secure_split.audit.crosscheck import CrossCheck
 from secure_split.audit.encoding import JSONDecodeError, parse
 from secure_split.audit.facts import LogFacts
+from secure_split.audit.parallel import auto_workers, scan_files
 from secure_split.audit.reading import LineReader, foreign_deployment
 from secure_split.audit.regions import paused_gc
 from secure_split.audit.report import MAX_FINDINGS, AuditReport, FileReport, Finding
@@ -65,7 +67,7 @@ def _reread(paths: dict[str, Path]) -> Any:
     return items
 
 
-def verify_logs(log_dir: str | Path, deployment: Any, policy: Any = None) -> AuditReport:
+def verify_logs(log_dir: str | Path, deployment: Any, policy: Any = None, *, workers: int | None = None) -> AuditReport:
     """Verify every peer's log in a folder: per file, across peers, and against the policy.
 
     Args:
@@ -73,16 +75,19 @@ def verify_logs(log_dir: str | Path, deployment: Any, policy: Any = None) -> Aud
         deployment: a loaded `Deployment`, or the path of deployment.yaml (public keys).
         policy: a loaded `Policy` or its path; None: compliance is not checked and the verdict is
             at best "incomplete" (exit 2).
+        workers: processes that scan the logs (pass 1) at once; 1: all in this process; None: as
+            many as pay off (`parallel.auto_workers`: one per log on a set of 64 MiB or more, at
+            most the cores available and 4). The verdict is the same either way.
 
     Returns:
         The report (`exit_code`: 0 clean, 1 findings, 2 cannot verify or incomplete). Never raises
         for bad inputs; an internal failure is the CLI's exit 3.
     """
     with paused_gc():
-        return _verify_logs(log_dir, deployment, policy)
+        return _verify_logs(log_dir, deployment, policy, workers)
 
 
-def _verify_logs(log_dir: str | Path, deployment: Any, policy: Any) -> AuditReport:
+def _verify_logs(log_dir: str | Path, deployment: Any, policy: Any, workers: int | None) -> AuditReport:
     try:
         dep = _load_deployment(deployment)
     except SecureSplitError as exc:
@@ -104,6 +109,7 @@ def _verify_logs(log_dir: str | Path, deployment: Any, policy: Any) -> AuditRepo
     files: list[FileReport] = []
     logs: dict[str, LogFacts] = {}
     paths: dict[str, Path] = {}
+    todo: list[tuple[str, Path]] = []
     for peer in sorted(dep.spec.peers):
         path = directory / f"{peer}.jsonl"
         if not path.is_file():
@@ -114,11 +120,14 @@ def _verify_logs(log_dir: str | Path, deployment: Any, policy: Any) -> AuditRepo
             unverifiable.append(f"{path.name} belongs to deployment {foreign[:16]}... (its run_start and genesis), "
                                 f"not to the deployment given ({dep.hash[:16]}...)")
             continue
-        try:
-            report, facts = scan_file(path, peer=peer, context=context)
-        except AuditError as exc:
-            unverifiable.append(str(exc))
+        todo.append((peer, path))
+    scans = scan_files(todo, context, auto_workers([p for _, p in todo]) if workers is None else workers)
+    for peer, path in todo:
+        scan = scans[peer]
+        if isinstance(scan, AuditError):
+            unverifiable.append(str(scan))
             continue
+        report, facts = scan
         files.append(report)
         findings.extend(report.findings)
         suppressed += report.suppressed

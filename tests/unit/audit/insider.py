@@ -17,6 +17,12 @@ Encoder = Callable[[dict[str, Any]], bytes]
 
 def resign(run: SyntheticRun, peer: str, entries: list[dict[str, Any]], encode: Encoder = encode_entry) -> None:
     """Renumber, re-chain and re-sign `entries` with `peer`'s own key, and write them as its log."""
+    write_lines(run, peer, resigned_lines(run, peer, entries, encode))
+
+
+def resigned_lines(run: SyntheticRun, peer: str, entries: list[dict[str, Any]],
+                   encode: Encoder = encode_entry) -> list[bytes]:
+    """The lines of `entries` renumbered, re-chained and re-signed with `peer`'s own key."""
     ident = run.identities[peer]
     nonce = run_id = ""
     head = ""
@@ -25,12 +31,13 @@ def resign(run: SyntheticRun, peer: str, entries: list[dict[str, Any]], encode: 
         e = dict(e)
         e.pop("sig", None)
         e["seq"] = i
+        data = e.get("data") if isinstance(e.get("data"), dict) else {}
         if e["event"] == "run_start":
-            nonce, run_id = e["data"]["nonce"], ""
+            nonce, run_id = data.get("nonce"), ""
             if i == 0:
                 head = genesis_hash(peer, run.deployment_hash, nonce)
         if e["event"] == "run_bound":
-            run_id = e["data"]["run_id"]
+            run_id = data.get("run_id")
         e["prev"] = head
         body = encode(e)
         head = sha256_hex(body)
@@ -39,7 +46,7 @@ def resign(run: SyntheticRun, peer: str, entries: list[dict[str, Any]], encode: 
             e["sig"] = {"key": ident.sign_key_hex, "signature": sig}
             body = encode(e)
         out.append(body)
-    write_lines(run, peer, out)
+    return out
 
 
 def entries_of(run: SyntheticRun, peer: str) -> list[dict[str, Any]]:
