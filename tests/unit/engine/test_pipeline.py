@@ -20,6 +20,7 @@ from secure_split.engine.pipeline import WeightVersions
 from secure_split.errors import LocalProtocolError
 
 from .test_executor import BATCH, _data, _vanilla
+from .test_executor import _pair as _executors
 from .test_overlap import _chain
 
 PLAN = [("train", BATCH + 3 * i) for i in range(6)] + [("eval", BATCH)] + [("train", BATCH + 5 + i) for i in range(3)]
@@ -86,8 +87,8 @@ def test_depth_one_is_sequential_training_and_depth_two_is_overlap(tmp_path: Pat
     owner.begin_step(0, "train", BATCH)
     assert not owner.can_begin_ahead("train")
     sequential = _train(*_pair(tmp_path, 1), order=None)
-    default = dict(zip(("owner", "lab"), _pair(tmp_path, 1)))
-    assert _same(_train(default["owner"], default["lab"], order=None), sequential)
+    default = _executors(_vanilla(tmp_path, name="default.yaml"))  # no pipelining options at all
+    assert _same(_train(*default, order=None), sequential)
     overlap = _train(*_pair(tmp_path, 1, overlap=True), order=random.Random(5))
     assert _same(overlap, _train(*_pair(tmp_path, 2), order=random.Random(6)))
     owner, lab = _pair(tmp_path, 4)
