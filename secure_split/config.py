@@ -592,7 +592,7 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
     return problems
 
 
-def step_messages(spec: DeploymentSpec) -> int:
+def _step_messages(spec: DeploymentSpec) -> int:
     """The most step-bound messages one peer sends one other peer in a training step: a
     `step_begin`, an activation (or ciphertext) on every edge between them one way and a
     gradient on every edge the other way, a `masked_aggregate` for every HE merge one of them
@@ -627,7 +627,7 @@ def _pipeline_problems(doc: YamlDocument, spec: DeploymentSpec, *, horizontal: b
         problems.append(doc.problem(at, (
             f"{what} sends activations up to {k - 1} steps ahead of the receiver, beyond limits.step_window "
             f"({limits.step_window}), which would refuse them; raise limits.step_window to {k - 1} or lower {setting}")))
-    per_step = step_messages(spec)
+    per_step = _step_messages(spec)
     if limits.max_queued_messages < k * per_step:
         problems.append(doc.problem(at, (
             f"{what} may leave up to {k} steps of {per_step} messages from one peer waiting at another, more than "
