@@ -121,10 +121,14 @@ class StepPlan:
 
     Args:
         bound: the most steps held; a `step_begin` that would exceed it is left for later.
+        coordinator: the only peer whose announcements count (at the coordinator itself, nobody's).
+        me: this peer.
     """
 
-    def __init__(self, bound: int) -> None:
+    def __init__(self, bound: int, *, coordinator: str, me: str) -> None:
         self.bound = bound
+        self.coordinator = coordinator
+        self.me = me
         self._steps: deque[PlannedStep] = deque()
         self.last_step = -1  # the highest step ever announced here (kept across `clear`)
 
@@ -139,10 +143,14 @@ class StepPlan:
             offers it again once steps have begun).
 
         Raises:
-            RemoteProtocolError: sizes that do not add up to the ids or a batch without ids, ids
-                repeated within a batch, or a step not after every step announced so far.
+            RemoteProtocolError: not from the coordinator, sizes that do not add up to the ids or
+                a batch without ids, ids repeated within a batch, or a step not after every step
+                announced so far.
         """
-        first = msg.binding.step
+        first, sender = msg.binding.step, msg.binding.sender
+        if sender != self.coordinator or self.me == self.coordinator:
+            raise RemoteProtocolError(f"'{sender}' announced step {first}; only the coordinator "
+                                      f"'{self.coordinator}' announces steps, to the others")
         w = msg.tensors[0]
         if w.dtype != "int64" or len(w.shape) != 1:
             raise RemoteProtocolError(f"step_begin ids must be a 1-D int64 tensor, got {w.dtype}{list(w.shape)}")

@@ -101,7 +101,7 @@ class SyncSchedule:
         self.completed_epoch = -1
         self.last_step_seen = 0
         # the steps announced to this follower and not begun yet (peer.plan)
-        self.plan = StepPlan(PLAN_CHUNK_STEPS + spec.limits.step_window + 1)
+        self.plan = StepPlan(PLAN_CHUNK_STEPS + spec.limits.step_window + 1, coordinator=spec.coordinator, me=self.me)
         del spec
 
     def _new_executor(self) -> PeerExecutor:
@@ -195,9 +195,6 @@ class SyncSchedule:
         if (kind == Kind.STEP_BEGIN or kind in STEP_TENSOR_KINDS) and any(r.awaiting for r in self.contexts):
             return False  # a restarted key holder's new context comes first
         if kind == Kind.STEP_BEGIN:
-            if self.ctx.is_coordinator or msg.binding.sender != self.ctx.deployment.spec.coordinator:
-                raise RemoteProtocolError(f"'{msg.binding.sender}' announced a step; only the coordinator "
-                                          f"'{self.ctx.deployment.spec.coordinator}' does")
             return self._on_step_begin(msg)
         if kind in STEP_TENSOR_KINDS:
             if not self.steps.verdict(msg):

@@ -58,7 +58,7 @@ def test_lookahead_and_the_id_bound_shape_the_chunks() -> None:
 
 def test_a_follower_keeps_announced_steps_in_order_within_its_bound() -> None:
     ann = Announcer(_epoch(train=6, evaluation=1), 10, lookahead=1, chunk=4)
-    plan = StepPlan(bound=5)
+    plan = StepPlan(bound=5, coordinator="lab", me="owner")
     chunk, rest = ann.through(0)[0], ann.through(5)
     assert plan.offer(_message(chunk, epoch=3)) and len(plan) == 4 and plan.last_step == 13
     assert not plan.offer(_message(rest[0]))  # 2 more would pass the bound: kept for later
@@ -72,13 +72,18 @@ def test_a_follower_keeps_announced_steps_in_order_within_its_bound() -> None:
 
 
 def test_a_malformed_announcement_is_refused() -> None:
-    plan = StepPlan(bound=64)
+    plan = StepPlan(bound=64, coordinator="lab", me="owner")
     ids = np.arange(8, dtype=np.int64)
     for sizes, why in (((3, 3), "do not split"), ((8, 0), "do not split")):
         with pytest.raises(RemoteProtocolError, match=why):
             plan.offer(_message(Announcement(5, "train", ids, sizes)))
     with pytest.raises(RemoteProtocolError, match="repeats sample ids"):
         plan.offer(_message(Announcement(5, "train", np.array([1, 2, 3, 3]), (2, 2))))
+    good = Announcement(5, "train", ids, (4, 4))
+    with pytest.raises(RemoteProtocolError, match="only the coordinator 'lab'"):
+        plan.offer(_message(good, sender="mallory"))
+    with pytest.raises(RemoteProtocolError, match="only the coordinator"):
+        StepPlan(bound=64, coordinator="lab", me="lab").offer(_message(good))  # the coordinator takes none
     assert len(plan) == 0 and plan.last_step == -1  # nothing kept from a refused one
     with pytest.raises(LocalProtocolError):  # the codec's rule: sizes are counts
         _message(Announcement(5, "train", ids, (9, -1)))
