@@ -51,12 +51,23 @@ STEP_KINDS = {"step_begin", "activation", "gradient", "encrypted_activation", "m
 hello, shutdown) carry an epoch or nothing in their step field."""
 
 
-def plan_for(name: str, epochs: int, steps: int) -> Any:
-    """The demo plan of `name` with at most `steps` training steps per epoch (per owner where horizontal)."""
+HORIZONTAL = {"sequential", "splitfed"}
+"""Scenarios whose schedule does not pipeline (`training.pipeline_depth` is for schedule: sync)."""
+
+
+def plan_for(name: str, epochs: int, steps: int, depth: int = 1) -> Any:
+    """The demo plan of `name` with at most `steps` training steps per epoch (per owner where
+    horizontal), and `training.pipeline_depth: depth` where the schedule pipelines."""
     from secure_split.scenarios import SCENARIOS
 
     plan = SCENARIOS[name](epochs)
-    return dataclasses.replace(plan, training={**plan.training, "max_steps_per_epoch": steps})
+    extra = {"pipeline_depth": depth} if depth > 1 and name not in HORIZONTAL else {}
+    return dataclasses.replace(plan, training={**plan.training, "max_steps_per_epoch": steps, **extra})
+
+
+def limits_for(depth: int) -> dict[str, Any] | None:
+    """The deployment limits that carry `depth` steps in flight (`config.TrainingSpec.pipeline_depth`)."""
+    return {"step_window": max(2, depth - 1), "max_pending_he_rounds": max(2, depth)} if depth > 1 else None
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -126,7 +137,8 @@ def count(logs: dict[str, list[dict[str, Any]]], epoch: int) -> dict[str, Any]:
     }
 
 
-def run(name: str, workdir: Path, *, epochs: int, steps: int, timeout_s: float, link: Any = None) -> dict[str, Any]:
+def run(name: str, workdir: Path, *, epochs: int, steps: int, timeout_s: float, link: Any = None,
+        depth: int = 1) -> dict[str, Any]:
     """Run one scenario's peers (loopback, or across `link`), verify the audit, count."""
     from secure_split.audit import verify_logs
     from secure_split.cli import demo
@@ -135,8 +147,8 @@ def run(name: str, workdir: Path, *, epochs: int, steps: int, timeout_s: float, 
     from secure_split.policy import load_policy
     from secure_split.scenarios import generate
 
-    plan = plan_for(name, epochs, steps)
-    gen = generate(plan, workdir)
+    plan = plan_for(name, epochs, steps, depth)
+    gen = generate(plan, workdir, limits=limits_for(depth))
     if link is None:
         launched = demo.launch_peers(gen, plan.coordinator)
         with err_console.capture():
@@ -164,6 +176,7 @@ def run(name: str, workdir: Path, *, epochs: int, steps: int, timeout_s: float, 
     return counted | {
         "peers": len(plan.peers),
         "owners_stepping_in_parallel": parallel,
+        "pipeline_depth": int(plan.training.get("pipeline_depth", 1)),
         "round_trips_per_round": counted["round_trips_per_step"] * parallel,
         "train_ms_per_step_last_epoch": 1000 * last["train_s"] / steps_last if last and steps_last else None,
         "audit": "verified clean",
@@ -177,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=6, help="training steps per epoch (per owner where horizontal)")
     ap.add_argument("--epochs", type=int, default=2, help="epochs (the critical path is measured on the last)")
     ap.add_argument("--wan", type=float, default=None, metavar="DELAY_MS", help="also run across a WAN, no loss")
+    ap.add_argument("--pipeline-depth", type=int, default=1, metavar="K",
+                    help="training.pipeline_depth of the sync topologies (the horizontal ones stay at 1)")
     ap.add_argument("--json", type=Path, default=RESULTS / "messages_per_step.json")
     ap.add_argument("--timeout", type=float, default=600.0)
     args = ap.parse_args(argv)
@@ -200,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="messages_per_step-") as tmp:
         for name in [s.strip() for s in args.scenarios.split(",") if s.strip()]:
             try:
-                row = run(name, Path(tmp) / name, epochs=args.epochs, steps=args.steps, timeout_s=args.timeout)
+                row = run(name, Path(tmp) / name, epochs=args.epochs, steps=args.steps, timeout_s=args.timeout,
+                          depth=args.pipeline_depth)
                 if link is not None:
                     w = run(name, Path(tmp) / f"{name}-wan", epochs=args.epochs, steps=args.steps,
-                            timeout_s=args.timeout, link=link)
+                            timeout_s=args.timeout, link=link, depth=args.pipeline_depth)
                     rtt = 2 * args.wan
                     row["wan"] = {"delay_ms": args.wan, "train_ms_per_step_last_epoch": w["train_ms_per_step_last_epoch"],
                                   "measured_round_trips_per_step":
@@ -230,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     Console(width=200).print(t)
     doc = {"method": __doc__.split("\n\n")[1:3], "machine": machine() | {"loadavg_before": load_before,
                                                                           "loadavg_after": os.getloadavg()},
-           "steps_per_epoch": args.steps, "epochs": args.epochs, "wall_s": time.monotonic() - started, "results": out}
+           "steps_per_epoch": args.steps, "epochs": args.epochs, "pipeline_depth": args.pipeline_depth, "wall_s": time.monotonic() - started, "results": out}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1, sort_keys=True))
     print(f"wrote {args.json}", file=sys.stderr)

@@ -14,7 +14,7 @@ exchange, per step, the cut activation forward and its gradient back:
 - **raw pyzmq REQ/REP**, plaintext and with CURVE: the transport floors (no policy, no audit);
 - **secure_split**: the real peers (`secure-split peer run`, one process per peer: CURVE + ZAP,
   the policy gate at both ends with the egress guard, the hash-chained audit log), without and
-  with `training.overlap`;
+  with `training.overlap` (pipeline depth 2) and with `training.pipeline_depth: 4`;
 - **NVFlare SplitNN**: only where `nvflare` imports (skipped with a note otherwise).
 
 The variants are one table (`VARIANTS`): adding one (say a pipelining depth) is one line.
@@ -84,6 +84,7 @@ class Variant:
         kind: "local", "workers" (two `_split_workers.py` processes), "secure_split" or "nvflare".
         transport: the workers' transport (`_split_workers.TRANSPORTS`).
         training: secure_split only: keys merged into the deployment's `training` section.
+        limits: secure_split only: keys merged into the deployment's `limits` section.
     """
 
     name: str
@@ -91,6 +92,7 @@ class Variant:
     kind: str
     transport: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    limits: dict[str, Any] = field(default_factory=dict)
 
 
 VARIANTS: list[Variant] = [
@@ -102,6 +104,8 @@ VARIANTS: list[Variant] = [
     Variant("secure_split", "secure_split (CURVE + ZAP, policy gate both ends, egress guard, audit chain)",
             "secure_split"),
     Variant("secure_split-overlap", "secure_split with training.overlap", "secure_split", training={"overlap": True}),
+    Variant("secure_split-pipe4", "secure_split with training.pipeline_depth: 4", "secure_split",
+            training={"pipeline_depth": 4}, limits={"step_window": 3}),
     Variant("nvflare", "NVFlare SplitNN", "nvflare"),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
@@ -238,11 +242,11 @@ def run_secure_split(variant: Variant, plan: Any, workdir: Path, *, link: Any, t
     if link is None:
         import split_vs_local
 
-        res = split_vs_local.run_split(plan, workdir, timeout_s=timeout_s, verify=True)
+        res = split_vs_local.run_split(plan, workdir, timeout_s=timeout_s, verify=True, limits=variant.limits)
         epochs = res["epochs"]
         peers = res["peers"]
     else:
-        gen = generate(plan, workdir)
+        gen = generate(plan, workdir, limits=variant.limits or None)
         outcome = _wan_module().run_deployment(gen, link, timeout_s=timeout_s)
         if any(code != 0 for code in outcome["exit_codes"].values()):
             raise RunFailed(f"{variant.name} across the WAN: exit codes {outcome['exit_codes']} (logs {outcome['logs']})")

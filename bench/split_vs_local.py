@@ -189,13 +189,14 @@ def _np(ids: Any) -> Any:
 
 
 def run_split(plan: Any, workdir: Path, *, timeout_s: float, probe: Path | None = None,
-              cprofile: Path | None = None, verify: bool = False) -> dict[str, Any]:
-    """Generate the deployment, run every peer as its own process, return its epoch times."""
+              cprofile: Path | None = None, verify: bool = False, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Generate the deployment (`limits`: deployment limits over this bench's), run every peer as
+    its own process, return its epoch times."""
     from secure_split.cli import demo
     from secure_split.config import load_deployment
     from secure_split.scenarios import generate
 
-    gen = generate(plan, workdir, limits=LIMITS.get(plan.name))
+    gen = generate(plan, workdir, limits={**LIMITS.get(plan.name, {}), **(limits or {})} or None)
     dep = load_deployment(gen.deployment)
     steps = train_steps_per_epoch(dep, plan.baseline_ids)
     t0 = time.monotonic()

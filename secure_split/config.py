@@ -173,6 +173,21 @@ class TrainingSpec(_Strict):
         "update older (each backward still runs on the weights of its own forward), so training is not the "
         "same as local training",
     )
+    pipeline_depth: int = Field(
+        1, ge=1, le=64,
+        description="training steps a data owner (and each hop of a chain) may have in flight: it begins the next "
+        "batches' forward passes while earlier batches' gradients are on their way; each batch runs on the weights "
+        "from before the last pipeline_depth - 1 updates (PipeDream-style weight stashing; the result does not depend "
+        "on message timing). 1: strictly sequential, the same as local training; 2: the same as overlap: true. "
+        "Needs limits.step_window >= pipeline_depth - 1 and room in limits.max_queued_messages "
+        "(and limits.max_pending_he_rounds >= pipeline_depth with an HE merge)",
+    )
+
+    @property
+    def depth(self) -> int:
+        """The training steps a pipelining peer may have in flight: `pipeline_depth`, or 2 with
+        `overlap: true`."""
+        return max(self.pipeline_depth, 2 if self.overlap else 1)
 
 
 class LimitsSpec(_Strict):
@@ -573,12 +588,56 @@ def _cross_check(doc: YamlDocument, spec: DeploymentSpec) -> list[ConfigProblem]
         problems.append(doc.problem(("limits", "max_unauthenticated_per_source"),
                                     f"is more than max_unauthenticated ({limits.max_unauthenticated}); "
                                     "lower it or raise max_unauthenticated"))
-    if spec.training.overlap:
-        if horizontal:
-            problems.append(doc.problem(("training", "overlap"), "overlap is for schedule: sync"))
-        he = sorted(s for s, seg in spec.segments.items() if seg.he)
-        if he:
-            problems.append(doc.problem(("training", "overlap"), f"overlap does not combine with the HE merge(s) {he}"))
+    problems.extend(_pipeline_problems(doc, spec, horizontal=horizontal))
+    return problems
+
+
+def _step_messages(spec: DeploymentSpec) -> int:
+    """The most step-bound messages one peer sends one other peer in a training step: a
+    `step_begin`, an activation (or ciphertext) on every edge between them one way and a
+    gradient on every edge the other way, a `masked_aggregate` for every HE merge one of them
+    holds and the other keys. What a peer may hold for one later step from one counterparty."""
+    peer_of = {s: seg.peer for s, seg in spec.segments.items()}
+    pairs: dict[frozenset[str], int] = {}
+    for e in spec.edges:
+        a, b = peer_of.get(e.from_), peer_of.get(e.to)
+        if a is not None and b is not None and a != b:
+            pairs[frozenset((a, b))] = pairs.get(frozenset((a, b)), 0) + 1
+    he = [s for s, seg in spec.segments.items() if seg.he]
+    return 1 + max(pairs.values(), default=0) + len(he)
+
+
+def _pipeline_problems(doc: YamlDocument, spec: DeploymentSpec, *, horizontal: bool) -> list[ConfigProblem]:
+    """`training.overlap` / `training.pipeline_depth`: where they apply, and the bounds that
+    must carry k steps in flight."""
+    training, limits = spec.training, spec.limits
+    setting = "pipeline_depth" if training.pipeline_depth > 1 else "overlap"
+    k = training.depth
+    if k == 1:
+        return []
+    at = ("training", setting)
+    what = f"pipeline_depth: {k}" if setting == "pipeline_depth" else "overlap (pipeline_depth: 2)"
+    if training.overlap and training.pipeline_depth > 2:
+        return [doc.problem(at, f"overlap: true is pipeline_depth: 2; remove overlap to run pipeline_depth: "
+                                f"{training.pipeline_depth}")]
+    if horizontal:
+        return [doc.problem(at, f"{setting} is for schedule: sync")]
+    problems: list[ConfigProblem] = []
+    if limits.step_window < k - 1:
+        problems.append(doc.problem(at, (
+            f"{what} sends activations up to {k - 1} steps ahead of the receiver, beyond limits.step_window "
+            f"({limits.step_window}), which would refuse them; raise limits.step_window to {k - 1} or lower {setting}")))
+    per_step = _step_messages(spec)
+    if limits.max_queued_messages < k * per_step:
+        problems.append(doc.problem(at, (
+            f"{what} may leave up to {k} steps of {per_step} messages from one peer waiting at another, more than "
+            f"limits.max_queued_messages ({limits.max_queued_messages}) holds; raise limits.max_queued_messages to "
+            f"{k * per_step} or lower {setting}")))
+    he = sorted(s for s, seg in spec.segments.items() if seg.he)
+    if he and limits.max_pending_he_rounds < k:
+        problems.append(doc.problem(at, (
+            f"{what} opens up to {k} HE merge rounds at once at {he}, more than limits.max_pending_he_rounds "
+            f"({limits.max_pending_he_rounds}) allows; raise limits.max_pending_he_rounds to {k} or lower {setting}")))
     return problems
 
 

@@ -93,9 +93,9 @@ class Topology:
         return self.segments[segment].peer
 
     def overlap_peers(self) -> frozenset[str]:
-        """The peers that may begin a training step ahead under `training.overlap`: no loss and no
-        HE merge among their segments, and every edge into them comes from such a peer (so the
-        next step's inputs can arrive early). The data owner of a vanilla split, every peer of a
+        """The peers that may begin training steps ahead under `training.pipeline_depth` (and
+        `training.overlap`, depth 2): no loss and no HE merge among their segments, and every edge
+        into them comes from such a peer (so the next step's inputs can arrive early). The data owner of a vanilla split, every peer of a
         chain but the label holder; nobody in U-shaped (the owner holds the loss, so the server's
         inputs never come early)."""
         able = set(self.peers)

@@ -150,6 +150,7 @@ def run_demo(
     timeout_s: float = 900.0,
     leakage: bool = False,
     overlap: bool = False,
+    pipeline_depth: int = 1,
     **options: Any,
 ) -> int:
     """Generate, launch, watch, compare, verify. Returns the exit code."""
@@ -164,9 +165,13 @@ def run_demo(
     plan = SCENARIOS[scenario](epochs if epochs is not None else 5, **options)
     if overlap:  # training.overlap; the deployment loader refuses it where it does not apply
         plan = dataclasses.replace(plan, training={**plan.training, "overlap": True})
+    limits: dict[str, Any] = {}
+    if pipeline_depth > 1:  # training.pipeline_depth, with the bounds that carry it
+        plan = dataclasses.replace(plan, training={**plan.training, "pipeline_depth": pipeline_depth})
+        limits = {"step_window": max(2, pipeline_depth - 1), "max_pending_he_rounds": max(2, pipeline_depth)}
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    gen = generate(plan, workdir)
+    gen = generate(plan, workdir, limits=limits or None)
     if not quiet:
         names = [p.name for p in plan.peers]
         shown = ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"
@@ -215,6 +220,7 @@ def run_demo(
         "scenario": scenario,
         "schedule": dep.spec.training.schedule,
         "overlap": dep.spec.training.overlap,
+        "pipeline_depth": dep.spec.training.depth,
         "owners": len(data_owners(dep)),
         **({"variant": plan.variant} if plan.variant else {}),
         "accuracy": accuracy,
@@ -424,11 +430,14 @@ def register(app: typer.Typer) -> None:
         overlap: Annotated[bool, typer.Option("--overlap", help="data owners run the next batch's forward while the "
                                               "previous gradient is on its way (training.overlap; weights one update "
                                               "older, so not the baseline's updates)")] = False,
+        pipeline_depth: Annotated[int, typer.Option("--pipeline-depth", min=1, max=64, help="training steps a data "
+                                                    "owner may have in flight (training.pipeline_depth; 2 = --overlap; "
+                                                    "the demo raises limits.step_window to fit)")] = 1,
     ) -> None:
         """Run a whole multi-peer deployment on loopback on bundled data, with its audit verified."""
         options: dict[str, Any] = {"hops": hops, "owners": owners, "non_iid": non_iid, "labels": labels,
                                    "handoff": handoff, "he": he}
         rc = run_demo(scenario, workdir=workdir or Path("demo-work") / scenario, epochs=epochs,
-                      summary=summary, quiet=quiet, leakage=leakage, overlap=overlap,
+                      summary=summary, quiet=quiet, leakage=leakage, overlap=overlap, pipeline_depth=pipeline_depth,
                       **{k: v for k, v in options.items() if v is not None and v is not False})
         raise typer.Exit(rc)

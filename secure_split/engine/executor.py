@@ -68,6 +68,7 @@ from secure_split.engine.models import (
     input_shape,
     validate_layers,
 )
+from secure_split.engine.pipeline import WeightVersions
 from secure_split.engine.privacy import (
     LabelDefence,
     add_gaussian_noise,
@@ -183,8 +184,9 @@ class _Step:
     predictions: dict[str, torch.Tensor] = field(default_factory=dict)
     stepped: bool = False
     peers: frozenset[str] | None = None  # remote peers taking part (horizontal schedules); None: all
-    # overlap: a step begun ahead runs its forward on copies of the weights (segment -> name ->
-    # copy), so the previous step's in-place update does not touch what its backward needs.
+    # pipelining: a step begun ahead runs its forward on copies of the weights (segment -> name ->
+    # leaf, `pipeline.WeightVersions`), so earlier steps' in-place updates do not touch what its
+    # backward needs.
     stash: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
@@ -219,7 +221,9 @@ class PeerExecutor:
         defer_update: when the last backward of a step produces gradients to send, take the
             optimizer step in the next `step_complete()` instead of before returning them, so the
             caller can send them first. The weights after `step_complete()` are the same.
-        overlap: `training.overlap` (see `Topology.overlap_peers`).
+        overlap: `training.overlap`: the same as `pipeline_depth=2`.
+        pipeline_depth: `training.pipeline_depth`, the training steps a peer of
+            `Topology.overlap_peers` may have in flight (1 elsewhere; `engine.pipeline`).
         sources: segment -> where its model comes from (`architecture.segment_sources(deployment,
             peer_config)`: private models, `module:` factories and initial weights of the peer
             config). None: the deployment's public models only.
@@ -243,6 +247,7 @@ class PeerExecutor:
         noise_seed: int | None = None,
         defer_update: bool = False,
         overlap: bool = False,
+        pipeline_depth: int = 1,
         sources: Mapping[str, SegmentSource] | None = None,
     ) -> None:
         self.deployment = deployment
@@ -280,14 +285,15 @@ class PeerExecutor:
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(secrets.randbits(63) if noise_seed is None else int(noise_seed))
         self._state: _Step | None = None
-        self._ahead: _Step | None = None
-        # Overlap: the weights as they were before the latest update (segment -> name -> copy), for
-        # a training step that follows a training step without having begun ahead of its update.
-        self._before_update: dict[str, dict[str, torch.Tensor]] | None = None
+        self._ahead: list[_Step] = []  # steps begun ahead of the active one, in step order
         self._predictions: dict[str, torch.Tensor] = {}
-        # Overlap (training.overlap) applies to a peer without a loss whose inputs come from peers
-        # that overlap too (a data owner, the hops of a chain): see Topology.overlap_peers.
-        self.overlap = overlap and peer_name in topo.overlap_peers()
+        # Pipelining (training.pipeline_depth, overlap = depth 2) applies to a peer without a loss
+        # whose inputs come from peers that pipeline too (a data owner, the hops of a chain):
+        # see Topology.overlap_peers. Elsewhere the depth is 1: one step at a time.
+        depth = max(pipeline_depth, 2 if overlap else 1)
+        self.pipeline_depth = depth if peer_name in topo.overlap_peers() else 1
+        self.overlap = self.pipeline_depth > 1
+        self._versions = WeightVersions(self.pipeline_depth)
 
     # --- construction checks ------------------------------------------------------------------
 
@@ -407,9 +413,10 @@ class PeerExecutor:
         return None if self._state is None else self._state.phase
 
     def can_begin_ahead(self, phase: str) -> bool:
-        """With overlap, whether a training step may begin now although one is active: the active
-        step is a training step whose forward passes are all done and whose update has not been
-        taken (it waits only for gradients), and no other step has begun ahead."""
+        """With pipelining, whether a training step may begin now although one is active: the
+        active step is a training step whose forward passes are all done and whose update has not
+        been taken (it waits only for gradients), every step begun ahead has done its forward
+        passes too, and fewer than `pipeline_depth` steps are in flight."""
         s = self._state
         return (
             self.overlap
@@ -417,14 +424,19 @@ class PeerExecutor:
             and s is not None
             and s.phase == "train"
             and not s.stepped
-            and self._ahead is None
-            and len(s.forwarded) == len(self.local)
+            and len(self._ahead) < self.pipeline_depth - 1
+            and all(len(x.forwarded) == len(self.local) for x in (s, *self._ahead))
         )
 
     @property
     def ahead_step(self) -> int | None:
-        """The step begun ahead of the active one (overlap), or None."""
-        return None if self._ahead is None else self._ahead.step
+        """The first step begun ahead of the active one (pipelining), or None."""
+        return self._ahead[0].step if self._ahead else None
+
+    @property
+    def ahead_steps(self) -> tuple[int, ...]:
+        """Every step begun ahead of the active one, in step order (at most `pipeline_depth` - 1)."""
+        return tuple(x.step for x in self._ahead)
 
     def begin_step(
         self,
@@ -489,22 +501,21 @@ class PeerExecutor:
         state = _Step(step=step, phase=phase, ids=id_t, rows=rows, peers=None if peers is None else frozenset(peers))
         if ahead:
             # The active step's backward and update are still to come: leave the gradients and
-            # the weights alone, and run this forward on copies of the weights as they are now.
-            if active is not None and step <= active.step:
-                raise RemoteProtocolError(f"step {step} cannot begin ahead of step {active.step}")
-            state.stash = {
-                s: {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in m.named_parameters()}
-                for s, m in self._modules.items()
-            }
-            self._ahead = state
+            # the weights alone, and run this forward on the version of the weights it is due.
+            last = self._ahead[-1] if self._ahead else active
+            if last is not None and step <= last.step:
+                raise RemoteProtocolError(f"step {step} cannot begin ahead of step {last.step}")
+            state.stash = self._versions.begin(self._modules, in_flight=True) or {}
+            self._ahead.append(state)
         else:
             if self.overlap:
-                # The same weights whether or not this step began ahead: a training step that
-                # follows a training step runs on the weights from before that step's update.
-                if training and self._before_update is not None:
-                    state.stash = {s: {n: t.requires_grad_(True) for n, t in w.items()}
-                                   for s, w in self._before_update.items()}
-                self._before_update = None
+                # The same weights whether or not this step began ahead (engine.pipeline): a
+                # training step runs on the weights from before the last depth - 1 updates of
+                # its run of training steps; a step of another phase starts a new run.
+                if training:
+                    state.stash = self._versions.begin(self._modules, in_flight=False) or {}
+                else:
+                    self._versions.reset()
             for m in self._modules.values():
                 if m.training != training:  # Module.train() walks every submodule: only on a change
                     m.train(training)
@@ -517,7 +528,7 @@ class PeerExecutor:
             return self._advance(state)
         except Exception as exc:
             if ahead:
-                self._ahead = None
+                self._ahead = [x for x in self._ahead if x is not state]
             else:
                 self._state = None
             if isinstance(exc, SecureSplitError):
@@ -713,7 +724,7 @@ class PeerExecutor:
             raise LocalProtocolError(
                 f"step {s.step} is not complete; still waiting for {self.waiting_for() or 'local work'}"
             )
-        self._state, self._ahead = self._ahead, None  # a step begun ahead becomes the active one
+        self._state = self._ahead.pop(0) if self._ahead else None  # a step begun ahead becomes the active one
         self._predictions = dict(s.predictions)
         return StepMetrics(step=s.step, phase=s.phase, tasks=dict(s.tasks), dcor=dict(s.dcor))
 
@@ -721,8 +732,8 @@ class PeerExecutor:
         """Drop the active step, and one begun ahead (a peer failed or refused): no optimizer step,
         gradients cleared."""
         self._state = None
-        self._ahead = None
-        self._before_update = None
+        self._ahead = []
+        self._versions.reset()
         if self._optimizer is not None:
             self._optimizer.zero_grad(set_to_none=True)
 
@@ -766,6 +777,7 @@ class PeerExecutor:
         if not np.isfinite(values).all():
             raise RemoteProtocolError("weights vector holds NaN or infinite values")
         flat = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        self._versions.reset()  # weights from elsewhere: a new run of training steps
         offset = 0
         with torch.no_grad():
             for v in entries:
@@ -881,6 +893,7 @@ class PeerExecutor:
             problems.append("optimizer entries given, but this peer has no parameters")
         if problems:
             raise TrainingError(f"state does not fit peer '{self.peer}': " + "; ".join(problems[:20]))
+        self._versions.reset()
         for s in self.local:
             prefix = f"segments.{s}."
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -908,8 +921,10 @@ class PeerExecutor:
                 ))
 
     def _require_step(self, step: int | None, kind: str, edge: str) -> _Step:
-        if kind == "activation" and self._ahead is not None and step == self._ahead.step:
-            return self._ahead  # overlap: the next step's input, while this one waits for gradients
+        if kind == "activation":
+            for ahead in self._ahead:
+                if step == ahead.step:
+                    return ahead  # pipelining: a later step's input, while this one waits for gradients
         s = self._state
         if s is None:
             raise RemoteProtocolError(f"{kind} on edge {edge!r} while no step is active")
@@ -968,8 +983,9 @@ class PeerExecutor:
         apply(state)
 
         def restore() -> None:
-            if state is self._ahead:
-                self._ahead = before
+            at = [i for i, x in enumerate(self._ahead) if x is state]
+            if at:
+                self._ahead[at[0]] = before
             else:
                 self._state = before
 
@@ -1038,11 +1054,9 @@ class PeerExecutor:
             for name, p in self._modules[seg].named_parameters():
                 p.grad = copies[name].grad
         if self.overlap:
-            # Only a step that begins after this update, not ahead of it, needs these weights; if
-            # the next step already began ahead, it holds its own copies and no copy is made.
-            self._before_update = None if self._ahead is not None else {
-                seg: {n: p.detach().clone() for n, p in m.named_parameters()} for seg, m in self._modules.items()
-            }
+            # Only a step that begins after this update, not ahead of it, needs these weights; a
+            # step that already began ahead holds its own version, and no copy is made for it.
+            self._versions.before_update(self._modules)
         if self._optimizer is not None:
             self._optimizer.step()
         s.stepped = True

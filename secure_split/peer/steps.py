@@ -6,9 +6,9 @@ executor wants to send into `Send` effects (`sends`: plain tensors, or CKKS ciph
 edge into an HE merge), and reports a finished step's metrics (`finish_if_complete`).
 
 Rules (the same for every schedule):
-- one step is active at a time; `training.overlap` lets a peer without a loss begin the next
-  training step while the active one waits for its gradients (`begin_ahead`), and an activation
-  of that step runs its forward at once;
+- one step is active at a time; `training.pipeline_depth` (k; `training.overlap` is k = 2) lets a
+  peer without a loss begin up to k - 1 later training steps while the active one waits for its
+  gradients (`begin_ahead`), and an activation of such a step runs its forward at once;
 - a tensor for the active step is taken now; one for a later step waits (the schedule answers
   "later"), at most `limits.step_window` steps ahead (`protocol.bounds.StepWindow`); one for an
   earlier step, or further ahead, is refused (`RemoteProtocolError`: the node audits it, answers
@@ -16,7 +16,9 @@ Rules (the same for every schedule):
 - an edge into an HE merge carries ciphertexts: the owner encrypts (`he_merge.encrypt_cut`), the
   merge holder collects and masks (`HeMergeHolder`), the key holder's rounded decryption comes
   back as `masked_aggregate` and the unmasked sum goes to the executor (`on_aggregate`);
-  the merge's gradient goes back as `aggregate_gradient`.
+  the merge's gradient goes back as `aggregate_gradient`. The holder takes ciphertexts of a later
+  step (within the step window) at once and sends their masked sum out for decryption, so the
+  key holder's round for step t+1 runs while step t computes; the decrypted sum waits for its step.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ class StepRunner:
         return self.sends(self.executor.begin_step(step, phase, ids, peers=peers))  # type: ignore[arg-type]
 
     def can_begin_ahead(self, step: int, phase: str) -> bool:
-        """`training.overlap`: whether `step` may begin while the active one waits for gradients."""
+        """`training.pipeline_depth`: whether `step` may begin while the active one waits for gradients."""
         return self.current_step is not None and step > self.current_step and self.executor.can_begin_ahead(phase)
 
     def begin_ahead(self, step: int, phase: str, ids: Any) -> list[Effect]:
@@ -132,7 +134,8 @@ class StepRunner:
         return metrics
 
     def abort(self) -> None:
-        """Drop the active step (and any begun ahead): a lost owner's, a rollback."""
+        """Drop the active step (and any begun ahead): a lost owner's, a rollback (HE rounds of
+        later steps stay; a rollback starts over with a new runner)."""
         if self.current_step is not None:
             self.executor.abort_step()
             for holder in self._holders.values():
@@ -154,12 +157,14 @@ class StepRunner:
             RemoteProtocolError: it belongs to a finished step, or to one too far ahead.
         """
         step = msg.binding.step
-        if msg.kind == Kind.ACTIVATION and step == self.executor.ahead_step:
+        if msg.kind == Kind.ACTIVATION and step in self.executor.ahead_steps:
             return True
         if self.current_step is not None:
             problem = self.window.problem(step, self.current_step)
             if problem is not None:
                 raise RemoteProtocolError(f"'{msg.binding.sender}' sent {msg.kind.value}: {problem}")
+            if msg.kind == Kind.ENCRYPTED_ACTIVATION and str(msg.meta.get("segment", "")) in self._holders:
+                return True  # a later step's ciphertext: its sum goes out for decryption now
         return self.current_step is not None and step == self.current_step
 
     def take(self, msg: Message) -> list[Effect]:
@@ -169,8 +174,8 @@ class StepRunner:
             RemoteProtocolError: the executor or the HE merge refused it (nothing changed).
         """
         kind, step = msg.kind, msg.binding.step
-        if kind == Kind.ACTIVATION and step == self.executor.ahead_step:
-            # overlap: the input of the step begun ahead; its forward runs now
+        if kind == Kind.ACTIVATION and step in self.executor.ahead_steps:
+            # pipelining: the input of a step begun ahead; its forward runs now
             return self.sends(self.executor.on_activation(msg.edge, from_wire(msg.tensors[0]), step=step))
         if kind == Kind.ACTIVATION:
             return self.sends(self.executor.on_activation(msg.edge, from_wire(msg.tensors[0])))

@@ -28,7 +28,7 @@ hello                  protocol, deployment, policy, nonce(16 B); checkpoints,  
                        software, rows, sections
 refuse, error          reason (<= 4000 chars), code; ref_seq                       0        no      no
 shutdown               reason, status                                              0        no      no
-step_begin             epoch, phase (train|eval|infer)                             1 (ids)  no      no
+step_begin             epoch, phase (train|eval|infer); sizes                      1 (ids)  no      no
 activation, gradient,  -; phase                                                    1        yes     no
 aggregate_gradient
 prediction             any plain values                                            1        opt     no
@@ -41,7 +41,9 @@ masked_aggregate,
 encrypted_weights, psi
 =====================  ==========================================================  =======  ======  ====
 
-The tensor of step_begin is the batch's sample ids: int64, one dimension. Epoch -1 in the
+The tensor of step_begin is the batch's sample ids: int64, one dimension; with `sizes` (a schedule
+that announces several steps at once) the ids of len(sizes) consecutive steps from the bound step
+on, one after the other, sizes[i] of them for the i-th. Epoch -1 in the
 barrier kinds is the start barrier, before any epoch; other counts (epoch of step_begin, ref_seq,
 seq) are >= 0. Meta keys not listed for a kind are refused, except where the table says "any".
 """
@@ -543,6 +545,8 @@ KIND_RULES: Mapping[Kind, KindRule] = MappingProxyType(
         Kind.SHUTDOWN: KindRule(required={"reason": _REASON, "status": _SHORT}),
         Kind.STEP_BEGIN: KindRule(
             required={"epoch": _COUNT, "phase": _PHASE},
+            # several consecutive steps from the binding's step on: each one's batch size, in order
+            optional={"sizes": MetaField("int_list", max_len=4096)},
             tensors=(1, 1),
             tensor_dtype="int64",
             tensor_ndim=1,

@@ -8,12 +8,15 @@ intersection.
 The coordinator drives: a start barrier (every peer loads the checkpoint all share, when
 resuming), then per epoch every training step and every evaluation step, then an epoch-end
 barrier at which every peer saves its checkpoint, signs its audit head, exchanges signed heads
-with its counterparties and reports its own metric sums. A step begins with `step_begin` (the
-batch's sample ids) sent to every peer; the next step's `step_begin` goes out as soon as this
-step has begun here, so followers check it while they wait. Followers react to what arrives.
+with its counterparties and reports its own metric sums. Every peer learns each step's batch (its
+sample ids) from a `step_begin` of the coordinator, sent ahead (`peer.plan`: training steps in
+chunks of up to `PLAN_CHUNK_STEPS` per message, evaluation steps one by one); a follower keeps
+them (`StepPlan`) and begins each step when it can. Followers react to what arrives.
 
 Step order: one step at a time (`StepRunner`); a message for a later step waits in the node's
-bounded queue; `training.overlap` lets a peer without a loss begin the next training step early.
+bounded queue; `training.pipeline_depth` (k; `training.overlap` is k = 2) lets a peer without a
+loss have up to k training steps in flight (`engine.pipeline`). The coordinator runs one step at
+a time.
 The key holder of an HE merge answers decryption requests at once, whatever step it is in.
 """
 
@@ -40,12 +43,13 @@ from secure_split.errors import ConfigError, ConfigProblem, PeerTimeout, RemoteP
 from secure_split.peer.checkpoints import checkpoint_digest, load_alignment, save_alignment
 from secure_split.peer.context import PeerContext, clip
 from secure_split.peer.effects import Record
+from secure_split.peer.plan import PLAN_CHUNK_STEPS, Announcement, Announcer, StepPlan
 from secure_split.peer.rounds.barrier import BarrierRound
 from secure_split.peer.rounds.contexts import ContextPlan, ContextRound
 from secure_split.peer.rounds.he_merge import HeKeyHolder
 from secure_split.peer.rounds.psi import PsiRound
 from secure_split.peer.schedule import Rollback
-from secure_split.peer.steps import STEP_TENSOR_KINDS, StepRunner, ids_from_wire, ids_to_wire
+from secure_split.peer.steps import STEP_TENSOR_KINDS, StepRunner, ids_to_wire
 from secure_split.policy import he_key_holder, psi_parties
 from secure_split.protocol import Kind, Message
 
@@ -96,11 +100,13 @@ class SyncSchedule:
         self.restarted: set[str] = set()
         self.completed_epoch = -1
         self.last_step_seen = 0
+        # the steps announced to this follower and not begun yet (peer.plan)
+        self.plan = StepPlan(PLAN_CHUNK_STEPS + spec.limits.step_window + 1, coordinator=spec.coordinator, me=self.me)
         del spec
 
     def _new_executor(self) -> PeerExecutor:
         spec = self.ctx.deployment.spec
-        return self.ctx.executor(self.data, defer_update=True, overlap=spec.training.overlap)
+        return self.ctx.executor(self.data, defer_update=True, pipeline_depth=spec.training.depth)
 
     # -- the Schedule protocol ------------------------------------------------------------------
 
@@ -197,16 +203,17 @@ class SyncSchedule:
                 return False
             self.node.apply(self.steps.take(msg))
             self._finish_if_complete()
+            self._advance_plan()
             return True
         if kind == Kind.BARRIER:
             if msg.meta.get("reason") == "start" and self.training and not self.ctx.is_coordinator:
                 raise Rollback("the coordinator rolls the run back to a checkpoint", barrier=msg)
-            if not self.steps.idle:
+            if not self.steps.idle or len(self.plan):
                 return False
             self._on_barrier(msg)
             return True
         if kind == Kind.SHUTDOWN:
-            if not self.steps.idle and msg.meta.get("status") == "ok":
+            if (not self.steps.idle or len(self.plan)) and msg.meta.get("status") == "ok":
                 return False
             self.shutdown = (str(msg.meta.get("status", "failed")), str(msg.meta.get("reason", "")))
             return True
@@ -404,19 +411,27 @@ class SyncSchedule:
     # -- steps ------------------------------------------------------------------------------------
 
     def _on_step_begin(self, msg: Message) -> bool:
-        step, steps = msg.binding.step, self._steps
-        phase = str(msg.meta.get("phase", "train"))
-        if not steps.idle:
-            # training.overlap: a data owner begins the next training step while the active
-            # one waits for its gradients; its tensors wait in the queue until it is active.
-            if steps.can_begin_ahead(step, phase):
-                self.node.apply(steps.begin_ahead(step, phase, ids_from_wire(msg.tensors[0])))
-                return True
-            return False
-        self.epoch = _meta_int(msg, "epoch", self.epoch)
-        self.last_step_seen = max(self.last_step_seen, step)
-        self._begin(step, phase, ids_from_wire(msg.tensors[0]))
+        if not self.plan.offer(msg):
+            return False  # more steps announced than this peer holds: it waits for some to begin
+        self.last_step_seen = max(self.last_step_seen, self.plan.last_step)
+        self._advance_plan()
         return True
+
+    def _advance_plan(self) -> None:
+        """Begin the announced steps that can begin: the next one when no step is active; with
+        `training.pipeline_depth`, later training steps while the active one waits for its
+        gradients (their tensors wait in the queue until each is active)."""
+        steps = self._steps
+        while (nxt := self.plan.next()) is not None:
+            if steps.idle:
+                self.plan.pop()
+                self.epoch = nxt.epoch
+                self._begin(nxt.step, nxt.phase, nxt.ids)
+            elif steps.can_begin_ahead(nxt.step, nxt.phase):
+                self.plan.pop()
+                self.node.apply(steps.begin_ahead(nxt.step, nxt.phase, nxt.ids))
+            else:
+                return
 
     def _begin(self, step: int, phase: str, ids: np.ndarray) -> None:
         self.node.apply(self._steps.begin(step, phase, ids))
@@ -437,20 +452,20 @@ class SyncSchedule:
 
     # -- coordinator ----------------------------------------------------------------------------
 
-    def _announce(self, step: int, phase: str, ids: np.ndarray, epoch: int) -> None:
-        for peer in self.node.counterparties:
-            self.node.send(peer, Kind.STEP_BEGIN, step=step, meta={"epoch": epoch, "phase": phase},
-                           tensors=(ids_to_wire(ids),))
+    def _announce(self, announcements: list[Announcement], epoch: int) -> None:
+        for a in announcements:
+            for peer in self.node.counterparties:
+                self.node.send(peer, Kind.STEP_BEGIN, step=a.step, meta=a.meta(epoch), tensors=(ids_to_wire(a.ids),))
+            self.last_step_seen = max(self.last_step_seen, a.last_step)
 
-    def _run_step(self, step: int, phase: str, ids: np.ndarray, epoch: int, *, announced: bool,
-                  then: tuple[int, str, np.ndarray] | None) -> None:
-        """Run one step here and wait until it is complete; announce `then` (the epoch's next
-        step) as soon as this one has begun here, so the followers check it while they wait."""
-        if not announced:
-            self._announce(step, phase, ids, epoch)
+    def _run_step(self, step: int, phase: str, ids: np.ndarray, epoch: int, *, index: int,
+                  announcer: Announcer) -> None:
+        """Run one step (the epoch's `index`-th) here and wait until it is complete; once it has
+        begun here, announce the steps up to `announcer.lookahead` ahead, so every follower knows
+        its next steps before it can begin them."""
+        self._announce(announcer.through(index), epoch)
         self._begin(step, phase, ids)
-        if then is not None:
-            self._announce(*then, epoch)
+        self._announce(announcer.through(index + announcer.lookahead), epoch)
         self.node.wait(
             lambda: self._steps.idle,
             lambda: f"running {phase} step {step}",
@@ -492,15 +507,15 @@ class SyncSchedule:
             batches = epoch_batches(train_ids, training.batch_size, training.seed, epoch, training.max_steps_per_epoch)
             step = max(step, epoch * 1_000_000)
             plan = [("train", b) for b in batches] + [("eval", b) for b in eval_batches(test_ids, training.batch_size)]
-            first = step + 1
+            announcer = Announcer(plan, step + 1, lookahead=max(1, training.depth - 1),
+                                  max_ids=max(1, self.ctx.deployment.spec.limits.max_message_bytes // 16))
             marks = [time.perf_counter()]  # epoch start, train end, eval end, barrier end
             for i, (phase, batch) in enumerate(plan):
                 if i == len(batches):
                     marks.append(time.perf_counter())
                 step += 1
                 self.last_step_seen = max(self.last_step_seen, step + 1)
-                nxt = (step + 1, *plan[i + 1]) if i + 1 < len(plan) else None
-                self._run_step(step, phase, batch, epoch, announced=step > first, then=nxt)
+                self._run_step(step, phase, batch, epoch, index=i, announcer=announcer)
                 if phase != "train":
                     continue
                 last = self._steps.last_metrics
@@ -595,6 +610,7 @@ class SyncSchedule:
         """Forget the open step, the queued messages and the epoch's sums (a rollback follows)."""
         if self.steps is not None:
             self.steps.abort()
+        self.plan.clear()
         self.node.take_later()
         self.train_steps, self.eval_steps = [], []
 

@@ -111,17 +111,51 @@ def test_fingerprint_depends_on_both_keys() -> None:
     assert peer_fingerprint(KEY_A, TK).startswith("sha256:")
 
 
+HE_GOOD = GOOD.replace(
+    "  top: {peer: lh,", "  top2: {peer: owner, input: features, model: [{linear: {in: 4, out: 3}}]}\n  top: {peer: lh,"
+).replace("  top: {peer: lh,", "  top: {peer: lh, merge: sum, he: true,") + "  - {from: top2, to: top}\n"
+
+
 def test_overlap_is_refused_where_it_does_not_apply(tmp_path: Path) -> None:
     assert load_deployment(write(tmp_path, GOOD + "training: {overlap: true}\n")).spec.training.overlap
-    he = GOOD.replace(
-        "  top: {peer: lh,", "  top2: {peer: owner, input: features, model: [{linear: {in: 4, out: 3}}]}\n  top: {peer: lh,"
-    ).replace("  top: {peer: lh,", "  top: {peer: lh, merge: sum, he: true,") + "  - {from: top2, to: top}\n"
-    assert load_deployment(write(tmp_path, he, "he.yaml"))  # valid without overlap
-    with pytest.raises(ConfigError) as info:
-        load_deployment(write(tmp_path, he + "training: {overlap: true}\n", "he_overlap.yaml"))
-    assert [(p.key, "HE merge" in p.message) for p in info.value.problems] == [("training.overlap", True)]
+    # with an HE merge: the owners pipeline, the merge holder sends later steps' sums out early
+    assert load_deployment(write(tmp_path, HE_GOOD + "training: {overlap: true}\n", "he.yaml")).spec.training.depth == 2
     with pytest.raises(ConfigError, match="overlap is for schedule: sync"):
         load_deployment(write(tmp_path, GOOD + "training: {overlap: true, schedule: splitfed}\n", "sf.yaml"))
+
+
+def test_pipeline_depth_is_overlap_generalised(tmp_path: Path) -> None:
+    assert load_deployment(write(tmp_path, GOOD)).spec.training.depth == 1
+    assert load_deployment(write(tmp_path, GOOD + "training: {pipeline_depth: 3}\n", "k3.yaml")).spec.training.depth == 3
+    assert load_deployment(write(tmp_path, GOOD + "training: {pipeline_depth: 2, overlap: true}\n", "k2.yaml")
+                           ).spec.training.depth == 2
+    with pytest.raises(ConfigError, match="overlap: true is pipeline_depth: 2; remove overlap"):
+        load_deployment(write(tmp_path, GOOD + "training: {pipeline_depth: 3, overlap: true}\n", "both.yaml"))
+    with pytest.raises(ConfigError, match="pipeline_depth is for schedule: sync"):
+        load_deployment(write(tmp_path, GOOD + "training: {pipeline_depth: 3, schedule: sequential}\n", "seq.yaml"))
+    with pytest.raises(ConfigError) as info:
+        load_deployment(write(tmp_path, GOOD + "training: {pipeline_depth: 0}\n", "zero.yaml"))
+    assert [p.key for p in info.value.problems] == ["training.pipeline_depth"]
+
+
+def test_a_pipeline_depth_the_bounds_cannot_carry_is_refused_naming_the_setting_to_raise(tmp_path: Path) -> None:
+    # k steps in flight: activations up to k - 1 steps ahead of the receiver (limits.step_window),
+    # up to k steps of messages from one peer waiting at another (limits.max_queued_messages),
+    # k HE merge rounds open at once (limits.max_pending_he_rounds).
+    with pytest.raises(ConfigError) as info:
+        load_deployment(write(tmp_path, GOOD + "training: {pipeline_depth: 4}\n"))
+    (problem,) = info.value.problems
+    assert problem.key == "training.pipeline_depth"
+    assert "raise limits.step_window to 3" in problem.message
+    assert load_deployment(write(tmp_path, GOOD + "training: {pipeline_depth: 4}\nlimits: {step_window: 3}\n", "w.yaml"))
+    with pytest.raises(ConfigError, match=r"raise limits.max_queued_messages to 8\b"):
+        load_deployment(write(tmp_path, GOOD + "training: {pipeline_depth: 4}\n"
+                              "limits: {step_window: 3, max_queued_messages: 7}\n", "q.yaml"))
+    with pytest.raises(ConfigError) as info:
+        load_deployment(write(tmp_path, HE_GOOD + "training: {pipeline_depth: 3}\n", "he3.yaml"))
+    assert ["raise limits.max_pending_he_rounds to 3" in p.message for p in info.value.problems] == [True]
+    assert load_deployment(write(tmp_path, HE_GOOD + "training: {pipeline_depth: 3}\n"
+                                 "limits: {max_pending_he_rounds: 3}\n", "he3ok.yaml")).spec.training.depth == 3
 
 
 def test_micro_batches_is_no_longer_a_setting(tmp_path: Path) -> None:

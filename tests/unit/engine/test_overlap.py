@@ -159,7 +159,7 @@ def test_overlap_gives_the_same_weights_whether_or_not_a_step_began_ahead(tmp_pa
     assert any(not torch.equal(raced[k], plain[k]) for k in raced if k.startswith("segments."))
 
 
-def _chain(tmp_path: Path, name: str) -> tuple[PeerExecutor, PeerExecutor, PeerExecutor]:
+def _chain(tmp_path: Path, name: str, depth: int = 2) -> tuple[PeerExecutor, PeerExecutor, PeerExecutor]:
     from .harness import deployment_yaml, write_deployment
     from .test_executor import BOTTOM, TOP
 
@@ -175,9 +175,9 @@ def _chain(tmp_path: Path, name: str) -> tuple[PeerExecutor, PeerExecutor, PeerE
     )
     dep = write_deployment(tmp_path, text, name)
     owner_data, lab_data = _data()
-    return (PeerExecutor(dep, "owner", owner_data, noise_seed=0, overlap=True),
-            PeerExecutor(dep, "hop", None, noise_seed=0, overlap=True),
-            PeerExecutor(dep, "lab", lab_data, noise_seed=0, overlap=True))
+    return (PeerExecutor(dep, "owner", owner_data, noise_seed=0, overlap=True, pipeline_depth=depth),
+            PeerExecutor(dep, "hop", None, noise_seed=0, overlap=True, pipeline_depth=depth),
+            PeerExecutor(dep, "lab", lab_data, noise_seed=0, overlap=True, pipeline_depth=depth))
 
 
 def _begin_chain_step(owner: PeerExecutor, hop: PeerExecutor, batches: list, sent: dict, step: int) -> None:
