@@ -168,7 +168,8 @@ class StepPlan:
         phase = str(msg.meta.get("phase", "train"))
         epoch = msg.meta.get("epoch", 0)
         epoch = epoch if isinstance(epoch, int) else 0
-        batches, offset = [], 0
+        batches: list[np.ndarray] = []
+        offset = 0
         for size in sizes:
             batch = ids[offset:offset + size].copy()
             offset += size
