@@ -68,7 +68,7 @@ def _verify(log_dir: Path, deployment: Path, policy: Path | None, as_json: bool)
     from secure_split.audit import verify_logs
     from secure_split.config import load_deployment
 
-    out = Console(highlight=False, soft_wrap=not as_json)
+    out = Console(highlight=False, emoji=False, soft_wrap=not as_json)
     try:
         dep = load_deployment(deployment)
     except SecureSplitError as exc:

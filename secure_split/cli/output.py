@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 
-err_console = Console(stderr=True, highlight=False)
-console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False, emoji=False)  # no ":b:" -> emoji in a key
+console = Console(highlight=False, emoji=False)
 
 
 def report_error(exc: BaseException) -> None:

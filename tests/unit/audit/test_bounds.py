@@ -22,10 +22,13 @@ RSS_LIMIT_MB = 200
 
 def verify_in_child(run: SyntheticRun) -> tuple[int, dict, float, str]:
     """Run `audit verify --json` in a child process; (exit code, report, the child's peak RSS in MB, stderr)."""
-    code = ("import resource, runpy, sys\n"
+    # The peak of the child's own address space (VmHWM): getrusage's ru_maxrss survives exec and
+    # would count the forking test process (hundreds of MB once torch is loaded) as the child's.
+    code = ("import runpy, sys\n"
             "sys.argv = ['secure-split-audit', 'verify', sys.argv[1], '--deployment', sys.argv[2], '--json']\n"
             "try:\n    runpy.run_module('secure_split.cli.audit', run_name='__main__')\n"
-            "finally:\n    print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+            "finally:\n    hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+            "    print('RSS', hwm[0], file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(run.log_dir), str(run.deployment_path)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
     rss_kb = int(next(line.split()[1] for line in proc.stderr.splitlines() if line.startswith("RSS")))

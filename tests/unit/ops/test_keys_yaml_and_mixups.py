@@ -48,6 +48,17 @@ def test_a_transport_key_full_of_yaml_syntax_survives_the_paste(hostile):
     assert unquoted != key
 
 
+def test_a_key_holding_an_emoji_code_prints_as_it_is(tmp_path, monkeypatch):
+    # Z85 holds ':' and letters: a key with ":b:" in it was printed by rich as an emoji.
+    from secure_split.crypto import keys as keys_module
+
+    pub = PublicIdentity("peer", "ab" * 32, ("x:b:y:+1:" * 5)[:40])
+    monkeypatch.setattr(keys_module, "load_public", lambda _p: pub)
+    shown = runner.invoke(app, ["keys", "show", str(tmp_path / "peer.pub")])
+    assert shown.exit_code == 0, shown.output
+    assert yaml.safe_load(shown.output)["peer"]["transport_key"] == pub.transport_key_z85
+
+
 def test_keys_show_prints_the_same_block(tmp_path):
     runner.invoke(app, ["keys", "new", "lab", "--dir", str(tmp_path)])
     shown = runner.invoke(app, ["keys", "show", str(tmp_path / "lab.pub")])
