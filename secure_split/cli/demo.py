@@ -30,6 +30,7 @@ from secure_split.errors import ConfigError, ConfigProblem, ExitCode
 from secure_split.scenarios import (
     SCENARIO_OPTIONS,
     SCENARIOS,
+    STALE_TOLERANCE,
     GeneratedDeployment,
     ScenarioPlan,
     generate,
@@ -211,11 +212,16 @@ def run_demo(
 
     audit_ok, audit_summary = _verify_audit(gen)
     wall = time.monotonic() - started
+    dep = load_deployment(gen.deployment)
     tolerance = plan.tolerance
+    if tolerance is not None and dep.spec.training.depth > 1:
+        # Stale stages (weights one update older per stage in flight) slow early convergence: the
+        # 2-hop chain measured 0.961 vs 0.975 at 6 epochs (docs/performance.md). The gate then
+        # checks that training works, not that it matches the baseline's updates.
+        tolerance = max(tolerance, STALE_TOLERANCE)
     within = None if tolerance is None else accuracy is not None and baseline_accuracy is not None and (
         all(abs(accuracies.get(t, -1.0) - a) <= tolerance for t, a in base_acc.items())
     )
-    dep = load_deployment(gen.deployment)
     out = {
         "scenario": scenario,
         "schedule": dep.spec.training.schedule,
@@ -227,7 +233,7 @@ def run_demo(
         "baseline_accuracy": baseline_accuracy,
         "tasks": {t: {"accuracy": accuracies.get(t), "baseline_accuracy": a} for t, a in base_acc.items()},
         "within_tolerance": within,
-        "tolerance": plan.tolerance,
+        "tolerance": tolerance,
         "audit_verified": audit_ok,
         "audit": audit_summary,
         "peers": [

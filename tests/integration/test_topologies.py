@@ -23,7 +23,8 @@ def _assert_trained(proc, summary, n_peers: int) -> None:  # type: ignore[no-unt
         assert p["exit_code"] == 0
         assert p["bytes_sent"] > 0 and p["bytes_received"] > 0
     assert summary["accuracy"] > 0.5, "well above chance (0.1) on digits"
-    assert abs(summary["accuracy"] - summary["baseline_accuracy"]) <= 0.02
+    assert abs(summary["accuracy"] - summary["baseline_accuracy"]) <= summary["tolerance"]
+    assert summary["tolerance"] == (0.05 if summary["pipeline_depth"] > 1 else 0.02)
     assert summary["audit_verified"] is True
 
 
@@ -112,7 +113,7 @@ def test_with_overlap_a_peer_sends_the_next_activation_before_the_previous_gradi
     import json
 
     proc, summary = run_demo(tmp_path, scenario, "--overlap", "--epochs", epochs)
-    _assert_trained(proc, summary, 2 if scenario == "vanilla" else 4)  # within 2 points, audit verified
+    _assert_trained(proc, summary, 2 if scenario == "vanilla" else 4)  # within 5 points (stale), audit verified
     assert summary["overlap"] is True
     sent, early = {}, 0
     log = Path(summary["workdir"]) / "audit" / f"{peer}.jsonl"

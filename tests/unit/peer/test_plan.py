@@ -33,6 +33,7 @@ def test_training_steps_go_in_chunks_evaluation_steps_one_by_one_lookahead_ahead
     for i in range(1, len(plan)):
         sent[i] = ann.through(i) + ann.through(i + ann.lookahead)
     assert {i: [(a.step, a.phase, a.sizes) for a in x] for i, x in sent.items() if x} == {
+        0: [(500, "train", (4, 4, 4, 4))],
         3: [(504, "train", (4, 4, 4, 4))],  # one step before it is due
         7: [(508, "train", (4, 4))],  # a chunk stops where training does
         9: [(510, "eval", None)], 10: [(511, "eval", None)], 11: [(512, "eval", None)],
@@ -48,8 +49,8 @@ def test_lookahead_and_the_id_bound_shape_the_chunks() -> None:
     plan = _epoch(train=6, evaluation=2)
     ann = Announcer(plan, 0, lookahead=3, chunk=32, max_ids=9)
     assert [a.sizes for a in ann.through(0)] == [(4, 4)]  # a third batch would pass 9 ids
-    assert [(a.step, a.sizes) for a in ann.through(3)] == [(2, (4, 4)), (4, (4, 4))]
-    assert [(a.step, a.phase) for a in ann.through(5 + 3)] == [(6, "eval"), (7, "eval")]  # clipped at the end
+    assert [(a.step, a.sizes) for a in ann.through(3)] == [(2, (4, 4))]
+    assert [(a.step, a.phase) for a in ann.through(5 + 3)] == [(4, "train"), (6, "eval"), (7, "eval")]  # clipped
     one = Announcer(plan, 0, lookahead=1, max_ids=1)  # a batch larger than the bound still goes, alone
     assert [a.sizes for a in one.through(1)] == [None, None]
     with pytest.raises(ValueError):
