@@ -10,6 +10,7 @@ ever arrive as `encrypted_weights`, a sealed blob with no tensor in it.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -116,18 +117,24 @@ def test_splitfed_three_owners_average_without_the_coordinator_seeing_weights(
     assert bool(contexts) == (average == "he"), "only HE averaging needs a CKKS context"
 
 
-def test_twenty_owner_processes_train_against_one_label_holder(tmp_path: Path) -> None:
-    d = _generate(tmp_path, "splitfed", owners=20, epochs=1, max_steps=1)
+# Twenty owner processes with SECURE_SPLIT_SLOW=1 (about 80 s of two cores); eight in the normal
+# suite, which exercise the same fan-in (bench/many_owners.py measures 5 to 100).
+MANY_OWNERS = 20 if os.environ.get("SECURE_SPLIT_SLOW") == "1" else 8
+
+
+def test_many_owner_processes_train_against_one_label_holder(tmp_path: Path) -> None:
+    n = MANY_OWNERS
+    d = _generate(tmp_path, "splitfed", owners=n, epochs=1, max_steps=1)
     _codes, results, _wall = _run(d, timeout=180)  # the timeout bounds the run
-    assert len(results) == 21 and len({r["pid"] for r in results.values()}) == 21, "21 OS processes"
+    assert len(results) == n + 1 and len({r["pid"] for r in results.values()}) == n + 1, "one OS process each"
     coord = results["label_holder"]
-    for k in range(1, 21):
+    for k in range(1, n + 1):
         r = results[f"owner_{k}"]
         assert r["status"] == "ok" and r["bytes_sent"] > 0 and r["bytes_received"] > 0, r
     # Every owner's steps and evaluation reached the one label holder.
     senders = {e["data"]["sender"] for e in events(d.audit("label_holder"), "message_received")
                if e["data"]["kind"] == "activation"}
-    assert senders == {f"owner_{k}" for k in range(1, 21)}
+    assert senders == {f"owner_{k}" for k in range(1, n + 1)}
     assert coord["metrics"]["final"]["accuracy/labels"] > 0.2, "one step per owner: above chance (0.1)"
     _assert_audit_clean(d)
     _coordinator_saw_no_plain_weights(d, expect_weights=True)

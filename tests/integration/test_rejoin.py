@@ -142,7 +142,7 @@ def test_the_healed_run_ends_with_the_weights_of_a_run_that_never_crashed(
 def test_a_peer_that_does_not_come_back_within_the_grace_stops_the_run_naming_it(
         templates: dict[str, Deploy], tmp_path: Path) -> None:
     d = clone_deployment(templates["vanilla"], tmp_path / "d", epochs=EPOCHS, max_steps=STEPS,
-                         limits={**LIMITS, "rejoin_grace_s": 3.0, "peer_timeout_s": 2.0})
+                         limits={**LIMITS, "rejoin_grace_s": 3.0, "peer_timeout_s": 2.0, "close_timeout_s": 2.0})
     procs = start_peers(d)
     try:
         assert wait_for((d.workdir / "checkpoints" / "owner" / "epoch-0000.json").is_file, 240, interval=0.01)

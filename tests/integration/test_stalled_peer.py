@@ -33,7 +33,8 @@ DETECTION_BOUND_S = 30.0
 
 def test_stalled_follower_is_detected_and_named_within_seconds(vanilla_template: Deploy, tmp_path: Path) -> None:
     d = clone_deployment(vanilla_template, tmp_path / "d", epochs=5, max_steps=None,
-                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": PEER_TIMEOUT_S, "rejoin_grace_s": 0.0})
+                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": PEER_TIMEOUT_S, "rejoin_grace_s": 0.0,
+                                 "close_timeout_s": 3.0})
     procs = start_peers(d)
     owner, holder = procs["owner"], procs["label_holder"]
     try:

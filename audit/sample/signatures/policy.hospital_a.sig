@@ -2,8 +2,8 @@
  "format": "secure-split-policy-signature-v1",
  "peer": "hospital_a",
  "policy": "demo-vertical-he-v1",
- "policy_hash": "08865d025f0db1034d683ea6e550ee3f6b4d268ffa174be60ef7d30e0196119f",
+ "policy_hash": "b420a71fdfc6916c750c0d0f88e6ad7d0023031df9adbd18b9919fdc7cb4ff71",
  "policy_version": 1,
- "sign_key": "53f74d4d82fde957e467ab23af8a364b1872d8756061f2069a86b7089722acb5",
- "signature": "662cd5305ecf2325ba2d9f0e23a931f446fdebf22fa9ed81284e47defce26fdcff4b0a5e0e1e259d3cfe47a7b0f9ced66cec056e07c82241ab2ebf7b131a280a"
+ "sign_key": "b56ddc49f14b48457ed9b67f10ecfbab12a02af9e55961dc46edbd3c9911242f",
+ "signature": "379a9904d181e2261e295009a27057e7dad34b663fbd48a1a8888cb4755f227b03e7d6ce83a944efc8320611cc25286ca3996ffd324035a0eb0d504a7e015903"
 }

@@ -2,8 +2,8 @@
  "format": "secure-split-policy-signature-v1",
  "peer": "lab",
  "policy": "demo-vertical-he-v1",
- "policy_hash": "08865d025f0db1034d683ea6e550ee3f6b4d268ffa174be60ef7d30e0196119f",
+ "policy_hash": "b420a71fdfc6916c750c0d0f88e6ad7d0023031df9adbd18b9919fdc7cb4ff71",
  "policy_version": 1,
- "sign_key": "f6150b1038479a90e7df8768b8810533c163bcbbfc17f3788dd78ed6fb90668c",
- "signature": "46487ee1eacb49d20b68f3ec5f5c7467deff78c9f26dd1c650c5aee5bee9a48232115999ff8bb4895af7d7aa0ad37fe48e33b82895cc2e89b567f6f82255f201"
+ "sign_key": "a78e403733419bb1a1d763705671bcae64fc708649dedbfcee8b001f80d4c0ac",
+ "signature": "acc22aa0250f873ba47d6bf72356745474f4bcef6da29a815b25db57f1e47771844a7c171fb040d8690c46d2c87172859048591a2b00f11842e539cb85d57709"
 }

@@ -128,9 +128,11 @@ def test_idle_connections_beyond_the_caps_are_closed_at_once_and_peers_keep_talk
         assert stats.unauthenticated <= 3
         closed = 0
         for sock in idle:
-            sock.settimeout(kit.CONNECT_TIMEOUT_S)
+            sock.settimeout(1.0)  # the server closed them already (its stats say so): EOF is here
             try:
                 closed += _is_closed(sock)
+            except TimeoutError:  # still open: one of the few the caps allow
+                pass
             except OSError:  # reset: closed too
                 closed += 1
         assert closed >= 57, closed
