@@ -35,7 +35,10 @@ def test_client_with_a_key_not_in_the_deployment_is_refused_and_recorded(kit):
         ]
 
     bob, alice, mallory = kit.start(3, build)
-    mallory.send("bob", [b"let me in"])
+    try:
+        mallory.send("bob", [b"let me in"])
+    except TransportError as exc:  # on a loaded machine bob's refusal may come before this send
+        assert "refused this peer's transport key" in str(exc)
 
     refused = kit.wait_for_event(bob, lambda e: e.kind == "auth_refused", kit.CONNECT_TIMEOUT_S)
     assert refused is not None
