@@ -181,6 +181,10 @@ class PeerNode:
         return session is not None and session.state in (
             SessionState.ESTABLISHED, SessionState.SHUTDOWN_SENT, SessionState.SHUTDOWN_RECEIVED, SessionState.CLOSED)
 
+    def connected(self, peer: str) -> bool:
+        """Whether a transport connection with `peer` is up now (whatever its session)."""
+        return peer in self.transport.connected_peers()
+
     def established(self, peer: str) -> bool:
         """Whether the session with `peer` is established (we may send it anything)."""
         session = self.gate.sessions.get(peer)

@@ -181,16 +181,10 @@ def test_a_message_of_40_frames_is_cut_in_bounded_memory_and_training_completes(
     # never the 640 MiB the message carries.
     growth = watch.growth_mb()
     assert growth < 320, growth
-
-
-def test_the_cut_of_a_40_frame_message_is_recorded_in_the_audit_log(vanilla_template: Deploy, tmp_path: Path) -> None:
-    d = clone_deployment(vanilla_template, tmp_path / "d", epochs=1, max_steps=4)
-    bound = d.read_deployment()["limits"]["max_message_bytes"]
-    codes, procs, _ = run_attack(d, [{"attack": "multipart", "frames": 40, "frame_bytes": bound}])
-    assert codes["label_holder"] == 0, procs["label_holder"].stderr[-3000:]
+    # The evidence is in the victim's log, either way: the guard cut the connection before the
+    # message landed (fast flood), or it landed whole and the gate refused it (the frames are not a
+    # message). The run is long enough for either to happen before the log closes.
     entries = d.audit("label_holder")
-    # Evidence either way: the guard cut the connection before the message landed (fast flood),
-    # or the message landed whole and the gate refused it (the frames are not a message).
     cut = [e for e in entries if e["event"] == "transport_refused" and "closed the connection of 'owner'" in e["data"]["reason"]]
     refused = [e for e in entries if e["event"] == "refused" and e["data"]["counterparty"] == "owner"]
     assert cut or refused, json.dumps(entries)[-3000:]

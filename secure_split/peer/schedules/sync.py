@@ -174,7 +174,7 @@ class SyncSchedule:
     def on_message(self, msg: Message) -> bool:
         """Steps, barriers, set-up rounds and the shutdown (see the module docstring)."""
         kind = msg.kind
-        if msg.binding.sender in self.lost:
+        if msg.binding.sender in self.lost and self.node.connected(msg.binding.sender):
             self._came_back(msg.binding.sender)
         if kind == Kind.HELLO:
             return True  # a counterparty's HELLO after the handshake: nothing to do for one run
@@ -278,7 +278,8 @@ class SyncSchedule:
         """A message from a peer counted as gone, in its old session: the session's strict
         sequence (`protocol.session`) proves nothing was lost on the way here, so the old process
         (stopped, then continued; or cut off, then reconnected) simply goes on. Had messages been
-        lost, the gate would have refused this one as out of sequence."""
+        lost, the gate would have refused this one as out of sequence. Only while its connection
+        is up: a message it sent before it went away, kept for later, proves nothing."""
         del self.lost[peer]
         self.node.record("peer_joined", counterparty=peer, reason="came back in its session (no message lost)")
         self.node.metrics.on_rejoin_wait(peer, False)
