@@ -250,17 +250,23 @@ def test_a_hard_limit_below_the_budget_is_a_config_error_that_says_how_to_fix_it
 
 
 def test_idle_connections_holding_the_slots_are_evicted_for_a_newcomer(kit):
-    alice_id, bob_id, _, bob, bob_ep = _pair(kit, max_unauthenticated=8, max_unauthenticated_per_source=3)
-    idle = [socket.create_connection(_host_port(bob_ep), timeout=kit.CONNECT_TIMEOUT_S) for _ in range(3)]
+    alice_id, bob_id, alice, bob, bob_ep = _pair(kit, max_unauthenticated=8, max_unauthenticated_per_source=3)
+    assert alice.wait_connected({"bob"}, kit.CONNECT_TIMEOUT_S) == set()
+    # From a source address of their own (127.0.0.2): a socket an earlier test left reconnecting
+    # to a port bob now reuses cannot take this source's slots.
+    source = ("127.0.0.2", 0)
+    idle = [socket.create_connection(_host_port(bob_ep), timeout=kit.CONNECT_TIMEOUT_S, source_address=source)
+            for _ in range(3)]
     ctx = zmq.Context()
     try:
         deadline = time.monotonic() + kit.CONNECT_TIMEOUT_S
         while bob.connection_stats().unauthenticated < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert bob.connection_stats().unauthenticated == 3, bob.connection_stats()
         # The slots of this source are full of connections that never speak. Once they have idled
         # past the grace period, a newcomer evicts the oldest instead of being refused.
         time.sleep(1.2)  # part of the scenario: the idle ones must be older than PENDING_GRACE_S
-        newcomer = _raw_dealer(ctx, alice_id, bob_id.public, bob_ep)
+        newcomer = _raw_dealer(ctx, alice_id, bob_id.public, bob_ep.replace("tcp://", "tcp://127.0.0.2:0;"))
         newcomer.send(b"a peer that connects while idle connections hold the slots")
         received = bob.recv(kit.CONNECT_TIMEOUT_S)
         assert received is not None and received[0] == "alice"
