@@ -19,6 +19,7 @@ from tests.integration.helpers import (
     clone_deployment,
     events,
     kill_all,
+    start_peer,
     start_peers,
     wait_for,
     wait_peers,
@@ -97,12 +98,16 @@ def test_with_a_rejoin_grace_the_coordinator_names_the_stalled_follower_and_wait
         kill_all(procs)
 
 
-def test_a_stalled_follower_that_continues_carries_on(vanilla_template: Deploy, tmp_path: Path) -> None:
-    # With a rejoin grace the coordinator names the stalled owner and waits for it. When the old
-    # process continues (SIGCONT: same session, every message in sequence) it is back: the wait
-    # ends and the run finishes, with the loss and the return in the coordinator's log.
+def test_a_stalled_follower_that_continues_carries_on_or_is_restarted(vanilla_template: Deploy, tmp_path: Path) -> None:
+    # With a rejoin grace the coordinator names the stalled owner and waits for it. The old process
+    # then continues (SIGCONT). Two outcomes, both healthy, depending on whether libzmq dropped a
+    # message when the heartbeat closed the connection:
+    # - nothing lost: every message arrives in sequence, the coordinator logs that the owner came
+    #   back in its session, and the run finishes;
+    # - a message lost: the coordinator refuses the next one as out of sequence, the owner stops on
+    #   its own (nobody answers it), and restarted with --resume it rejoins and the run finishes.
     d = clone_deployment(vanilla_template, tmp_path / "d", epochs=2, max_steps=30,
-                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": 15.0, "rejoin_grace_s": 600.0})
+                         limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": 10.0, "rejoin_grace_s": 600.0})
     procs = start_peers(d)
     owner, holder = procs["owner"], procs["label_holder"]
     try:
@@ -121,14 +126,25 @@ def test_a_stalled_follower_that_continues_carries_on(vanilla_template: Deploy, 
         assert time.monotonic() - stopped_at < DETECTION_BOUND_S
         assert holder.proc.poll() is None, "the coordinator keeps running while it waits"
         os.kill(owner.proc.pid, signal.SIGCONT)
+        owner_code = owner.wait(120)
+        restarted = None
+        if owner_code != 0:  # a message was lost: the owner stopped; restart it as an operator would
+            assert holder.proc.poll() is None, "the coordinator still waits"
+            restarted = procs["owner_again"] = start_peer(d.peer_configs["owner"], workdir=d.workdir, tag="-again",
+                                                          resume=True)
+            del procs["owner"]
         codes = wait_peers(procs, timeout=300)
     finally:
         if owner.proc.poll() is None:
             os.kill(owner.proc.pid, signal.SIGCONT)
         kill_all(procs)
-    assert codes == {"label_holder": 0, "owner": 0}, holder.stderr[-3000:] + owner.stderr[-3000:]
+    assert set(codes.values()) == {0}, holder.stderr[-3000:] + owner.stderr[-3000:]
     log = d.audit("label_holder")
     assert [e["data"]["counterparty"] for e in events(log, "peer_lost")] == ["owner"]
-    back = [e["data"] for e in events(log, "peer_joined") if "came back" in e["data"]["reason"]]
-    assert back == [{"counterparty": "owner", "reason": "came back in its session (no message lost)"}]
+    joined = [e["data"]["reason"] for e in events(log, "peer_joined") if e["data"]["counterparty"] == "owner"]
+    if restarted is None:
+        assert "came back in its session (no message lost)" in joined, joined
+    else:
+        assert any("messages missing" in e["data"]["reason"] for e in events(log, "refused")), "the gap is on record"
+        assert any("restarted" in r for r in joined) and events(log, "rollback"), joined
     assert events(log, "run_end")[-1]["data"]["status"] == "ok"
