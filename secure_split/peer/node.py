@@ -239,11 +239,13 @@ class PeerNode:
             self.ops.event("audit_head", seq=head.seq)
         return head
 
-    def exchange_heads(self, key: int, peers: Sequence[str], reason: str) -> SignedHead:
+    def exchange_heads(self, key: int, peers: Sequence[str], reason: str, *,
+                       live: Callable[[str], bool] | None = None) -> SignedHead:
         """Sign our audit head, send it to `peers` and wait until each sent us theirs for `key`
-        (a barrier id, a request number); theirs are verified and recorded as they arrive."""
+        (a barrier id, a request number); theirs are verified and recorded as they arrive. With
+        `live`, a peer that stops taking part meanwhile is no longer waited for."""
         head = self.signed_head(reason)
-        exchange = HeadExchange(key, peers, self.receipts)
+        exchange = HeadExchange(key, peers, self.receipts, live)
         self.apply(exchange.send(head.to_meta()))
         self.wait(lambda: exchange.done, lambda: f"exchanging signed audit heads ({reason})", exchange.missing)
         return head

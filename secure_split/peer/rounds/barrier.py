@@ -87,12 +87,17 @@ class HeadExchange:
         peers: whom this member exchanges heads with.
         received: the node's record of heads already received, by key (shared, so heads that
             arrived before this member reached the barrier count).
+        live: whether a peer still takes part (default: every one does); a peer that dropped out
+            during the exchange is no longer waited for (a horizontal coordinator carries on
+            without a lost owner, and a restarted one answers in its new session only).
     """
 
-    def __init__(self, key: int, peers: Sequence[str], received: Mapping[int, set[str]]) -> None:
+    def __init__(self, key: int, peers: Sequence[str], received: Mapping[int, set[str]],
+                 live: Callable[[str], bool] | None = None) -> None:
         self.key = key
         self.peers = list(peers)
         self._received = received
+        self._live = live
 
     def send(self, head_meta: Mapping[str, object]) -> list[Effect]:
         """Our signed head (as `audit_receipt` meta) to every peer."""
@@ -101,7 +106,7 @@ class HeadExchange:
     def missing(self) -> list[str]:
         """Peers whose head for this key has not arrived."""
         got = self._received.get(self.key, set())
-        return sorted(p for p in self.peers if p not in got)
+        return sorted(p for p in self.peers if p not in got and (self._live is None or self._live(p)))
 
     @property
     def done(self) -> bool:

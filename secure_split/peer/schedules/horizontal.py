@@ -805,8 +805,11 @@ class HorizontalSchedule:
             save_checkpoint(ckpt, epoch=epoch, executor=self.executor, preprocessing=self.preprocessing, meta={
                 "deployment": self.ctx.deployment.hash, "peer": self.me, "policy": self.ctx.policy.hash})
             self.node.record("checkpoint_saved", epoch=epoch, digest=checkpoint_digest(ckpt, epoch))
-        peers = self._live() if self.is_coordinator else [self.coordinator]
-        self.node.exchange_heads(epoch + 1, peers, f"{reason} barrier, epoch {epoch}")
+        if self.is_coordinator:  # an owner lost (or restarted) meanwhile is not waited for
+            self.node.exchange_heads(epoch + 1, self._live(), f"{reason} barrier, epoch {epoch}",
+                                     live=lambda o: o in self._live())
+        else:
+            self.node.exchange_heads(epoch + 1, [self.coordinator], f"{reason} barrier, epoch {epoch}")
         if reason != "epoch_end":
             return {}, {}
         train, evaluation = sum_task_metrics(self.train_steps), sum_task_metrics(self.eval_steps)

@@ -260,3 +260,18 @@ def test_records_are_kept_apart_from_sends() -> None:
     sim = DeliverySimulator({"a": lambda m: []}, seed=0)
     sim.post("a", [Record("x", {"n": 1})])
     assert sim.records["a"] == [Record("x", {"n": 1})] and sim.run() == 0
+
+
+def test_a_head_exchange_stops_waiting_for_a_peer_that_drops_out() -> None:
+    # A horizontal coordinator exchanges heads with its live owners; one is lost (or restarts in a
+    # new session, which never answers the old exchange) before its head arrives.
+    received: dict[int, set[str]] = {3: {"owner_1"}}
+    live = {"owner_1", "owner_2", "owner_3"}
+    exchange = HeadExchange(3, sorted(live), received, lambda o: o in live)
+    assert exchange.missing() == ["owner_2", "owner_3"] and not exchange.done
+    live.discard("owner_2")
+    assert exchange.missing() == ["owner_3"]
+    received[3].add("owner_3")
+    assert exchange.done
+    # Without `live` every peer is waited for (the sync schedules roll back instead).
+    assert HeadExchange(3, ["owner_1", "owner_2"], received).missing() == ["owner_2"]
