@@ -247,6 +247,9 @@ def test_an_idle_connection_flood_under_a_1024_file_limit_does_not_stop_training
     victim = start_victim(d, prefix=("prlimit", "--nofile=1024:1024", "--"))
     flood = IdleFlood(endpoint, target=1_100)  # no key needed; more than the victim may open
     try:
+        # Training starts once the flood has opened more connections than the victim may hold (a
+        # short run could otherwise end before the flood is at full strength).
+        assert wait_for(lambda: flood.opened > 1_100, 120, interval=0.05), (flood.opened, victim.stderr[-2000:])
         owner = start_peer(d.peer_configs["owner"], workdir=d.workdir)
         codes = wait_peers({"label_holder": victim, "owner": owner}, timeout=RUN_TIMEOUT_S)
     finally:
