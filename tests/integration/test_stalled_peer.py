@@ -16,6 +16,7 @@ import pytest
 
 from tests.integration.helpers import (
     Deploy,
+    PeerProc,
     clone_deployment,
     events,
     kill_all,
@@ -30,6 +31,25 @@ pytestmark = pytest.mark.integration
 HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = 120.0  # far above the bound below: detection must come from the heartbeats
 DETECTION_BOUND_S = 30.0
+
+
+def _stop_the_owner_once_training_and_see_the_wait(d: Deploy, owner: PeerProc, holder: PeerProc) -> None:
+    """SIGSTOP the owner after three activations; the coordinator names it and waits (rejoin_wait)
+    within the detection bound, still running."""
+    def training() -> bool:
+        got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
+        return len(got) >= 3
+
+    assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
+    os.kill(owner.proc.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+
+    def waiting() -> bool:
+        return any(e["data"]["counterparty"] == "owner" for e in events(d.audit("label_holder"), "rejoin_wait"))
+
+    assert wait_for(waiting, DETECTION_BOUND_S + 15, interval=0.1), holder.stderr
+    assert time.monotonic() - stopped_at < DETECTION_BOUND_S
+    assert holder.proc.poll() is None, "the coordinator keeps running while it waits"
 
 
 def test_stalled_follower_is_detected_and_named_within_seconds(vanilla_template: Deploy, tmp_path: Path) -> None:
@@ -76,20 +96,7 @@ def test_with_a_rejoin_grace_the_coordinator_names_the_stalled_follower_and_wait
     procs = start_peers(d)
     owner, holder = procs["owner"], procs["label_holder"]
     try:
-        def training() -> bool:
-            got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
-            return len(got) >= 3
-
-        assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
-        os.kill(owner.proc.pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-
-        def waiting() -> bool:
-            return any(e["data"]["counterparty"] == "owner" for e in events(d.audit("label_holder"), "rejoin_wait"))
-
-        assert wait_for(waiting, DETECTION_BOUND_S + 15, interval=0.1), holder.stderr
-        assert time.monotonic() - stopped_at < DETECTION_BOUND_S
-        assert holder.proc.poll() is None, "the coordinator keeps running while it waits"
+        _stop_the_owner_once_training_and_see_the_wait(d, owner, holder)
         lost = events(d.audit("label_holder"), "peer_lost")
         assert lost and lost[0]["data"]["counterparty"] == "owner"
     finally:
@@ -111,20 +118,7 @@ def test_a_stalled_follower_that_continues_carries_on_or_is_restarted(vanilla_te
     procs = start_peers(d)
     owner, holder = procs["owner"], procs["label_holder"]
     try:
-        def training() -> bool:
-            got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
-            return len(got) >= 3
-
-        assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
-        os.kill(owner.proc.pid, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-
-        def waiting() -> bool:
-            return any(e["data"]["counterparty"] == "owner" for e in events(d.audit("label_holder"), "rejoin_wait"))
-
-        assert wait_for(waiting, DETECTION_BOUND_S + 15, interval=0.1), holder.stderr
-        assert time.monotonic() - stopped_at < DETECTION_BOUND_S
-        assert holder.proc.poll() is None, "the coordinator keeps running while it waits"
+        _stop_the_owner_once_training_and_see_the_wait(d, owner, holder)
         os.kill(owner.proc.pid, signal.SIGCONT)
         owner_code = owner.wait(120)
         restarted = None
