@@ -68,6 +68,7 @@ from secure_split.engine.models import (
     input_shape,
     validate_layers,
 )
+from secure_split.engine.optim import Adam, Sgd, StepOptimizer
 from secure_split.engine.pipeline import WeightVersions
 from secure_split.engine.privacy import (
     LabelDefence,
@@ -148,18 +149,19 @@ def merge_inputs(tensors: Sequence[torch.Tensor], how: str | None) -> torch.Tens
     raise ValueError(f"cannot merge {len(tensors)} inputs with merge={how!r}")
 
 
-def build_optimizer(params: Sequence[nn.Parameter], dep: Deployment) -> torch.optim.Optimizer | None:
+def build_optimizer(params: Sequence[nn.Parameter], dep: Deployment) -> StepOptimizer | None:
     """The optimizer of `training.optimizer` over `params` (None when there are none).
 
     Shared with the baseline: Adam and SGD act per parameter, so one optimizer per peer and
-    one over the whole network take identical steps.
+    one over the whole network take identical steps. `engine.optim`, not `torch.optim`: the same
+    arithmetic without the `torch._dynamo` import that costs every peer start 1.9 s (see there).
     """
     if not params:
         return None
     spec = dep.spec.training.optimizer
     if spec.type == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return Sgd(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
 @dataclass
@@ -1160,7 +1162,17 @@ class PeerExecutor:
             roots.append(loss)
             grads.append(torch.ones_like(loss))
         pairs = [(r, g) for r, g in zip(roots, grads, strict=True) if r.requires_grad]
-        if pairs:
+        if len(pairs) == 1:
+            # One root, the common case: backward from the scalar sum(r * g), whose gradient at r
+            # is exactly g (1.0 * g), as torch.autograd.backward([r], [g]) gives. That call
+            # imports torch.fx.experimental.symbolic_shapes and sympy on first use (0.6 s of
+            # every owner's start-up); a scalar root does not. It would broadcast, so the shape
+            # check that call makes is made here.
+            r, g = pairs[0]
+            if r.shape != g.shape:
+                raise RuntimeError(f"gradient of shape {list(g.shape)} for an output of shape {list(r.shape)}")
+            (r * g).sum().backward()  # type: ignore[no-untyped-call]  # torch leaves it untyped
+        elif pairs:
             torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
         s.backwarded.add(seg)
         out: list[Outgoing] = []
