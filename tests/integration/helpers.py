@@ -95,9 +95,16 @@ def start_peer(config: Path, *, workdir: Path, tag: str = "", resume: bool = Fal
     root = str(Path(__file__).resolve().parents[2])  # so that `-m tests....` modules import
     path = os.pathsep.join([root, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
     with open(log, "wb") as fh:
+        # SIGINT as from an operator's terminal: a test run started in the background by a
+        # non-interactive shell inherits SIGINT ignored, and Python then installs no handler
+        # for it, so the interrupt tests' Ctrl-C would do nothing.
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=dict(os.environ, **PY_ENV, PYTHONPATH=path))
+                                env=dict(os.environ, **PY_ENV, PYTHONPATH=path), preexec_fn=_default_sigint)
     return PeerProc(name, proc, log, result)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_peers(gen: Any, names: list[str] | None = None, **kw: Any) -> dict[str, PeerProc]:
