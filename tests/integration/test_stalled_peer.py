@@ -53,7 +53,7 @@ def _stop_the_owner_once_training_and_see_the_wait(d: Deploy, owner: PeerProc, h
 
 
 def test_stalled_follower_is_detected_and_named_within_seconds(vanilla_template: Deploy, tmp_path: Path) -> None:
-    d = clone_deployment(vanilla_template, tmp_path / "d", epochs=200, max_steps=None,
+    d = clone_deployment(vanilla_template, tmp_path / "d", epochs=5, max_steps=None,
                          limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": PEER_TIMEOUT_S, "rejoin_grace_s": 0.0,
                                  "close_timeout_s": 3.0})
     procs = start_peers(d)
@@ -91,7 +91,7 @@ def test_stalled_follower_is_detected_and_named_within_seconds(vanilla_template:
 
 def test_with_a_rejoin_grace_the_coordinator_names_the_stalled_follower_and_waits_for_it(
         vanilla_template: Deploy, tmp_path: Path) -> None:
-    d = clone_deployment(vanilla_template, tmp_path / "d", epochs=200, max_steps=None,
+    d = clone_deployment(vanilla_template, tmp_path / "d", epochs=5, max_steps=None,
                          limits={"heartbeat_s": HEARTBEAT_S, "peer_timeout_s": PEER_TIMEOUT_S, "rejoin_grace_s": 600.0})
     procs = start_peers(d)
     owner, holder = procs["owner"], procs["label_holder"]
