@@ -437,10 +437,11 @@ class _Probe:
         setattr(owner, attr, wrapper)
 
     def install(self) -> None:
-        import torch
 
+        import secure_split.audit.sink as sink
         import secure_split.audit.writer as writer
         import secure_split.engine.executor as executor
+        import secure_split.engine.optim as optim
         import secure_split.peer.gate as gate
         import secure_split.peer.node as node
         import secure_split.peer.schedules.sync as sync
@@ -460,14 +461,15 @@ class _Probe:
         self.wrap(session.PeerSession, "receive", "session.receive")
         self.wrap(writer.AuditLog, "record", "audit.record")
         self.wrap(writer.AuditLog, "checkpoint", "audit.checkpoint")
-        self.wrap(writer._AppendOnlyFile, "write_entry", "audit.write(2)")
+        self.wrap(sink.AppendOnlyFile, "write_entry", "audit.write(2)")
         self.wrap(transport.Transport, "send", "transport.send")
         self.wrap(transport.Transport, "_take_message", "transport.take")
         self.wrap(transport.Transport, "events", "transport.events")
         for attr in ("begin_step", "on_activation", "on_gradient", "finish_step", "_forward", "_backward",
                      "_check_tensor", "_advance_guarded"):
             self.wrap(E, attr, f"executor.{attr}")
-        self.wrap(torch.optim.Adam, "step", "torch.adam.step")
+        self.wrap(optim.Adam, "step", "optimizer.step")
+        self.wrap(optim.Sgd, "step", "optimizer.step")
         for attr in ("_poll_events", "_dispatch", "_offer", "_offer_later", "apply"):
             self.wrap(N, attr, f"node.{attr}")
         for attr in ("on_message", "_barrier_local"):
@@ -510,18 +512,18 @@ class _Probe:
         orig_barrier = R._barrier_local.__wrapped__  # type: ignore[attr-defined]
         timed_barrier = R._barrier_local
 
-        def barrier_local(this: Any, epoch: int, reason: str) -> Any:
+        def barrier_local(this: Any, *a: Any, **k: Any) -> Any:
             probe.set_phase("barrier")
-            return timed_barrier(this, epoch, reason)
+            return timed_barrier(this, *a, **k)
 
         barrier_local.__wrapped__ = orig_barrier  # type: ignore[attr-defined]
         R._barrier_local = barrier_local  # type: ignore[method-assign]
         # The coordinator starts the barrier by broadcasting BARRIER before _barrier_local.
         orig_coord_barrier = R._barrier
 
-        def coord_barrier(this: Any, epoch: int, reason: str) -> Any:
+        def coord_barrier(this: Any, *a: Any, **k: Any) -> Any:
             probe.set_phase("barrier")
-            return orig_coord_barrier(this, epoch, reason)
+            return orig_coord_barrier(this, *a, **k)
 
         R._barrier = coord_barrier  # type: ignore[method-assign]
 
@@ -556,7 +558,7 @@ def _probe_main(out: str, argv: list[str]) -> None:
 
 # Sections grouped for the per-step breakdown (exclusive times; see _Probe.install for the names).
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    "compute (forward, backward, Adam)": ("executor._forward", "executor._backward", "torch.adam.step"),
+    "compute (forward, backward, optimizer)": ("executor._forward", "executor._backward", "optimizer.step"),
     "executor bookkeeping and checks": ("executor.begin_step", "executor.on_activation", "executor.on_gradient",
                                         "executor.finish_step", "executor._check_tensor", "executor._advance_guarded",
                                         "steps:from_wire", "steps:to_wire"),

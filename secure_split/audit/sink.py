@@ -8,6 +8,7 @@ outsider refusals a flood can write.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -53,7 +54,13 @@ def utc_timestamp(ns: int) -> str:
         The ISO 8601 timestamp with microseconds that entries carry in `time`.
     """
     secs, us = divmod(ns // 1000, 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{us:06d}Z"
+    return _second(secs) + f".{us:06d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _second(secs: int) -> str:
+    """`YYYY-MM-DDTHH:MM:SS` of a whole second (entries come in bursts within one second)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
 
 
 def _refuse(path: str, why: str) -> AuditError:

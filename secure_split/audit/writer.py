@@ -22,6 +22,7 @@ the close round. The format is specified in `audit/FORMAT.md`; shared definition
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
@@ -81,7 +82,9 @@ class AuditLog:
         self._peer = peer
         self._identity = identity
         self._key_hex = identity.sign_key_hex
-        self._secret_forms = tuple(s.encode("ascii") for s in identity.secret_text_forms())
+        # One alternation of every text form of the secret keys: 5 us per gate entry, against 8 us
+        # for 14 `in` tests (bench/gate_cost.py's entries, 650 bytes).
+        self._secret_forms = re.compile(b"|".join(re.escape(s.encode("ascii")) for s in identity.secret_text_forms()))
         self._deployment_hash = deployment_hash
         self._policy_hash = policy_hash
         self._seq = seq
@@ -226,7 +229,7 @@ class AuditLog:
             body = encode_entry(dict(ed))
         except TypeError as exc:
             raise AuditError(f"audit entry {ed['event']!r} holds a value canonical JSON cannot express: {exc}") from None
-        if any(form in body for form in self._secret_forms):  # ~2 us per entry
+        if self._secret_forms.search(body) is not None:
             raise AuditError(f"audit entry {ed['event']!r} contains this peer's secret key as text; "
                              "refusing to write it (a bug passed a secret to the audit log)")
         if len(body) > MAX_LINE_BYTES - 512:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NoReturn
 
@@ -129,6 +129,9 @@ class Header:
     tensor_specs: tuple[TensorSpec, ...]
     blob_len: int
     header_len: int
+    # True only on what decode_header returns (set after __init__: a Header built or replaced by
+    # hand is checked again by decode_body).
+    checked: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def total_bytes(self) -> int:
@@ -300,7 +303,7 @@ def decode_header(frame0: bytes | memoryview, *, max_message_bytes: int) -> Head
     problems = message_problems(kind, edge, meta, [(s.dtype, s.shape) for s in specs], blob_len)
     if problems:
         _bad("; ".join(problems))
-    return Header(
+    header = Header(
         kind=kind,
         binding=binding,
         edge=edge,
@@ -309,6 +312,8 @@ def decode_header(frame0: bytes | memoryview, *, max_message_bytes: int) -> Head
         blob_len=blob_len,
         header_len=header_len,
     )
+    object.__setattr__(header, "checked", True)
+    return header
 
 
 def _tensor_specs(raw: object, max_message_bytes: int) -> tuple[TensorSpec, ...]:
@@ -373,17 +378,13 @@ def decode_body(header: Header, frames: Sequence[bytes | memoryview]) -> Message
         if len(view) != header.blob_len:
             _bad(f"blob frame is {len(view)} bytes, the header declares {header.blob_len}")
         blob = raw if isinstance(raw, bytes) else view.tobytes()
-    try:
-        return Message(
-            kind=header.kind,
-            binding=header.binding,
-            edge=header.edge,
-            meta=header.meta,
-            tensors=tuple(tensors),
-            blob=blob,
-        )
-    except LocalProtocolError as exc:  # cannot happen for a header from decode_header; stay total
-        _bad_from(exc, str(exc))
+    if not header.checked:  # a Header built by hand, not by decode_header: check it all
+        try:
+            return Message(kind=header.kind, binding=header.binding, edge=header.edge, meta=header.meta,
+                           tensors=tuple(tensors), blob=blob)
+        except LocalProtocolError as exc:
+            _bad_from(exc, str(exc))
+    return Message._checked(header.kind, header.binding, header.edge, header.meta, tuple(tensors), blob)
 
 
 def decode(frames: Sequence[bytes | memoryview], *, max_message_bytes: int) -> Message:

@@ -784,6 +784,19 @@ class Message:
             raise _fail("; ".join(problems))
         object.__setattr__(self, "meta", MappingProxyType(_plain_copy(dict(self.meta))))
 
+    @classmethod
+    def _checked(cls, kind: Kind, binding: Binding, edge: str, meta: Mapping[str, MetaValue],
+                 tensors: tuple[WireTensor, ...], blob: bytes) -> Message:
+        """For `codec.decode_body` only: parts that `decode_header` and `decode_body` have just
+        checked by the same rules as `__post_init__` (`message_problems`, the tensor specs against
+        their frames), from a fresh msgpack parse. Checking them again cost about a tenth of a
+        receive's CPU (bench/gate_cost.py)."""
+        msg = object.__new__(cls)
+        for name, value in (("kind", kind), ("binding", binding), ("edge", edge), ("meta", meta),
+                            ("tensors", tensors), ("blob", blob)):
+            object.__setattr__(msg, name, value)
+        return msg
+
     def __repr__(self) -> str:
         return (
             f"Message(kind={self.kind.value!r}, binding={self.binding!r}, edge={self.edge!r}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import tracemalloc
 from typing import Any
@@ -222,6 +223,25 @@ def test_header_alone_over_the_bound_is_refused() -> None:
     frames = encode(valid_example(Kind.SHUTDOWN))
     with pytest.raises(CodecError, match="header alone"):
         decode(frames, max_message_bytes=len(frames[0]) - 1)
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_decode_body_skips_the_second_check_only_for_what_decode_header_made(kind: Kind) -> None:
+    """decode_body builds the Message without checking again what decode_header just checked; the
+    result is the Message the full check builds, and a Header made or altered by hand is checked."""
+    message = valid_example(kind)
+    frames = encode(message)
+    header = decode_header(frames[0], max_message_bytes=BOUND)
+    assert header.checked
+    fast = decode_body(header, frames)
+    slow = Message(kind=fast.kind, binding=fast.binding, edge=fast.edge, meta=fast.meta, tensors=fast.tensors,
+                   blob=fast.blob)
+    assert fast == slow == message
+    assert type(fast.meta) is type(slow.meta) and dict(fast.meta) == dict(slow.meta)
+    altered = dataclasses.replace(header, edge="not an edge")
+    assert not altered.checked
+    with pytest.raises(CodecError, match="edge must be"):
+        decode_body(altered, frames)
 
 
 def test_decode_body_refuses_a_missing_or_extra_frame() -> None:
