@@ -262,7 +262,9 @@ def test_idle_connections_holding_the_slots_are_evicted_for_a_newcomer(kit):
         deadline = time.monotonic() + kit.CONNECT_TIMEOUT_S
         while bob.connection_stats().unauthenticated < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert bob.connection_stats().unauthenticated == 3, bob.connection_stats()
+        # At least these 3 (a socket another test left reconnecting may add one from 127.0.0.1:
+        # seen once as 4 beside a parallel run; it does not touch this source's slots).
+        assert bob.connection_stats().unauthenticated >= 3, bob.connection_stats()
         # The slots of this source are full of connections that never speak. Once they have idled
         # past the grace period, a newcomer evicts the oldest instead of being refused.
         time.sleep(1.2)  # part of the scenario: the idle ones must be older than PENDING_GRACE_S
