@@ -877,7 +877,11 @@ class PeerExecutor:
             problems.append(f"optimizer state is for {saved_type!r}, this peer uses {own_type!r}")
         index = {n: i for i, n in enumerate(self._param_names)}
         opt_state: dict[int, dict[str, Any]] = {}
-        scalars = set((meta or {}).get("scalars", []))
+        raw_scalars = (meta or {}).get("scalars", [])
+        if not isinstance(raw_scalars, list) or not all(isinstance(x, str) for x in raw_scalars):
+            problems.append("the optimizer's list of scalar entries is not a list of names")
+            raw_scalars = []
+        scalars = set(raw_scalars)
         for name, value in tensors.items():
             if name in expected:
                 continue
@@ -888,11 +892,22 @@ class PeerExecutor:
             if pname not in index or not key.isidentifier():
                 problems.append(f"optimizer entry {name} names no parameter of this peer")
                 continue
+            if name in scalars and value.numel() != 1:
+                problems.append(f"optimizer entry {name} is listed as a number but holds {value.numel()} values")
+                continue
             opt_state.setdefault(index[pname], {})[key] = (
                 value.item() if name in scalars else value.detach().clone().to(self.device)
             )
         if opt_state and self._optimizer is None:
             problems.append("optimizer entries given, but this peer has no parameters")
+        checked: dict[int, dict[str, Any]] = {}
+        if self._optimizer is not None and not problems:
+            # Checked before anything is loaded: a refused checkpoint leaves the peer as it was.
+            groups = self._optimizer.state_dict()["param_groups"]
+            try:
+                checked = self._optimizer.checked_state({"state": opt_state, "param_groups": groups})
+            except (ValueError, RuntimeError, TypeError) as exc:
+                problems.append(f"optimizer state: {exc}")
         if problems:
             raise TrainingError(f"state does not fit peer '{self.peer}': " + "; ".join(problems[:20]))
         self._versions.reset()
@@ -901,11 +916,7 @@ class PeerExecutor:
             own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             self._modules[s].load_state_dict(own)
         if self._optimizer is not None:
-            groups = self._optimizer.state_dict()["param_groups"]
-            try:
-                self._optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-            except (ValueError, RuntimeError, KeyError) as exc:
-                raise TrainingError(f"optimizer state does not fit peer '{self.peer}': {exc}") from exc
+            self._optimizer.state = checked
 
     # --- internals -------------------------------------------------------------------------
 

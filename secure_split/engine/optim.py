@@ -65,33 +65,69 @@ class StepOptimizer:
         """Replace the state; every entry is checked before anything changes.
 
         Raises:
-            ValueError: an index, key, shape or hyperparameter that does not fit.
+            ValueError: an index, key, shape or value that does not fit.
+        """
+        self.state = self.checked_state(state_dict)
+
+    def checked_state(self, state_dict: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+        """The state `load_state_dict` would adopt, checked, without adopting it (so a caller
+        can refuse a whole checkpoint before it changes anything).
+
+        Per parameter: exactly this optimizer's keys (`required_keys`), tensors of the
+        parameter's shape with finite values (Adam's second moment not negative), a step count
+        that is a whole number >= 0. A state a step would crash on, or turn the weights into
+        NaN with, is refused here.
+
+        Raises:
+            ValueError: naming the parameter index and key.
         """
         groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or len(groups) != 1:
+        if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], Mapping):
             raise ValueError("expected exactly one parameter group")
-        if len(groups[0].get("params", ())) != len(self.params):
-            raise ValueError(f"the saved group has {len(groups[0].get('params', ()))} parameters, "
-                             f"this optimizer has {len(self.params)}")
+        saved = groups[0].get("params", ())
+        if not isinstance(saved, list | tuple) or len(saved) != len(self.params):
+            count = len(saved) if isinstance(saved, list | tuple) else type(saved).__name__
+            raise ValueError(f"the saved group has {count} parameters, this optimizer has {len(self.params)}")
+        entries = state_dict.get("state", {})
+        if not isinstance(entries, Mapping):
+            raise ValueError("state must be a mapping of parameter index to entries")
         new: dict[int, dict[str, Any]] = {}
-        for idx, entry in dict(state_dict.get("state", {})).items():
-            if not isinstance(idx, int) or not 0 <= idx < len(self.params):
+        needed = set(self.required_keys())
+        for idx, entry in entries.items():
+            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(self.params):
                 raise ValueError(f"state for parameter index {idx!r}, which does not exist")
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"state of parameter {idx} is not a mapping")
             p = self.params[idx]
             unknown = set(entry) - set(self.state_keys)
             if unknown:
                 raise ValueError(f"unknown {self.kind} state keys for parameter {idx}: {sorted(unknown)}")
+            missing = needed - set(entry)
+            if missing:
+                raise ValueError(f"{self.kind} state of parameter {idx} lacks {sorted(missing)}")
             out: dict[str, Any] = {}
             for key, value in entry.items():
                 if key == "step":
-                    out[key] = torch.as_tensor(value, dtype=torch.float32).detach().clone().reshape(())
+                    step = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+                    if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0 \
+                            or float(step) != int(float(step)):
+                        raise ValueError(f"step of parameter {idx} must be a whole number >= 0")
+                    out[key] = step.reshape(())
                     continue
                 if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(p.shape):
                     shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(f"{key} of parameter {idx}: expected shape {list(p.shape)}, got {shape}")
+                if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"{key} of parameter {idx} must hold finite floating-point values")
+                if key == "exp_avg_sq" and bool((value < 0).any()):
+                    raise ValueError(f"{key} of parameter {idx} has negative values (a second moment cannot)")
                 out[key] = value.detach().to(dtype=p.dtype, device=p.device, copy=True)
             new[idx] = out
-        self.state = new
+        return new
+
+    def required_keys(self) -> tuple[str, ...]:
+        """The keys every parameter's state entry holds once it has one."""
+        return self.state_keys
 
 
 class Adam(StepOptimizer):
@@ -142,6 +178,9 @@ class Adam(StepOptimizer):
 class Sgd(StepOptimizer):
     kind = "sgd"
     state_keys = ("momentum_buffer",)
+
+    def required_keys(self) -> tuple[str, ...]:
+        return self.state_keys if self.group["momentum"] != 0 else ()
 
     def __init__(self, params: Sequence[nn.Parameter], *, lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> None:

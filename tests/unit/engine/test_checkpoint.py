@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +138,46 @@ def test_state_that_does_not_fit_is_refused_before_anything_changes(tmp_path: Pa
         info.value
     )
     assert all(torch.equal(v, owner.state_tensors()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda s: s.__setitem__("optimizer.bottom.0.weight.exp_avg", torch.zeros(2, 2)), "expected shape"),
+        (lambda s: s.pop("optimizer.bottom.0.weight.exp_avg_sq"), "lacks ['exp_avg_sq']"),
+        (lambda s: s.__setitem__("optimizer.bottom.0.weight.step", torch.tensor(-1.0)), "whole number >= 0"),
+        (lambda s: s.__setitem__("optimizer.bottom.0.weight.step", torch.tensor(float("nan"))), "whole number"),
+        (lambda s: s["optimizer.bottom.0.weight.exp_avg_sq"].fill_(-1.0), "negative values"),
+        (lambda s: s["optimizer.bottom.0.weight.exp_avg"].fill_(float("inf")), "finite"),
+    ],
+    ids=["shape", "missing-key", "negative-step", "nan-step", "negative-second-moment", "infinite-moment"],
+)
+def test_optimizer_state_that_would_crash_or_poison_a_step_is_refused_and_nothing_is_loaded(
+        tmp_path: Path, change: object, words: str) -> None:
+    """A crafted checkpoint: its segment weights must not stay loaded when its optimizer part is
+    refused, and a state the next step would crash on (or turn into NaN) is refused up front."""
+    router, _ = _router(tmp_path, {"type": "adam", "lr": 0.01})
+    router.run_step(0, "train", _batch(0))
+    owner = router.executors["owner"]
+    before = {k: v.clone() for k, v in owner.state_tensors().items()}
+    crafted = {k: v.clone() for k, v in before.items()}
+    crafted["segments.bottom.0.weight"] = torch.full_like(crafted["segments.bottom.0.weight"], 7.0)
+    change(crafted)  # type: ignore[operator]
+    with pytest.raises(TrainingError, match=re.escape(words)):
+        owner.load_state_tensors(crafted, owner.optimizer_meta())
+    after = owner.state_tensors()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    router.run_step(1, "train", _batch(1))  # the peer trains on as before
+
+
+def test_a_scalar_entry_with_many_values_is_refused_not_a_traceback(tmp_path: Path) -> None:
+    router, _ = _router(tmp_path, {"type": "adam", "lr": 0.01})
+    router.run_step(0, "train", _batch(0))
+    owner = router.executors["owner"]
+    state = {k: v.clone() for k, v in owner.state_tensors().items()}
+    meta = {**owner.optimizer_meta(), "scalars": ["optimizer.bottom.0.weight.exp_avg"]}
+    with pytest.raises(TrainingError, match="listed as a number"):
+        owner.load_state_tensors(state, meta)
+    with pytest.raises(TrainingError, match="not a list of names"):
+        owner.load_state_tensors(state, {**owner.optimizer_meta(), "scalars": 5})
