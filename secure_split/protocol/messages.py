@@ -789,8 +789,8 @@ class Message:
                  tensors: tuple[WireTensor, ...], blob: bytes) -> Message:
         """For `codec.decode_body` only: parts that `decode_header` and `decode_body` have just
         checked by the same rules as `__post_init__` (`message_problems`, the tensor specs against
-        their frames), from a fresh msgpack parse. Checking them again cost about a tenth of a
-        receive's CPU (bench/gate_cost.py)."""
+        their frames), from a fresh msgpack parse; checking them again was repeated work on every
+        receive (bench/gate_cost.py times a receive)."""
         msg = object.__new__(cls)
         for name, value in (("kind", kind), ("binding", binding), ("edge", edge), ("meta", meta),
                             ("tensors", tensors), ("blob", blob)):

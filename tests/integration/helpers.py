@@ -257,6 +257,17 @@ def wait_for(cond: Any, timeout: float, interval: float = 0.02) -> bool:
         time.sleep(interval)
 
 
+def wait_for_training(d: Any, procs: dict[str, PeerProc], *, at: str = "label_holder", activations: int = 3,
+                      timeout: float = 120) -> None:
+    """Wait until `at` has logged `activations` received activations (training is under way), or
+    fail the test with every peer's output."""
+    def under_way() -> bool:
+        got = [e for e in events(d.audit(at), "message_received") if e["data"]["kind"] == "activation"]
+        return len(got) >= activations
+
+    assert wait_for(under_way, timeout, interval=0.05), "".join(p.stderr for p in procs.values())
+
+
 # -- two gates over real transports, in one test process ----------------------------------------
 
 

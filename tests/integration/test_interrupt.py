@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import Deploy, clone_deployment, events, kill_all, start_peers, wait_for
+from tests.integration.helpers import (
+    Deploy,
+    clone_deployment,
+    events,
+    kill_all,
+    start_peers,
+    wait_for_training,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -20,11 +27,7 @@ def test_interrupted_coordinator_exits_130_and_the_owner_stops_promptly(vanilla_
     procs = start_peers(d)
     owner, holder = procs["owner"], procs["label_holder"]
     try:
-        def training() -> bool:
-            got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
-            return len(got) >= 3
-
-        assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
+        wait_for_training(d, procs)
         os.kill(holder.proc.pid, signal.SIGINT)
         interrupted_at = time.monotonic()
         holder_code = holder.proc.wait(timeout=30)

@@ -23,6 +23,7 @@ from tests.integration.helpers import (
     start_peer,
     start_peers,
     wait_for,
+    wait_for_training,
     wait_peers,
 )
 
@@ -36,11 +37,7 @@ DETECTION_BOUND_S = 30.0
 def _stop_the_owner_once_training_and_see_the_wait(d: Deploy, owner: PeerProc, holder: PeerProc) -> None:
     """SIGSTOP the owner after three activations; the coordinator names it and waits (rejoin_wait)
     within the detection bound, still running."""
-    def training() -> bool:
-        got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
-        return len(got) >= 3
-
-    assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
+    wait_for_training(d, {"owner": owner, "label_holder": holder})
     os.kill(owner.proc.pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
 
@@ -59,11 +56,7 @@ def test_stalled_follower_is_detected_and_named_within_seconds(vanilla_template:
     procs = start_peers(d)
     owner, holder = procs["owner"], procs["label_holder"]
     try:
-        def training() -> bool:
-            got = [e for e in events(d.audit("label_holder"), "message_received") if e["data"]["kind"] == "activation"]
-            return len(got) >= 3
-
-        assert wait_for(training, 120, interval=0.05), holder.stderr + owner.stderr
+        wait_for_training(d, procs)
         os.kill(owner.proc.pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
